@@ -1,0 +1,40 @@
+"""llmprune: one-shot pruning of Hugging Face causal language models (magnitude, Wanda, SparseGPT)."""
+
+__version__ = "0.1.0"
+
+from llmprune.api import RunResult, prune, run
+from llmprune.config import EvalConfig, PruneOptions, RunConfig
+from llmprune.data.text import (
+    calibration_data,
+    calibration_windows,
+    embedded_text,
+    evaluation_data,
+    evaluation_windows,
+)
+from llmprune.errors import LlmpruneError, UsageError
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
+from llmprune.pipeline.report import LinearReport, PruneReport
+
+__all__ = [
+    "EvalConfig",
+    "LinearReport",
+    "LlmpruneError",
+    "PruneOptions",
+    "PruneReport",
+    "RunConfig",
+    "RunResult",
+    "UsageError",
+    "__version__",
+    "calibration_data",
+    "calibration_windows",
+    "embedded_text",
+    "evaluation_data",
+    "evaluation_windows",
+    "load_embedded_model",
+    "load_model",
+    "load_tokenizer",
+    "perplexity",
+    "prune",
+    "run",
+]

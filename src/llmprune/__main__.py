@@ -1,0 +1,3 @@
+from llmprune.cli.main import main
+
+main()

@@ -1,0 +1,100 @@
+"""The Python API: ``prune`` a loaded model, and ``run`` a whole configured job as the CLI does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.config import PruneOptions, RunConfig, build
+from llmprune.data.text import calibration_data, check_source, evaluation_data
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.save import check_output, library_versions, save_pruned
+from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+from llmprune.pipeline.driver import ProgressCallback, prune_model
+from llmprune.pipeline.report import PruneReport
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> PruneReport:
+    """Prune a loaded ``transformers`` causal LM in place.
+
+    ``calibration`` is a LongTensor ``[n, seqlen]`` of token ids or an iterable of 1-D LongTensors. Any
+    ``PruneOptions`` field can be passed as a keyword (``true_sequential=True``, ``blocksize=64``, ...).
+    ``sparsity`` defaults to 0.5; with an N:M ``pattern`` it is implied (1 - N/M).
+    """
+    config = build(PruneOptions, {"method": method, "sparsity": sparsity, "pattern": pattern, **options})
+    return prune_model(model, calibration, config, progress)
+
+
+@dataclass
+class RunResult:
+    """Outcome of ``run``: the report, perplexities and where the model went."""
+
+    config: RunConfig
+    report: PruneReport
+    dense_perplexity: float | None
+    pruned_perplexity: float | None
+    output: Path | None
+    load_seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | None = None) -> RunResult:
+    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first."""
+    output = config.output_path()
+    if save:
+        check_output(output, config.overwrite)
+    check_model_name(config.model)
+    check_source(config.calibration)
+    if config.eval_nsamples:
+        check_source(config.eval_data)
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.model)
+    calibration = calibration_data(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
+    evaluation = (
+        evaluation_data(tokenizer, config.eval_data, config.eval_seqlen, config.eval_nsamples)
+        if config.eval_nsamples
+        else None
+    )
+    model = load_model(config.model, config.dtype, config.device)
+    load_seconds = time.perf_counter() - started
+
+    dense = perplexity(model, evaluation) if evaluation is not None else None
+    report = prune_model(model, calibration, config.prune_options(), progress)
+    pruned = perplexity(model, evaluation) if evaluation is not None else None
+
+    metadata = {
+        "recipe": config.model_dump(),
+        "calibration": {
+            "source": config.calibration,
+            "nsamples": config.nsamples,
+            "seqlen": config.seqlen,
+            "seed": config.seed,
+        },
+        "perplexity": {
+            "data": config.eval_data,
+            "windows": 0 if evaluation is None else len(evaluation),
+            "seqlen": config.eval_seqlen,
+            "dense": dense,
+            "pruned": pruned,
+        },
+        "report": report.to_dict(),
+        "versions": library_versions(),
+    }
+    saved = save_pruned(model, tokenizer, output, metadata, config.overwrite) if save else None
+    return RunResult(config, report, dense, pruned, saved, load_seconds, metadata)

@@ -1,0 +1,101 @@
+"""The ``llmprune`` command line: ``prune`` and ``eval``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+
+from llmprune.config import EvalConfig, RunConfig, build, read_recipe
+from llmprune.errors import LlmpruneError
+
+from .options import config_options, given
+
+console = Console(stderr=True)
+out = Console()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmprune")
+def cli() -> None:
+    """Prune Hugging Face causal language models one-shot: magnitude, Wanda, SparseGPT."""
+
+
+@cli.command()
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
+@config_options(RunConfig)
+def prune(recipe: str | None, **flags: Any) -> None:
+    """Prune a model (default: the embedded SmolLM2-135M-Instruct, Wanda 50 %) and save it."""
+    from llmprune.api import run
+    from llmprune.cli.render import gib, layer_progress, layer_table
+
+    values = read_recipe(recipe) if recipe else {}
+    values.update(given(flags))
+    config = build(RunConfig, values)
+    pattern = config.pattern if config.pattern_spec.is_nm else f"unstructured {config.target_sparsity:.0%}"
+    console.print(
+        f"[bold]llmprune[/] {config.method}, {pattern} on {config.model}; "
+        f"calibration {config.calibration} {config.nsamples}×{config.seqlen}"
+    )
+    with layer_progress(console) as advance:
+        result = run(config, progress=advance)
+    report = result.report
+    out.print(layer_table(report))
+    if result.dense_perplexity is not None:
+        out.print(
+            f"perplexity ({config.eval_data}, {config.eval_nsamples}×{config.eval_seqlen}): "
+            f"dense {result.dense_perplexity:.2f} → pruned {result.pruned_perplexity:.2f}"
+        )
+    out.print(
+        f"achieved sparsity {report.achieved_sparsity:.2%} over {len(report.layers)} linear layers; "
+        f"pruning {report.seconds:.1f} s (model and data loaded in {result.load_seconds:.1f} s); "
+        f"peak RSS {gib(report.peak_rss_bytes)}"
+        + (f", peak GPU {gib(report.peak_device_bytes)}" if report.peak_device_bytes else "")
+    )
+    if report.damping_raised:
+        out.print(f"[yellow]Cholesky needed more damping in: {', '.join(report.damping_raised)}[/]")
+    out.print(f"saved to {result.output}")
+
+
+@cli.command(name="eval")
+@click.argument("model", required=False)
+@config_options(EvalConfig, skip=("model",))
+def evaluate(model: str | None, **flags: Any) -> None:
+    """Perplexity of MODEL (default: the embedded model) on the embedded text, a file, wikitext2 or c4."""
+    from llmprune.data.text import check_source, evaluation_data
+    from llmprune.evaluation.perplexity import perplexity
+    from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+
+    config = build(EvalConfig, {**given(flags), **({"model": model} if model else {})})
+    check_model_name(config.model)
+    check_source(config.data)
+    tokenizer = load_tokenizer(config.model)
+    windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
+    loaded = load_model(config.model, config.dtype, config.device)
+    started = time.perf_counter()
+    value = perplexity(loaded, windows)
+    out.print(
+        f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors, exit 2 for usage errors, 130 on Ctrl-C."""
+    try:
+        cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
+    except click.exceptions.Abort:
+        console.print("llmprune: interrupted; nothing was written")
+        sys.exit(130)
+    except click.ClickException as exc:
+        console.print(f"llmprune: error: {exc.format_message()}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except LlmpruneError as exc:
+        console.print(f"llmprune: error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("llmprune: interrupted; nothing was written")
+        sys.exit(130)

@@ -1,0 +1,57 @@
+"""Terminal output: progress over decoder layers and the per-layer table."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmprune.pipeline.report import PruneReport
+
+
+@contextmanager
+def layer_progress(console: Console):
+    """A progress bar over decoder layers; yields the callback the driver calls after each layer."""
+    with Progress(
+        TextColumn("pruning decoder layers"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("prune", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield advance
+
+
+def layer_table(report: PruneReport) -> Table:
+    """One row per decoder layer: achieved sparsity and each linear layer's relative error."""
+    columns = list(dict.fromkeys(r.name.rsplit(".", 1)[-1] for r in report.layers))
+    table = Table(title="per-layer result (relative error ||WX - W'X|| / ||WX|| on calibration inputs)")
+    table.add_column("layer", justify="right")
+    table.add_column("sparsity", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_column("notes")
+    blocks: dict[int, list] = {}
+    for row in report.layers:
+        blocks.setdefault(row.block, []).append(row)
+    for block, rows in blocks.items():
+        weights = sum(r.shape[0] * r.shape[1] for r in rows)
+        sparsity = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in rows) / weights
+        errors = {r.name.rsplit(".", 1)[-1]: f"{r.relative_error:.3f}" for r in rows}
+        notes = ", ".join(
+            f"{r.name.rsplit('.', 1)[-1]}: damp raised to {r.damp:g}" for r in rows if r.damp_raised
+        )
+        table.add_row(str(block), f"{sparsity:.2%}", *(errors.get(c, "-") for c in columns), notes)
+    return table
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"

@@ -1,0 +1,220 @@
+"""Every option, defined and validated once. The CLI flags, YAML recipes and the Python API all read these.
+
+``PruneOptions`` are the algorithm's options (``llmprune.prune``); ``RunConfig`` adds what a whole run
+needs (model, data, output). The CLI builds one flag per field from these definitions.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmprune.errors import UsageError
+from llmprune.methods.patterns import Pattern
+
+DType = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"],
+    Field(description="weight dtype; auto = float32 on CPU, bfloat16 on CUDA"),
+]
+Device = Annotated[str, Field(description="auto, cpu, cuda or cuda:N")]
+ModelName = Annotated[
+    str, Field(description="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
+]
+DataSource = Annotated[str, Field(description="'embedded' (Python's docs), a text file, 'wikitext2' or 'c4'")]
+EvalSamples = Annotated[int, Field(ge=0, description="evaluation windows for perplexity (0 skips it)")]
+EvalSeqlen = Annotated[int, Field(ge=2, description="tokens per evaluation window")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PruneOptions(StrictModel):
+    """Options of the pruning algorithm itself (what ``llmprune.prune`` accepts)."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="pruning method")
+    sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="fraction of weights removed; default 0.5, or 1-N/M for N:M"
+    )
+    pattern: str = Field("unstructured", description="'unstructured' or N:M such as 2:4, 4:8, 1:4")
+    include: list[str] = Field(
+        default_factory=list, description="only prune linear layers whose name matches one of these globs"
+    )
+    exclude: list[str] = Field(default_factory=list, description="never prune layers matching these globs")
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-layer sparsity: REGEX=SPARSITY on module names (first match wins)",
+    )
+    schedule: Literal["uniform", "depth"] = Field(
+        "uniform", description="depth: sparsity rises linearly over decoder layers, same mean"
+    )
+    schedule_spread: float = Field(
+        0.1, ge=0.0, lt=1.0, description="depth schedule: first layer at mean-spread, last at mean+spread"
+    )
+    true_sequential: bool = Field(
+        False, description="prune each sublayer from inputs that went through the pruned sublayers before it"
+    )
+    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
+    damp: float = Field(0.01, gt=0.0, description="SparseGPT: damping as a fraction of mean(diag H)")
+    magnitude_scope: Literal["matrix", "row"] = Field(
+        "matrix", description="magnitude: one threshold per matrix or per output row"
+    )
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
+    error_tokens: int = Field(
+        1024, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
+    )
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, value: Any) -> str:
+        return str(Pattern.parse(str(value)))
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _globs(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = [value]
+        return [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
+
+    @field_validator("layer_sparsity", mode="before")
+    @classmethod
+    def _overrides(cls, value: Any) -> dict[str, float]:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            pairs = {}
+            for item in value:
+                regex, sep, number = str(item).rpartition("=")
+                if not sep or not regex:
+                    raise ValueError(f"expected REGEX=SPARSITY, got {item!r}")
+                pairs[regex] = number
+            value = pairs
+        result = {}
+        for regex, number in dict(value).items():
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"bad regex {regex!r}: {exc}") from None
+            number = float(number)
+            if not 0.0 <= number < 1.0:
+                raise ValueError(f"sparsity for {regex!r} must be in [0, 1), got {number}")
+            result[regex] = number
+        return result
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneOptions:
+        pattern = self.pattern_spec
+        if pattern.is_nm:
+            if self.sparsity is not None and abs(self.sparsity - pattern.implied_sparsity) > 1e-9:
+                raise ValueError(
+                    f"pattern {pattern} fixes sparsity at {pattern.implied_sparsity:g}; "
+                    f"drop --sparsity {self.sparsity:g}"
+                )
+            if self.layer_sparsity or self.schedule != "uniform":
+                raise ValueError("per-layer sparsity and schedules apply to unstructured pruning only")
+        if self.schedule == "depth":
+            low, high = (
+                self.target_sparsity - self.schedule_spread,
+                self.target_sparsity + self.schedule_spread,
+            )
+            if low < 0 or high >= 1:
+                raise ValueError(f"depth schedule would span [{low:g}, {high:g}], outside [0, 1)")
+        return self
+
+    @property
+    def pattern_spec(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """Requested mean sparsity: explicit, implied by N:M, or the default 0.5."""
+        implied = self.pattern_spec.implied_sparsity
+        if implied is not None:
+            return implied
+        return 0.5 if self.sparsity is None else self.sparsity
+
+
+class RunConfig(PruneOptions):
+    """A whole ``llmprune prune`` run: the algorithm's options plus model, data and output."""
+
+    model: ModelName = "smollm2"
+    calibration: DataSource = "embedded"
+    nsamples: int = Field(32, ge=1, description="calibration windows")
+    seqlen: int = Field(256, ge=2, description="tokens per calibration window")
+    seed: int = Field(0, description="seed for drawing calibration windows")
+    dtype: DType = "auto"
+    device: Device = "auto"
+    output: str | None = Field(
+        None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
+    )
+    overwrite: bool = Field(False, description="replace --output if it exists")
+    eval_data: DataSource = "embedded"
+    eval_nsamples: EvalSamples = 16
+    eval_seqlen: EvalSeqlen = 512
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        return value
+
+    def prune_options(self) -> PruneOptions:
+        return PruneOptions(**{name: getattr(self, name) for name in PruneOptions.model_fields})
+
+    def output_path(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        stem = Path(self.model.rstrip("/")).name.removesuffix(".gguf")
+        pattern = self.pattern.replace(":", "of")
+        tag = f"{self.target_sparsity:g}" if pattern == "unstructured" else pattern
+        return Path(f"pruned-{stem}-{self.method}-{tag}")
+
+
+class EvalConfig(StrictModel):
+    """``llmprune eval``: perplexity of a model."""
+
+    model: ModelName = "smollm2"
+    data: DataSource = "embedded"
+    nsamples: EvalSamples = 16
+    seqlen: EvalSeqlen = 512
+    dtype: DType = "auto"
+    device: Device = "auto"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line out of a pydantic error: 'field: problem; field: problem'."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def build(model_class: type[StrictModel], values: dict[str, Any]) -> Any:
+    """Validate values into a config, turning validation errors into one-line UsageErrors."""
+    try:
+        return model_class.model_validate(values)
+    except ValidationError as exc:
+        raise UsageError(describe_validation_error(exc)) from None
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Load a YAML recipe (a mapping of option names, with - or _) for ``RunConfig``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -1,0 +1,112 @@
+"""Calibration and evaluation token windows, from the embedded text, a local file, or a hub dataset.
+
+The embedded text is the ~465k characters of English documentation that ship with Python
+(``pydoc_data.topics``). Tokenized whole, its first 70 % feeds calibration and its last 20 % evaluation,
+so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from llmprune.errors import DataUnavailableError, UsageError
+
+EMBEDDED = "embedded"
+HUB_DATASETS = ("wikitext2", "c4")
+CALIBRATION_FRACTION = 0.7
+EVALUATION_FRACTION = 0.2
+
+
+def embedded_text() -> str:
+    """Python's bundled documentation topics, joined in a fixed (sorted) order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def check_source(source: str) -> None:
+    """Fail fast on a data source that cannot exist (before any model is loaded)."""
+    if source in (EMBEDDED, *HUB_DATASETS):
+        return
+    if not Path(source).is_file():
+        raise UsageError(f"data source {source!r} is neither a text file nor one of: embedded, wikitext2, c4")
+
+
+def _hub_text(name: str, split: str) -> str:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataUnavailableError(
+            f"{name} needs the 'datasets' package: pip install 'llmprune[datasets]'"
+        ) from None
+    try:
+        if name == "wikitext2":
+            rows = load_dataset(
+                "wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test"
+            )
+            return "\n\n".join(rows["text"])
+        shard = (
+            "en/c4-train.00000-of-01024.json.gz"
+            if split == "calibration"
+            else "en/c4-validation.00000-of-00008.json.gz"
+        )
+        rows = load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+        return "\n\n".join(rows["text"][: 5000 if split == "calibration" else 1100])
+    except Exception as exc:  # datasets raises many types when offline
+        what = (
+            "wikitext/wikitext-2-raw-v1"
+            if name == "wikitext2"
+            else "allenai/c4 (shards en/c4-train.00000, en/c4-validation.00000)"
+        )
+        raise DataUnavailableError(
+            f"cannot load {name} ({type(exc).__name__}); download the dataset {what} into the Hugging Face "
+            "cache while online, or pass a local text file"
+        ) from None
+
+
+def tokens_for(tokenizer, source: str, split: str) -> torch.Tensor:
+    """The 1-D token stream a source provides for ``split`` (``calibration`` or ``evaluation``)."""
+    check_source(source)
+    if source == EMBEDDED:
+        ids = torch.tensor(tokenizer(embedded_text())["input_ids"], dtype=torch.long)
+        if split == "calibration":
+            return ids[: int(len(ids) * CALIBRATION_FRACTION)]
+        return ids[len(ids) - int(len(ids) * EVALUATION_FRACTION) :]
+    text = _hub_text(source, split) if source in HUB_DATASETS else Path(source).read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows starting at seeded random positions (as the Wanda/SparseGPT repos)."""
+    if len(tokens) < seqlen:
+        raise UsageError(f"calibration text has {len(tokens)} tokens, shorter than one window of {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(tokens) - seqlen) for _ in range(nsamples)]
+    return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def evaluation_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
+    """The first ``nsamples`` non-overlapping ``seqlen`` windows (all of them when None)."""
+    count = len(tokens) // seqlen
+    if count == 0:
+        raise UsageError(f"evaluation text has {len(tokens)} tokens, shorter than one window of {seqlen}")
+    if nsamples is not None:
+        count = min(count, nsamples)
+    return tokens[: count * seqlen].reshape(count, seqlen)
+
+
+def calibration_data(
+    tokenizer, source: str = EMBEDDED, nsamples: int = 32, seqlen: int = 256, seed: int = 0
+) -> torch.Tensor:
+    """Calibration token ids ``[nsamples, seqlen]`` from a source."""
+    return calibration_windows(tokens_for(tokenizer, source, "calibration"), nsamples, seqlen, seed)
+
+
+def evaluation_data(
+    tokenizer, source: str = EMBEDDED, seqlen: int = 512, nsamples: int | None = 16
+) -> torch.Tensor:
+    """Evaluation token ids ``[k, seqlen]`` (disjoint from calibration for the embedded text)."""
+    return evaluation_windows(tokens_for(tokenizer, source, "evaluation"), seqlen, nsamples)

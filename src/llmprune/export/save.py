@@ -1,0 +1,72 @@
+"""Saving a pruned model: a plain Hugging Face checkpoint plus ``llmprune.json``, written atomically.
+
+Everything goes to a temporary sibling directory that is renamed into place only when complete, so a
+crash or Ctrl-C never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import UsageError
+
+METADATA_FILE = "llmprune.json"
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output (before any work) unless overwriting."""
+    if output.exists() and not overwrite:
+        raise UsageError(f"output {output} exists; pass --overwrite or choose another --output")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} exists and is not a directory")
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from llmprune import __version__
+
+    return {
+        "llmprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_pruned(
+    model, tokenizer, output: str | Path, metadata: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path."""
+    output = Path(output)
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        _fsync_tree(staging)
+        if output.exists():
+            os.replace(output, retired)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    return output

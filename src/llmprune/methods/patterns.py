@@ -1,0 +1,95 @@
+"""Sparsity patterns and the mask selections shared by every method.
+
+A mask is a bool tensor shaped like the weight ``[out_features, in_features]``: True marks a weight to
+remove. Scores are "importance": the lowest scores are pruned.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``unstructured``, or N:M (at most N non-zeros in every group of M consecutive inputs of a row)."""
+
+    n: int | None = None
+    m: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        """Parse ``"unstructured"`` or ``"N:M"`` with 0 < N < M; raises ValueError otherwise."""
+        if isinstance(text, Pattern):
+            return text
+        if text.strip().lower() == "unstructured":
+            return cls()
+        match = _NM.match(text)
+        if not match:
+            raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        return cls(n, m)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        """1 - N/M for an N:M pattern, None for unstructured."""
+        return None if self.m is None else 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+def prune_count(total: int, sparsity: float) -> int:
+    """How many of ``total`` weights a sparsity removes (rounded to nearest, as exact as integers allow)."""
+    return min(total, max(0, round(total * sparsity)))
+
+
+def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask the ``round(cols * sparsity)`` lowest scores of every row (Wanda's comparison group)."""
+    k = prune_count(scores.shape[1], sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k:
+        order = torch.sort(scores, dim=1, stable=True).indices
+        mask.scatter_(1, order[:, :k], True)
+    return mask
+
+
+def lowest_in_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask the ``round(numel * sparsity)`` lowest scores of the whole matrix (one threshold per matrix)."""
+    k = prune_count(scores.numel(), sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        order = torch.sort(scores.flatten(), stable=True).indices
+        mask[order[:k]] = True
+    return mask.view_as(scores)
+
+
+def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive columns of each row, mask the ``m - n`` lowest scores."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} input columns are not divisible by M={m}")
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, order[..., : m - n], True)
+    return mask.reshape(rows, cols)
+
+
+def select_mask(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool = True
+) -> torch.Tensor:
+    """The mask a pattern selects from scores: N:M groups, else per row or per matrix."""
+    if pattern.is_nm:
+        return n_m_mask(scores, pattern.n, pattern.m)
+    return lowest_per_row(scores, sparsity) if per_row else lowest_in_matrix(scores, sparsity)

@@ -1,0 +1,95 @@
+"""Where things are in a causal LM, described by data rather than by copied per-family code.
+
+Every supported family is a stack of decoder layers; the table says where that stack, the embeddings and
+the final norm live. Unknown families fall back to the largest ``ModuleList`` of identical blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from llmprune.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module paths (dotted, from the CausalLM root) of the parts the pipeline needs."""
+
+    layers: str
+    embeddings: str
+    final_norm: str | None
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "mistral": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "qwen2": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "qwen3": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "gemma": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "gemma2": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "gemma3_text": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "phi3": Architecture("model.layers", "model.embed_tokens", "model.norm"),
+    "opt": Architecture(
+        "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm"
+    ),
+    "gpt2": Architecture("transformer.h", "transformer.wte", "transformer.ln_f"),
+    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
+}
+
+PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+
+def describe(model: nn.Module) -> Architecture:
+    """The architecture record for a model: from the table, else found by structure."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    candidates = [
+        (len(module), name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+    ]
+    if not candidates:
+        raise UsageError(f"cannot find a stack of decoder layers in model type {model_type!r}")
+    _, layers = max(candidates)
+    return Architecture(layers, "", None)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted path and the ``ModuleList`` of decoder layers."""
+    path = describe(model).layers
+    return path, model.get_submodule(path)
+
+
+def prunable_modules(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Linear (and GPT-2 ``Conv1D``) modules of one decoder layer, by full dotted name."""
+    return {
+        f"{prefix}.{name}": module
+        for name, module in layer.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
+    }
+
+
+def input_width(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
+
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` (a transposed view for ``Conv1D``)."""
+    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+
+
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Store an ``[out, in]`` weight back in the module's own layout and dtype."""
+    target = module.weight.data
+    target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM head): running it is cheaper than running the CausalLM."""
+    body = getattr(model, "base_model", model)
+    return body if body is not None else model

@@ -1,0 +1,285 @@
+"""The sequential layer-by-layer driver: the one place where calibration data flows through the model.
+
+For each decoder layer i, in order: collect input statistics of its linear layers while it runs on the
+outputs of the already-pruned layers 0..i-1, prune them, then recompute the layer's outputs with the pruned
+weights and hand those to layer i+1 (SparseGPT §3.5; Wanda §3). With ``true_sequential`` every linear layer
+is pruned in a pre-forward hook from the inputs it actually receives, which have already gone through the
+pruned sublayers before it, so one forward pass per layer does both jobs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmprune.config import PruneOptions
+from llmprune.errors import NonFiniteError, UsageError
+from llmprune.methods import METHODS, LayerTask, Method
+from llmprune.models.architecture import (
+    decoder_layers,
+    input_width,
+    prunable_modules,
+    read_weight,
+    write_weight,
+)
+from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, run_layer
+from llmprune.pipeline.report import LinearReport, PruneReport
+from llmprune.pipeline.statistics import InputStatistics, relative_error
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Target:
+    """One linear layer to prune and how."""
+
+    name: str
+    block: int
+    module: nn.Module
+    task: LayerTask
+
+
+def layer_sparsities(options: PruneOptions, num_layers: int) -> list[float]:
+    """Sparsity of each decoder layer: uniform, or rising linearly with depth around the same mean."""
+    mean = options.target_sparsity
+    if options.schedule == "uniform" or num_layers == 1:
+        return [mean] * num_layers
+    spread = options.schedule_spread
+    return [mean - spread + 2 * spread * i / (num_layers - 1) for i in range(num_layers)]
+
+
+def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
+    """The linear layers to prune in each decoder layer, with their tasks; validates shapes first."""
+    path, layers = decoder_layers(model)
+    pattern = options.pattern_spec
+    sparsities = layer_sparsities(options, len(layers))
+    overrides = [(re.compile(regex), value) for regex, value in options.layer_sparsity.items()]
+    plan = []
+    for index, layer in enumerate(layers):
+        targets = []
+        for name, module in prunable_modules(layer, f"{path}.{index}").items():
+            if options.include and not any(fnmatch.fnmatchcase(name, g) for g in options.include):
+                continue
+            if any(fnmatch.fnmatchcase(name, g) for g in options.exclude):
+                continue
+            if pattern.is_nm and input_width(module) % pattern.m:
+                raise UsageError(
+                    f"{name}: input width {input_width(module)} is not divisible by M={pattern.m} "
+                    f"of pattern {pattern}"
+                )
+            sparsity = next((value for regex, value in overrides if regex.search(name)), sparsities[index])
+            task = LayerTask(sparsity, pattern, options.blocksize, options.damp, options.magnitude_scope)
+            targets.append(Target(name, index, module, task))
+        plan.append(targets)
+    if not any(plan):
+        raise UsageError("no linear layer matches --include/--exclude: nothing to prune")
+    return plan
+
+
+def calibration_batches(
+    calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+) -> list[torch.Tensor]:
+    """Group calibration sequences into batches of equal-length rows."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype != torch.long:
+            raise UsageError("calibration must be a LongTensor [n, seqlen] or an iterable of 1-D LongTensors")
+        rows = list(calibration)
+    else:
+        rows = [torch.as_tensor(row) for row in calibration]
+    if not rows:
+        raise UsageError("calibration data is empty")
+    batches: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    for row in rows:
+        if row.dim() != 1 or row.dtype != torch.long:
+            raise UsageError("each calibration sequence must be a 1-D LongTensor of token ids")
+        if run and (len(run) == batch_size or run[0].shape != row.shape):
+            batches.append(torch.stack(run))
+            run = []
+        run.append(row)
+    batches.append(torch.stack(run))
+    return batches
+
+
+class _StatisticsHooks:
+    """Pre-forward hooks that feed each target's input into statistics shared by identity of the input.
+
+    Linear layers reading the very same tensor (q/k/v, gate/up) share one accumulator, so a Hessian or a
+    norm is computed once per distinct input. ``on_ready`` (one-pass mode) prunes as soon as stats exist.
+    """
+
+    def __init__(
+        self,
+        targets: list[Target],
+        method: Method,
+        stride: int,
+        on_ready: Callable[[Target, InputStatistics], None] | None = None,
+    ) -> None:
+        self.method, self.stride, self.on_ready = method, stride, on_ready
+        self.stats: dict[str, InputStatistics] = {}
+        self._leaders: set[str] = set()
+        self._seen: dict[int, tuple[torch.Tensor, InputStatistics]] = {}
+        self._handles = [t.module.register_forward_pre_hook(self._hook(t)) for t in targets]
+
+    def _hook(self, target: Target):
+        def pre_forward(_module: nn.Module, args: tuple) -> None:
+            inputs = args[0]
+            if target.name not in self.stats:
+                seen = self._seen.get(id(inputs))
+                if seen is not None and seen[0] is inputs:
+                    self.stats[target.name] = seen[1]
+                else:
+                    stats = InputStatistics(
+                        inputs.shape[-1], self.method.statistic, self.stride, inputs.device
+                    )
+                    stats.update(inputs)
+                    self.stats[target.name] = stats
+                    self._leaders.add(target.name)
+                    self._seen[id(inputs)] = (inputs, stats)
+            elif target.name in self._leaders:
+                self.stats[target.name].update(inputs)
+            if self.on_ready is not None:
+                self.on_ready(target, self.stats[target.name])
+
+        return pre_forward
+
+    def next_batch(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"NaN or Inf in {what}")
+
+
+def prune_target(target: Target, method: Method, stats: InputStatistics) -> LinearReport:
+    """Prune one linear layer in place from its input statistics; report sparsity and error."""
+    dense = read_weight(target.module).to(torch.float32, copy=True)
+    _check_finite(dense, f"weights of {target.name}")
+    outcome = method.run(dense, stats.statistic(), target.task)
+    write_weight(target.module, outcome.weight)
+    stored = read_weight(target.module)
+    damp = outcome.damp
+    return LinearReport(
+        name=target.name,
+        block=target.block,
+        shape=tuple(dense.shape),
+        target_sparsity=target.task.sparsity,
+        achieved_sparsity=float((stored == 0).float().mean()),
+        relative_error=relative_error(dense, stored.float(), stats.samples()),
+        damp=damp,
+        damp_raised=damp is not None and damp > target.task.damp * (1 + 1e-9),
+    )
+
+
+def _prune_from_dense_pass(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+    targets: list[Target],
+    method: Method,
+    stride: int,
+    report: PruneReport,
+) -> None:
+    """Collect statistics while the (still dense) layer runs on every batch, then prune its targets."""
+    hooks = _StatisticsHooks(targets, method, stride)
+    try:
+        for h, c in zip(hidden, calls, strict=True):
+            run_layer(layer, h, c)
+            hooks.next_batch()
+    finally:
+        hooks.remove()
+    for target in targets:
+        if target.name not in hooks.stats:
+            raise UsageError(f"{target.name} is never called during the forward pass")
+        report.layers.append(prune_target(target, method, hooks.stats[target.name]))
+
+
+def _prune_in_one_pass(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+    targets: list[Target],
+    method: Method,
+    stride: int,
+    report: PruneReport,
+) -> list[torch.Tensor]:
+    """True-sequential: prune each target just before it runs, from the inputs it receives; return outputs."""
+    done: set[str] = set()
+
+    def prune_now(target: Target, stats: InputStatistics) -> None:
+        if target.name not in done:
+            done.add(target.name)
+            report.layers.append(prune_target(target, method, stats))
+
+    hooks = _StatisticsHooks(targets, method, stride, on_ready=prune_now)
+    try:
+        outputs = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+    finally:
+        hooks.remove()
+    missing = [t.name for t in targets if t.name not in done]
+    if missing:
+        raise UsageError(f"never called during the forward pass: {', '.join(missing)}")
+    return outputs
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor],
+    options: PruneOptions,
+    progress: ProgressCallback | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, from calibration token ids."""
+    start = time.perf_counter()
+    method = METHODS[options.method]
+    plan = plan_targets(model, options)
+    _, layers = decoder_layers(model)
+    batch_size = 1 << 30 if options.true_sequential else options.batch_size
+    batches = calibration_batches(calibration, batch_size)
+    if options.true_sequential and len(batches) > 1:
+        raise UsageError("true_sequential needs calibration sequences of one length (they run as one batch)")
+    total_tokens = sum(b.numel() for b in batches)
+    stride = max(1, total_tokens // options.error_tokens)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    captured = capture_layer_inputs(model, layers, batches)
+    hidden = captured.hidden
+    for batch in hidden:
+        _check_finite(batch, "the embeddings' output")
+    report = PruneReport(options.method, options.pattern, options.target_sparsity)
+    for index, layer in enumerate(layers):
+        targets, calls = plan[index], captured.calls[index]
+        if targets and options.true_sequential:
+            hidden = _prune_in_one_pass(layer, hidden, calls, targets, method, stride, report)
+        else:
+            if targets:
+                _prune_from_dense_pass(layer, hidden, calls, targets, method, stride, report)
+            hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+        for batch in hidden:
+            _check_finite(batch, f"the outputs of decoder layer {index}")
+        if progress is not None:
+            progress(index + 1, len(layers))
+
+    model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.type == "cuda":
+        report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return report

@@ -1,0 +1,50 @@
+"""What a pruning run did, layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LinearReport:
+    name: str
+    block: int
+    """Index of the decoder layer holding this linear layer."""
+    shape: tuple[int, int]
+    target_sparsity: float
+    achieved_sparsity: float
+    relative_error: float
+    """||W X - W' X|| / ||W X|| on sampled calibration inputs of this layer."""
+    damp: float | None = None
+    """SparseGPT: relative damping used."""
+    damp_raised: bool = False
+    """SparseGPT: Cholesky failed at the requested damping and was retried with more."""
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    sparsity: float
+    layers: list[LinearReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Zeros over weights, across every pruned linear layer."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def damping_raised(self) -> list[str]:
+        """Layers whose Hessian needed more damping than requested."""
+        return [r.name for r in self.layers if r.damp_raised]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["achieved_sparsity"] = self.achieved_sparsity
+        data["damping_raised"] = self.damping_raised
+        return data

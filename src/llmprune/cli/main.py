@@ -15,7 +15,7 @@ from llmprune.errors import LlmpruneError
 from .options import config_options, given
 
 console = Console(stderr=True)
-out = Console()
+out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,6 +85,9 @@ def evaluate(model: str | None, **flags: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for usage errors, 130 on Ctrl-C."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ours is the one over decoder layers
     try:
         cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
     except click.exceptions.Abort:

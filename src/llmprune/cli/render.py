@@ -22,17 +22,23 @@ def layer_progress(console: Console):
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("prune", total=None)
+        task = progress.add_task("prune", total=None, start=False)
 
         def advance(done: int, total: int) -> None:
+            if done == 0:  # the driver starts: time the layers, not the loading before them
+                progress.reset(task, total=total, start=True)
             progress.update(task, completed=done, total=total)
 
         yield advance
 
 
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
 def layer_table(report: PruneReport) -> Table:
     """One row per decoder layer: achieved sparsity and each linear layer's relative error."""
-    columns = list(dict.fromkeys(r.name.rsplit(".", 1)[-1] for r in report.layers))
+    columns = list(dict.fromkeys(_short(r.name) for r in report.layers))
     table = Table(title="per-layer result (relative error ||WX - W'X|| / ||WX|| on calibration inputs)")
     table.add_column("layer", justify="right")
     table.add_column("sparsity", justify="right")
@@ -45,10 +51,8 @@ def layer_table(report: PruneReport) -> Table:
     for block, rows in blocks.items():
         weights = sum(r.shape[0] * r.shape[1] for r in rows)
         sparsity = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in rows) / weights
-        errors = {r.name.rsplit(".", 1)[-1]: f"{r.relative_error:.3f}" for r in rows}
-        notes = ", ".join(
-            f"{r.name.rsplit('.', 1)[-1]}: damp raised to {r.damp:g}" for r in rows if r.damp_raised
-        )
+        errors = {_short(r.name): f"{r.relative_error:.3f}" for r in rows}
+        notes = ", ".join(f"{_short(r.name)}: damp raised to {r.damp:g}" for r in rows if r.damp_raised)
         table.add_row(str(block), f"{sparsity:.2%}", *(errors.get(c, "-") for c in columns), notes)
     return table
 

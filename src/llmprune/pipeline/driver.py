@@ -264,6 +264,8 @@ def prune_model(
     for batch in hidden:
         _check_finite(batch, "the embeddings' output")
     report = PruneReport(options.method, options.pattern, options.target_sparsity)
+    if progress is not None:
+        progress(0, len(layers))
     for index, layer in enumerate(layers):
         targets, calls = plan[index], captured.calls[index]
         if targets and options.true_sequential:

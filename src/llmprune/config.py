@@ -25,7 +25,6 @@ ModelName = Annotated[
     str, Field(description="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
 ]
 DataSource = Annotated[str, Field(description="'embedded' (Python's docs), a text file, 'wikitext2' or 'c4'")]
-EvalSamples = Annotated[int, Field(ge=0, description="evaluation windows for perplexity (0 skips it)")]
 EvalSeqlen = Annotated[int, Field(ge=2, description="tokens per evaluation window")]
 
 
@@ -153,7 +152,7 @@ class RunConfig(PruneOptions):
     )
     overwrite: bool = Field(False, description="replace --output if it exists")
     eval_data: DataSource = "embedded"
-    eval_nsamples: EvalSamples = 16
+    eval_nsamples: int = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
     eval_seqlen: EvalSeqlen = 512
 
     @field_validator("device")
@@ -180,7 +179,7 @@ class EvalConfig(StrictModel):
 
     model: ModelName = "smollm2"
     data: DataSource = "embedded"
-    nsamples: EvalSamples = 16
+    nsamples: int = Field(16, ge=0, description="evaluation windows (0 = every window of the data)")
     seqlen: EvalSeqlen = 512
     dtype: DType = "auto"
     device: Device = "auto"
@@ -206,15 +205,34 @@ def build(model_class: type[StrictModel], values: dict[str, Any]) -> Any:
         raise UsageError(describe_validation_error(exc)) from None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2:4`` as the base-60 integer 124; a recipe means the N:M pattern, so keep it text."""
+
+
+def _number_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    if ":" in node.value:
+        return loader.construct_scalar(node)
+    if node.tag.endswith(":int"):
+        return loader.construct_yaml_int(node)
+    return loader.construct_yaml_float(node)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text)
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Load a YAML recipe (a mapping of option names, with - or _) for ``RunConfig``."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
+    unknown = [str(key) for key in data if str(key).replace("-", "_") not in RunConfig.model_fields]
+    if unknown:
+        raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
     return {str(key).replace("-", "_"): value for key, value in data.items()}

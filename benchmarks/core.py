@@ -1,0 +1,136 @@
+"""Core benchmark on the embedded model, public protocol (issue 2). Run by hand; writes JSON and Markdown.
+
+Protocol: the embedded text tokenized whole; calibration = 32 windows x 256 tokens drawn with seed 0 from
+the first 70 % of the tokens; evaluation = the first 16 non-overlapping 512-token windows of the last 20 %.
+
+Every cell runs in its own process so that its peak RSS is its own. The speed floor (two passes of the
+decoder layers over the calibration tokens at batch 1) is measured in the same invocation.
+
+    python benchmarks/core.py --out benchmarks/out/core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmprune
+from llmprune.models.architecture import decoder_layers
+from llmprune.pipeline.capture import capture_layer_inputs, run_layer
+from llmprune.pipeline.driver import calibration_batches
+
+NSAMPLES, SEQLEN, SEED, EVAL_WINDOWS, EVAL_SEQLEN = 32, 256, 0, 16, 512
+GRID = [
+    (method, pattern, ts)
+    for method in ("magnitude", "wanda", "sparsegpt")
+    for pattern in ("unstructured", "2:4", "4:8")
+    for ts in (False,)
+] + [("wanda", "unstructured", True), ("sparsegpt", "unstructured", True)]
+
+
+def _data():
+    model, tokenizer = llmprune.load_embedded_model()
+    calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
+    evaluation = llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
+    return model, calibration, evaluation
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def floor() -> dict:
+    """Two passes of every decoder layer over the calibration tokens at batch 1 (no statistics, no pruning)."""
+    model, calibration, _ = _data()
+    _, layers = decoder_layers(model)
+    captured = capture_layer_inputs(model, layers, calibration_batches(calibration, 1))
+    hidden = captured.hidden
+    start = time.perf_counter()
+    for layer, calls in zip(layers, captured.calls, strict=True):
+        for h, c in zip(hidden, calls, strict=True):
+            run_layer(layer, h, c)
+        hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+    return {"floor_seconds": time.perf_counter() - start}
+
+
+def cell(method: str, pattern: str, true_sequential: bool) -> dict:
+    model, calibration, evaluation = _data()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer = NSAMPLES * SEQLEN * model.config.hidden_size * 4
+    before = _peak_rss()
+    report = llmprune.prune(model, calibration, method=method, pattern=pattern, true_sequential=true_sequential)
+    return {
+        "method": method,
+        "pattern": pattern,
+        "true_sequential": true_sequential,
+        "seconds": report.seconds,
+        "perplexity": llmprune.perplexity(model, evaluation),
+        "achieved_sparsity": report.achieved_sparsity,
+        "damping_raised": report.damping_raised,
+        "peak_rss_during_prune": report.peak_rss_bytes,
+        "peak_rss_before_prune": before,
+        "weights_bytes": weights,
+        "activation_buffer_bytes": buffer,
+    }
+
+
+def dense() -> dict:
+    model, _, evaluation = _data()
+    return {"perplexity": llmprune.perplexity(model, evaluation)}
+
+
+def _child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/out/core.json")
+    parser.add_argument("--child", nargs="*")
+    args = parser.parse_args()
+    if args.child is not None:
+        kind, *rest = args.child
+        if kind == "floor":
+            result = floor()
+        elif kind == "dense":
+            result = dense()
+        else:
+            result = cell(rest[0], rest[1], rest[2] == "1")
+        print(json.dumps(result))
+        return
+
+    results = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "floor": _child("floor"),
+        "dense": _child("dense"),
+        "cells": [],
+    }
+    print(f"floor {results['floor']['floor_seconds']:.1f} s, dense ppl {results['dense']['perplexity']:.2f}")
+    for method, pattern, ts in GRID:
+        row = _child("cell", method, pattern, "1" if ts else "0")
+        row["time_over_floor"] = row["seconds"] / results["floor"]["floor_seconds"]
+        results["cells"].append(row)
+        print(
+            f"{method:10s} {pattern:12s} ts={ts!s:5s} ppl {row['perplexity']:8.2f}  "
+            f"{row['seconds']:6.1f} s  {row['time_over_floor']:.2f}x floor  "
+            f"peak RSS {row['peak_rss_during_prune'] / 2**30:.2f} GiB",
+            flush=True,
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

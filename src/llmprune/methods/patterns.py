@@ -54,24 +54,34 @@ def prune_count(total: int, sparsity: float) -> int:
     return min(total, max(0, round(total * sparsity)))
 
 
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask the ``k`` lowest entries along the last dimension, ties broken by position.
+
+    Equal to taking the first ``k`` of a stable sort, but a selection (``kthvalue``) instead of a sort:
+    several times faster on the CPU.
+    """
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= scores.shape[-1]:
+        return ~mask
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    mask = scores < threshold
+    ties = scores == threshold
+    missing = k - mask.sum(dim=-1, keepdim=True)
+    if torch.equal(missing, ties.sum(dim=-1, keepdim=True)):  # the usual case: no surplus ties
+        return mask | ties
+    return mask | (ties & (ties.cumsum(dim=-1) <= missing))
+
+
 def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask the ``round(cols * sparsity)`` lowest scores of every row (Wanda's comparison group)."""
-    k = prune_count(scores.shape[1], sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        mask.scatter_(1, order[:, :k], True)
-    return mask
+    return _lowest_k(scores, prune_count(scores.shape[1], sparsity))
 
 
 def lowest_in_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask the ``round(numel * sparsity)`` lowest scores of the whole matrix (one threshold per matrix)."""
-    k = prune_count(scores.numel(), sparsity)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        order = torch.sort(scores.flatten(), stable=True).indices
-        mask[order[:k]] = True
-    return mask.view_as(scores)
+    return _lowest_k(scores.flatten(), prune_count(scores.numel(), sparsity)).view_as(scores)
 
 
 def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -79,11 +89,7 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"{cols} input columns are not divisible by M={m}")
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=2, stable=True).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(2, order[..., : m - n], True)
-    return mask.reshape(rows, cols)
+    return _lowest_k(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
 
 def select_mask(

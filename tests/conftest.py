@@ -108,3 +108,12 @@ def tiny_calibration(nsamples: int = 8, seqlen: int = 32, seed: int = 0) -> torc
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_size(request):
+    """Tiny models run fastest on one thread; the real model (``slow``) gets every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(before)

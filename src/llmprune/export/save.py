@@ -65,7 +65,12 @@ def save_pruned(
         _fsync_tree(staging)
         if output.exists():
             os.replace(output, retired)
-        os.replace(staging, output)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            if retired.exists() and not output.exists():
+                os.replace(retired, output)  # put the previous output back
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)

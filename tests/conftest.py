@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The tests never need the network: fail fast and quietly on any hub access.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import (

@@ -69,8 +69,15 @@ def pruned(family: str, method: str, pattern: str, true_sequential: bool = False
     """(dense copy, pruned model, report), pruned once per session; tests must not modify them."""
     model = tiny_model(family)
     dense = copy.deepcopy(model)
+    calibration = tiny_calibration()
+    # One batch, as true_sequential uses: statistics then sum in the same order, bit for bit.
     report = llmprune.prune(
-        model, tiny_calibration(), method=method, pattern=pattern, true_sequential=true_sequential
+        model,
+        calibration,
+        method=method,
+        pattern=pattern,
+        true_sequential=true_sequential,
+        batch_size=len(calibration),
     )
     return dense, model, report
 

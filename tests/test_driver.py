@@ -75,7 +75,7 @@ def record_layer_inputs(model: nn.Module) -> tuple[list[list[torch.Tensor]], lis
     ("method", "options", "batch_sizes"),
     [
         ("wanda", {"batch_size": 3}, [3, 3, 2]),
-        ("sparsegpt", {}, [8]),
+        ("sparsegpt", {"batch_size": 8}, [8]),
         ("sparsegpt", {"true_sequential": True, "batch_size": 3}, [8]),  # true_sequential: one batch
     ],
 )

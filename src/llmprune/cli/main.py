@@ -16,12 +16,30 @@ from .options import config_options, given
 
 console = Console(stderr=True)
 out = Console() if sys.stdout.isatty() else Console(width=160)
+# click >= 8.2 raises this for a bare `llmprune` (older versions print the help themselves)
+NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llmprune")
 def cli() -> None:
     """Prune Hugging Face causal language models one-shot: magnitude, Wanda, SparseGPT."""
+
+
+def preflight(config: RunConfig) -> None:
+    """Every check that needs no weights, before anything is printed or loaded: output, model, data
+    sources, and the layers to prune (N:M divisibility, --include/--exclude) on a weightless skeleton."""
+    from llmprune.data.text import check_source
+    from llmprune.export.save import check_output
+    from llmprune.models.loading import check_model_name, load_skeleton
+    from llmprune.pipeline.driver import plan_targets
+
+    check_output(config.output_path(), config.overwrite)
+    check_model_name(config.model)
+    check_source(config.calibration)
+    if config.eval_nsamples:
+        check_source(config.eval_data)
+    plan_targets(load_skeleton(config.model), config.prune_options())
 
 
 @cli.command()
@@ -35,29 +53,34 @@ def prune(recipe: str | None, **flags: Any) -> None:
     values = read_recipe(recipe) if recipe else {}
     values.update(given(flags))
     config = build(RunConfig, values)
+    preflight(config)
     pattern = config.pattern if config.pattern_spec.is_nm else f"unstructured {config.target_sparsity:.0%}"
-    console.print(
+    header = (
         f"[bold]llmprune[/] {config.method}, {pattern} on {config.model}; "
         f"calibration {config.calibration} {config.nsamples}×{config.seqlen}"
     )
-    with layer_progress(console) as advance:
+    with layer_progress(console, header) as advance:
         result = run(config, progress=advance)
     report = result.report
     out.print(layer_table(report))
     if result.dense_perplexity is not None:
         out.print(
             f"perplexity ({config.eval_data}, {config.eval_nsamples}×{config.eval_seqlen}): "
-            f"dense {result.dense_perplexity:.2f} → pruned {result.pruned_perplexity:.2f}"
+            f"dense {result.dense_perplexity:.2f} → pruned {result.pruned_perplexity:.2f}",
+            soft_wrap=True,
         )
     out.print(
         f"achieved sparsity {report.achieved_sparsity:.2%} over {len(report.layers)} linear layers; "
         f"pruning {report.seconds:.1f} s (model and data loaded in {result.load_seconds:.1f} s); "
         f"peak RSS {gib(report.peak_rss_bytes)}"
-        + (f", peak GPU {gib(report.peak_device_bytes)}" if report.peak_device_bytes else "")
+        + (f", peak GPU {gib(report.peak_device_bytes)}" if report.peak_device_bytes else ""),
+        soft_wrap=True,
     )
     if report.damping_raised:
-        out.print(f"[yellow]Cholesky needed more damping in: {', '.join(report.damping_raised)}[/]")
-    out.print(f"saved to {result.output}")
+        out.print(
+            f"[yellow]Cholesky needed more damping in: {', '.join(report.damping_raised)}[/]", soft_wrap=True
+        )
+    out.print(f"saved to {result.output}", soft_wrap=True)  # unwrapped lines, for scripts and logs
 
 
 @cli.command(name="eval")
@@ -79,8 +102,21 @@ def evaluate(model: str | None, **flags: Any) -> None:
     value = perplexity(loaded, windows)
     out.print(
         f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
-        f"{time.perf_counter() - started:.1f} s)"
+        f"{time.perf_counter() - started:.1f} s)",
+        soft_wrap=True,
     )
+
+
+def _error(message: str, code: int) -> None:
+    """Print ``llmprune: error: MESSAGE`` as one unwrapped line and exit with ``code``."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    console.print(f"llmprune: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    console.print("llmprune: interrupted; nothing was written", soft_wrap=True)
+    sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,16 +125,17 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()  # ours is the one over decoder layers
     try:
-        cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("llmprune: interrupted; nothing was written")
-        sys.exit(130)
+        _interrupted()
+    except NoArgsIsHelp as exc:  # plain `llmprune`: the help, not an error line
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        console.print(f"llmprune: error: {exc.format_message()}", markup=False, highlight=False)
-        sys.exit(exc.exit_code)
+        _error(exc.format_message(), exc.exit_code)
     except LlmpruneError as exc:
-        console.print(f"llmprune: error: {exc}", markup=False, highlight=False)
-        sys.exit(exc.exit_code)
+        _error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        console.print("llmprune: interrupted; nothing was written")
-        sys.exit(130)
+        _interrupted()
+    if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
+        sys.exit(code)

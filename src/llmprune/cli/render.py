@@ -12,24 +12,42 @@ from llmprune.pipeline.report import PruneReport
 
 
 @contextmanager
-def layer_progress(console: Console):
-    """A progress bar over decoder layers; yields the callback the driver calls after each layer."""
-    with Progress(
-        TextColumn("pruning decoder layers"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("prune", total=None, start=False)
+def layer_progress(console: Console, header: str = ""):
+    """A progress bar over decoder layers; yields the callback the driver calls after each layer.
 
-        def advance(done: int, total: int) -> None:
-            if done == 0:  # the driver starts: time the layers, not the loading before them
-                progress.reset(task, total=total, start=True)
-            progress.update(task, completed=done, total=total)
+    Until the driver starts (``done == 0``), a transient spinner shows ``header`` while the model and data
+    load; then ``header`` is printed and the bar appears, timing the layers rather than the loading. An
+    error raised before that leaves nothing behind but its own message.
+    """
+    status = console.status(f"{header} (loading)" if header else "loading")
+    status.start()
+    progress: Progress | None = None
+    task = None
 
+    def advance(done: int, total: int) -> None:
+        nonlocal progress, task
+        if progress is None:
+            status.stop()
+            if header:
+                console.print(header, soft_wrap=True)
+            progress = Progress(
+                TextColumn("pruning decoder layers"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            progress.start()
+            task = progress.add_task("prune", total=total)
+        progress.update(task, completed=done, total=total)
+
+    try:
         yield advance
+    finally:
+        status.stop()
+        if progress is not None:
+            progress.stop()
 
 
 def _short(name: str) -> str:

@@ -35,26 +35,35 @@ def check_source(source: str) -> None:
         raise UsageError(f"data source {source!r} is neither a text file nor one of: embedded, wikitext2, c4")
 
 
+def _hub_rows(name: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    if name == "wikitext2":
+        rows = load_dataset(
+            "wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test"
+        )
+        return rows["text"]
+    shard = (
+        "en/c4-train.00000-of-01024.json.gz"
+        if split == "calibration"
+        else "en/c4-validation.00000-of-00008.json.gz"
+    )
+    rows = load_dataset("allenai/c4", data_files={"data": shard}, split="data")
+    return rows["text"][: 5000 if split == "calibration" else 1100]
+
+
 def _hub_text(name: str, split: str) -> str:
     try:
-        from datasets import load_dataset
+        import datasets  # noqa: F401  (before hub_access, which may switch datasets to offline mode)
     except ImportError:
         raise DataUnavailableError(
             f"{name} needs the 'datasets' package: pip install 'llmprune[datasets]'"
         ) from None
+    from llmprune.models.loading import hub_access
+
     try:
-        if name == "wikitext2":
-            rows = load_dataset(
-                "wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test"
-            )
-            return "\n\n".join(rows["text"])
-        shard = (
-            "en/c4-train.00000-of-01024.json.gz"
-            if split == "calibration"
-            else "en/c4-validation.00000-of-00008.json.gz"
-        )
-        rows = load_dataset("allenai/c4", data_files={"data": shard}, split="data")
-        return "\n\n".join(rows["text"][: 5000 if split == "calibration" else 1100])
+        with hub_access():
+            return "\n\n".join(_hub_rows(name, split))
     except Exception as exc:  # datasets raises many types when offline
         what = (
             "wikitext/wikitext-2-raw-v1"
@@ -75,7 +84,13 @@ def tokens_for(tokenizer, source: str, split: str) -> torch.Tensor:
         if split == "calibration":
             return ids[: int(len(ids) * CALIBRATION_FRACTION)]
         return ids[len(ids) - int(len(ids) * EVALUATION_FRACTION) :]
-    text = _hub_text(source, split) if source in HUB_DATASETS else Path(source).read_text(encoding="utf-8")
+    if source in HUB_DATASETS:
+        text = _hub_text(source, split)
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"data file {source} is not UTF-8 text") from None
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from llmprune.methods.magnitude import magnitude_mask
 from llmprune.methods.patterns import Pattern
-from llmprune.methods.sparsegpt import CholeskyError, sparsegpt_prune
+from llmprune.methods.sparsegpt import (
+    CholeskyError,
+    HessianFactor,
+    factor_hessian,
+    sparsegpt_prune,
+    sparsegpt_prune_factored,
+)
 from llmprune.methods.wanda import wanda_mask
 
 Statistic = Literal["none", "input_norms", "hessian"]
@@ -39,32 +45,47 @@ class PruneOutcome:
 
 @dataclass(frozen=True)
 class Method:
+    """A method: which statistic it needs, how to prepare it (once per distinct input), how to prune."""
+
     name: str
     statistic: Statistic
-    run: Callable[[torch.Tensor, torch.Tensor | None, LayerTask], PruneOutcome]
+    prepare: Callable[[torch.Tensor | None, LayerTask], Any]
+    prune: Callable[[torch.Tensor, Any, LayerTask], PruneOutcome]
+
+    def run(self, weight: torch.Tensor, statistic: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
+        """Prune one ``[out, in]`` weight from its raw input statistic."""
+        return self.prune(weight, self.prepare(statistic, task), task)
+
+
+def _as_is(statistic: torch.Tensor | None, _task: LayerTask) -> torch.Tensor | None:
+    return statistic
 
 
 def _apply(weight: torch.Tensor, mask: torch.Tensor) -> PruneOutcome:
     return PruneOutcome(weight.float().masked_fill(mask, 0.0), mask)
 
 
-def _magnitude(weight: torch.Tensor, _stat: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
+def _magnitude(weight: torch.Tensor, _stat: None, task: LayerTask) -> PruneOutcome:
     return _apply(weight, magnitude_mask(weight, task.sparsity, task.pattern, task.magnitude_scope))
 
 
-def _wanda(weight: torch.Tensor, sq_norms: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
+def _wanda(weight: torch.Tensor, sq_norms: torch.Tensor, task: LayerTask) -> PruneOutcome:
     return _apply(weight, wanda_mask(weight, sq_norms, task.sparsity, task.pattern))
 
 
-def _sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
-    result = sparsegpt_prune(weight, hessian, task.sparsity, task.pattern, task.blocksize, task.damp)
+def _factor(hessian: torch.Tensor | None, task: LayerTask) -> HessianFactor:
+    return factor_hessian(hessian, task.damp)
+
+
+def _sparsegpt(weight: torch.Tensor, factor: HessianFactor, task: LayerTask) -> PruneOutcome:
+    result = sparsegpt_prune_factored(weight, factor, task.sparsity, task.pattern, task.blocksize)
     return PruneOutcome(result.weight, result.mask, result.damp)
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", "none", _magnitude),
-    "wanda": Method("wanda", "input_norms", _wanda),
-    "sparsegpt": Method("sparsegpt", "hessian", _sparsegpt),
+    "magnitude": Method("magnitude", "none", _as_is, _magnitude),
+    "wanda": Method("wanda", "input_norms", _as_is, _wanda),
+    "sparsegpt": Method("sparsegpt", "hessian", _factor, _sparsegpt),
 }
 
 __all__ = [

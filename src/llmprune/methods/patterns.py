@@ -66,11 +66,12 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[-1]:
         return ~mask
     threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    mask = scores < threshold
+    at_most = scores <= threshold  # at least k per row; exactly k per row iff the total is k per row
+    if int(at_most.sum()) == k * (at_most.numel() // at_most.shape[-1]):
+        return at_most
+    mask = scores < threshold  # ties at the threshold: keep the first ones by position
     ties = scores == threshold
     missing = k - mask.sum(dim=-1, keepdim=True)
-    if torch.equal(missing, ties.sum(dim=-1, keepdim=True)):  # the usual case: no surplus ties
-        return mask | ties
     return mask | (ties & (ties.cumsum(dim=-1) <= missing))
 
 

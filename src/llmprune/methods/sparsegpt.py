@@ -57,6 +57,27 @@ def inverse_hessian_cholesky(
     )
 
 
+@dataclass
+class HessianFactor:
+    """What SparseGPT needs from a Hessian, computed once per distinct input (q/k/v share one)."""
+
+    upper: torch.Tensor
+    """Upper Cholesky factor U of (H + λI)⁻¹, with dead inputs' diagonal set to 1."""
+    dead: torch.Tensor
+    """Inputs that were always zero (H_ii = 0): their weights are removed."""
+    damp: float
+    """Relative damping actually used."""
+
+
+def factor_hessian(hessian: torch.Tensor, damp: float = 0.01, max_retries: int = 4) -> HessianFactor:
+    """Handle dead inputs, damp, invert and factor a Hessian (raising damping if Cholesky fails)."""
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    upper, used = inverse_hessian_cholesky(h, damp, max_retries)
+    return HessianFactor(upper, dead, used)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -67,15 +88,20 @@ def sparsegpt_prune(
     max_retries: int = 4,
 ) -> SparseGPTResult:
     """Prune one ``[out, in]`` weight given the Hessian of its inputs; returns the reconstructed weight."""
+    factor = factor_hessian(hessian, damp, max_retries)
+    return sparsegpt_prune_factored(weight, factor, sparsity, pattern, blocksize)
+
+
+def sparsegpt_prune_factored(
+    weight: torch.Tensor, factor: HessianFactor, sparsity: float, pattern: Pattern, blocksize: int = 128
+) -> SparseGPTResult:
+    """SparseGPT's column loop (Algorithm 1) given the factored inverse Hessian."""
     w = weight.detach().float().clone()
     if sparsity == 0 and not pattern.is_nm:
-        return SparseGPTResult(w, torch.zeros_like(w, dtype=torch.bool), damp)
-    h = hessian.detach().float().clone()
+        return SparseGPTResult(w, torch.zeros_like(w, dtype=torch.bool), factor.damp)
+    upper, dead = factor.upper, factor.dead
     cols = w.shape[1]
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    upper, damp_used = inverse_hessian_cholesky(h, damp, max_retries)
     diag = upper.diagonal()
 
     # Work on Wᵀ so that a weight column is a contiguous row; the loop below runs once per input column.
@@ -102,4 +128,4 @@ def sparsegpt_prune(
             block[i:].addr_(u_block[i, i:], errors[i], alpha=-1.0)
         block.masked_fill_(block_mask, 0.0)
         wt[i2:].addmm_(upper[i1:i2, i2:].t(), errors, alpha=-1.0)
-    return SparseGPTResult(wt.t().contiguous(), mask_t.t().contiguous() | dead.unsqueeze(0), damp_used)
+    return SparseGPTResult(wt.t().contiguous(), mask_t.t().contiguous() | dead.unsqueeze(0), factor.damp)

@@ -10,6 +10,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,6 +84,8 @@ def check_model_name(name: str) -> None:
         raise UsageError(f"model path not found: {name}")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"{name} is not a Hugging Face checkpoint directory (no config.json)")
+    if path.is_file() and not name.endswith(".gguf"):
+        raise UsageError(f"model {name} is a file: pass a checkpoint directory, a .gguf file or a hub id")
 
 
 def resolve_checkpoint(name: str) -> str:
@@ -109,9 +114,47 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub answers (one request, no retries); False in offline mode."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def hub_access() -> Iterator[None]:
+    """Online as usual when the Hub answers; otherwise cache-only (offline mode), so a download that
+    cannot happen fails at once instead of after a minute of retries and warnings."""
+    if hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    datasets_config = sys.modules.get("datasets.config")
+    saved = constants.HF_HUB_OFFLINE, getattr(datasets_config, "HF_HUB_OFFLINE", None)
+    constants.HF_HUB_OFFLINE = True
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if datasets_config is not None:
+            datasets_config.HF_HUB_OFFLINE = saved[1]
+
+
 def _from_hub(loader, checkpoint: str, **kwargs):
     try:
-        return loader.from_pretrained(checkpoint, **kwargs)
+        if Path(checkpoint).is_dir():
+            return loader.from_pretrained(checkpoint, **kwargs)
+        with hub_access():
+            return loader.from_pretrained(checkpoint, **kwargs)
     except OSError as exc:
         raise DataUnavailableError(
             f"cannot load {checkpoint!r}: {str(exc).splitlines()[0]} (offline? download it first)"
@@ -121,6 +164,15 @@ def _from_hub(loader, checkpoint: str, **kwargs):
 def load_tokenizer(name: str = EMBEDDED_ALIAS):
     """The tokenizer of a model (same sources as ``load_model``)."""
     return _from_hub(AutoTokenizer, resolve_checkpoint(name))
+
+
+def load_skeleton(name: str = EMBEDDED_ALIAS):
+    """The model's modules on the meta device: every shape, no weights read or allocated."""
+    from transformers import AutoConfig
+
+    config = _from_hub(AutoConfig, resolve_checkpoint(name))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto"):

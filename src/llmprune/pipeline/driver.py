@@ -160,7 +160,8 @@ class _StatisticsHooks:
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    # A sum is NaN/Inf if any element is; only then (or on overflow) look element by element.
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
@@ -168,7 +169,10 @@ def prune_target(target: Target, method: Method, stats: InputStatistics) -> Line
     """Prune one linear layer in place from its input statistics; report sparsity and error."""
     dense = read_weight(target.module).to(torch.float32, copy=True)
     _check_finite(dense, f"weights of {target.name}")
-    outcome = method.run(dense, stats.statistic(), target.task)
+    key = (method.name, target.task.damp)  # damping is the only task field a preparation depends on
+    if key not in stats.prepared:
+        stats.prepared[key] = method.prepare(stats.statistic(), target.task)
+    outcome = method.prune(dense, stats.prepared[key], target.task)
     write_weight(target.module, outcome.weight)
     stored = read_weight(target.module)
     damp = outcome.damp

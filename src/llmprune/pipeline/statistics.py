@@ -20,11 +20,13 @@ class InputStatistics:
         self.sq_norms = torch.zeros(width, device=device) if statistic == "input_norms" else None
         self.gram = torch.zeros(width, width, device=device) if statistic == "hessian" else None
         self._samples: list[torch.Tensor] = []
+        self.prepared: dict = {}
+        """Methods' preparations of the statistic (e.g. SparseGPT's factored Hessian), shared by readers."""
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         if self.sq_norms is not None:
-            self.sq_norms += torch.linalg.vector_norm(x, dim=0).square()
+            self.sq_norms += x.square().sum(dim=0)  # several times faster than vector_norm(dim=0)
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
         first = (-self.tokens) % self.stride

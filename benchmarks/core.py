@@ -49,7 +49,7 @@ def _peak_rss() -> int:
 
 @torch.no_grad()
 def floor() -> dict:
-    """Two passes of every decoder layer over the calibration tokens at batch 1 (no statistics, no pruning)."""
+    """Two passes of each decoder layer over the calibration tokens at batch 1: no statistics, no pruning."""
     model, calibration, _ = _data()
     _, layers = decoder_layers(model)
     captured = capture_layer_inputs(model, layers, calibration_batches(calibration, 1))
@@ -67,7 +67,9 @@ def cell(method: str, pattern: str, true_sequential: bool) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer = NSAMPLES * SEQLEN * model.config.hidden_size * 4
     before = _peak_rss()
-    report = llmprune.prune(model, calibration, method=method, pattern=pattern, true_sequential=true_sequential)
+    report = llmprune.prune(
+        model, calibration, method=method, pattern=pattern, true_sequential=true_sequential
+    )
     return {
         "method": method,
         "pattern": pattern,

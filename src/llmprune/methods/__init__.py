@@ -45,16 +45,19 @@ class PruneOutcome:
 
 @dataclass(frozen=True)
 class Method:
-    """A method: which statistic it needs, how to prepare it (once per distinct input), how to prune."""
+    """A method: which statistic it needs, how to prepare it (once per distinct input), how to prune.
+
+    ``prune`` takes every weight that reads the same input at once, so a method may solve them jointly.
+    """
 
     name: str
     statistic: Statistic
     prepare: Callable[[torch.Tensor | None, LayerTask], Any]
-    prune: Callable[[torch.Tensor, Any, LayerTask], PruneOutcome]
+    prune: Callable[[list[torch.Tensor], Any, list[LayerTask]], list[PruneOutcome]]
 
     def run(self, weight: torch.Tensor, statistic: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
         """Prune one ``[out, in]`` weight from its raw input statistic."""
-        return self.prune(weight, self.prepare(statistic, task), task)
+        return self.prune([weight], self.prepare(statistic, task), [task])[0]
 
 
 def _as_is(statistic: torch.Tensor | None, _task: LayerTask) -> torch.Tensor | None:
@@ -65,21 +68,36 @@ def _apply(weight: torch.Tensor, mask: torch.Tensor) -> PruneOutcome:
     return PruneOutcome(weight.float().masked_fill(mask, 0.0), mask)
 
 
-def _magnitude(weight: torch.Tensor, _stat: None, task: LayerTask) -> PruneOutcome:
-    return _apply(weight, magnitude_mask(weight, task.sparsity, task.pattern, task.magnitude_scope))
+def _magnitude(weights: list[torch.Tensor], _stat: None, tasks: list[LayerTask]) -> list[PruneOutcome]:
+    return [
+        _apply(w, magnitude_mask(w, t.sparsity, t.pattern, t.magnitude_scope))
+        for w, t in zip(weights, tasks, strict=True)
+    ]
 
 
-def _wanda(weight: torch.Tensor, sq_norms: torch.Tensor, task: LayerTask) -> PruneOutcome:
-    return _apply(weight, wanda_mask(weight, sq_norms, task.sparsity, task.pattern))
+def _wanda(weights: list[torch.Tensor], sq_norms: torch.Tensor, tasks: list[LayerTask]) -> list[PruneOutcome]:
+    return [
+        _apply(w, wanda_mask(w, sq_norms, t.sparsity, t.pattern)) for w, t in zip(weights, tasks, strict=True)
+    ]
 
 
 def _factor(hessian: torch.Tensor | None, task: LayerTask) -> HessianFactor:
     return factor_hessian(hessian, task.damp)
 
 
-def _sparsegpt(weight: torch.Tensor, factor: HessianFactor, task: LayerTask) -> PruneOutcome:
-    result = sparsegpt_prune_factored(weight, factor, task.sparsity, task.pattern, task.blocksize)
-    return PruneOutcome(result.weight, result.mask, result.damp)
+def _sparsegpt(
+    weights: list[torch.Tensor], factor: HessianFactor, tasks: list[LayerTask]
+) -> list[PruneOutcome]:
+    if len({(t.pattern, t.blocksize) for t in tasks}) > 1:  # solve jointly only what shares the settings
+        return [_sparsegpt([w], factor, [t])[0] for w, t in zip(weights, tasks, strict=True)]
+    rows = [w.shape[0] for w in weights]
+    result = sparsegpt_prune_factored(
+        torch.cat(weights), factor, [t.sparsity for t in tasks], tasks[0].pattern, tasks[0].blocksize, rows
+    )
+    return [
+        PruneOutcome(w, m, result.damp)
+        for w, m in zip(result.weight.split(rows), result.mask.split(rows), strict=True)
+    ]
 
 
 METHODS: dict[str, Method] = {

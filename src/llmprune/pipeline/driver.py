@@ -9,6 +9,7 @@ pruned sublayers before it, so one forward pass per layer does both jobs.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 import resource
@@ -108,6 +109,10 @@ def calibration_batches(
     return batches
 
 
+class StopLayer(Exception):
+    """Raised by a statistics hook once a dense pass has fed every statistic: the rest is not needed."""
+
+
 class _StatisticsHooks:
     """Pre-forward hooks that feed each target's input into statistics shared by identity of the input.
 
@@ -126,6 +131,11 @@ class _StatisticsHooks:
         self.stats: dict[str, InputStatistics] = {}
         self._leaders: set[str] = set()
         self._seen: dict[int, tuple[torch.Tensor, InputStatistics]] = {}
+        # Calls seen in the first batch; afterwards a dense pass can stop at the last one (it has what it
+        # needs: nothing after the last linear layer feeds a statistic).
+        self._calls: list[str] = []
+        self._stop_after: tuple[str, int] | None = None
+        self._count: dict[str, int] = {}
         self._handles = [t.module.register_forward_pre_hook(self._hook(t)) for t in targets]
 
     def _hook(self, target: Target):
@@ -147,11 +157,21 @@ class _StatisticsHooks:
                 self.stats[target.name].update(inputs)
             if self.on_ready is not None:
                 self.on_ready(target, self.stats[target.name])
+            elif self._stop_after is None:
+                self._calls.append(target.name)
+            else:
+                self._count[target.name] = self._count.get(target.name, 0) + 1
+                if (target.name, self._count[target.name]) == self._stop_after:
+                    raise StopLayer
 
         return pre_forward
 
     def next_batch(self) -> None:
         self._seen.clear()
+        self._count.clear()
+        if self._stop_after is None and self._calls:
+            last = self._calls[-1]
+            self._stop_after = (last, self._calls.count(last))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -165,27 +185,33 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
-def prune_target(target: Target, method: Method, stats: InputStatistics) -> LinearReport:
-    """Prune one linear layer in place from its input statistics; report sparsity and error."""
-    dense = read_weight(target.module).to(torch.float32, copy=True)
-    _check_finite(dense, f"weights of {target.name}")
-    key = (method.name, target.task.damp)  # damping is the only task field a preparation depends on
+def prune_targets(targets: list[Target], method: Method, stats: InputStatistics) -> list[LinearReport]:
+    """Prune linear layers that read the same input, in place; report sparsity and error of each."""
+    dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
+    for target, weight in zip(targets, dense, strict=True):
+        _check_finite(weight, f"weights of {target.name}")
+    key = (method.name, targets[0].task.damp)  # damping is the only task field a preparation reads
     if key not in stats.prepared:
-        stats.prepared[key] = method.prepare(stats.statistic(), target.task)
-    outcome = method.prune(dense, stats.prepared[key], target.task)
-    write_weight(target.module, outcome.weight)
-    stored = read_weight(target.module)
-    damp = outcome.damp
-    return LinearReport(
-        name=target.name,
-        block=target.block,
-        shape=tuple(dense.shape),
-        target_sparsity=target.task.sparsity,
-        achieved_sparsity=float((stored == 0).float().mean()),
-        relative_error=relative_error(dense, stored.float(), stats.samples()),
-        damp=damp,
-        damp_raised=damp is not None and damp > target.task.damp * (1 + 1e-9),
-    )
+        stats.prepared[key] = method.prepare(stats.statistic(), targets[0].task)
+    outcomes = method.prune(dense, stats.prepared[key], [t.task for t in targets])
+    samples = stats.samples()
+    reports = []
+    for target, weight, outcome in zip(targets, dense, outcomes, strict=True):
+        write_weight(target.module, outcome.weight)
+        stored = read_weight(target.module)
+        reports.append(
+            LinearReport(
+                name=target.name,
+                block=target.block,
+                shape=tuple(weight.shape),
+                target_sparsity=target.task.sparsity,
+                achieved_sparsity=float((stored == 0).float().mean()),
+                relative_error=relative_error(weight, stored.float(), samples),
+                damp=outcome.damp,
+                damp_raised=outcome.damp is not None and outcome.damp > target.task.damp * (1 + 1e-9),
+            )
+        )
+    return reports
 
 
 def _prune_from_dense_pass(
@@ -201,14 +227,25 @@ def _prune_from_dense_pass(
     hooks = _StatisticsHooks(targets, method, stride)
     try:
         for h, c in zip(hidden, calls, strict=True):
-            run_layer(layer, h, c)
+            with contextlib.suppress(StopLayer):
+                run_layer(layer, h, c)
             hooks.next_batch()
     finally:
         hooks.remove()
+    missing = [t.name for t in targets if t.name not in hooks.stats]
+    if missing:
+        raise UsageError(f"never called during the forward pass: {', '.join(missing)}")
+    # Layers reading the same input with the same settings are pruned in one call (SparseGPT: one solve).
+    groups: dict[tuple, list[Target]] = {}
     for target in targets:
-        if target.name not in hooks.stats:
-            raise UsageError(f"{target.name} is never called during the forward pass")
-        report.layers.append(prune_target(target, method, hooks.stats[target.name]))
+        task = target.task
+        key = (id(hooks.stats[target.name]), task.damp, task.blocksize, task.pattern)
+        groups.setdefault(key, []).append(target)
+    results = {}
+    for group in groups.values():
+        for row in prune_targets(group, method, hooks.stats[group[0].name]):
+            results[row.name] = row
+    report.layers.extend(results[t.name] for t in targets)
 
 
 def _prune_in_one_pass(
@@ -226,7 +263,7 @@ def _prune_in_one_pass(
     def prune_now(target: Target, stats: InputStatistics) -> None:
         if target.name not in done:
             done.add(target.name)
-            report.layers.append(prune_target(target, method, stats))
+            report.layers.extend(prune_targets([target], method, stats))
 
     hooks = _StatisticsHooks(targets, method, stride, on_ready=prune_now)
     try:

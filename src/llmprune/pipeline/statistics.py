@@ -28,7 +28,7 @@ class InputStatistics:
         if self.sq_norms is not None:
             self.sq_norms += x.square().sum(dim=0)  # several times faster than vector_norm(dim=0)
         if self.gram is not None:
-            self.gram.addmm_(x.t(), x)
+            _add_upper_gram(self.gram, x)
         first = (-self.tokens) % self.stride
         self._samples.append(x[first :: self.stride].clone())
         self.tokens += x.shape[0]
@@ -38,12 +38,21 @@ class InputStatistics:
         if self.sq_norms is not None:
             return self.sq_norms
         if self.gram is not None:
-            return self.gram * (2.0 / max(self.tokens, 1))
+            upper = self.gram.triu()
+            return (upper + upper.triu(1).t()) * (2.0 / max(self.tokens, 1))
         return None
 
     def samples(self) -> torch.Tensor:
         """The kept calibration tokens, ``[k, width]``."""
         return torch.cat(self._samples)
+
+
+def _add_upper_gram(gram: torch.Tensor, x: torch.Tensor, block: int = 256) -> None:
+    """gram += xᵀx on and above the diagonal only, in row blocks: about 60 % of the full product's work
+    for wide inputs (the lower triangle is restored from the upper one when the Hessian is read)."""
+    width = x.shape[1]
+    for start in range(0, width, block):
+        gram[start : start + block, start:].addmm_(x[:, start : start + block].t(), x[:, start:])
 
 
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, samples: torch.Tensor) -> float:

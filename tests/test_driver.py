@@ -76,7 +76,7 @@ def record_layer_inputs(model: nn.Module) -> tuple[list[list[torch.Tensor]], lis
     [
         ("wanda", {"batch_size": 3}, [3, 3, 2]),
         ("sparsegpt", {"batch_size": 8}, [8]),
-        ("sparsegpt", {"true_sequential": True, "batch_size": 3}, [8]),  # true_sequential: one batch
+        ("sparsegpt", {"true_sequential": True, "batch_size": 3}, [3, 3, 2]),
     ],
 )
 def test_each_layer_is_fed_the_outputs_of_the_pruned_layers_before_it(method, options, batch_sizes):
@@ -252,10 +252,29 @@ def test_bad_calibration_is_a_usage_error(calibration):
     assert_unchanged(model, dense)
 
 
-def test_true_sequential_needs_one_length():
-    rows = [torch.arange(16), torch.arange(8)]
-    with pytest.raises(UsageError, match="one length"):
-        llmprune.prune(tiny_model("llama"), rows, true_sequential=True)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_true_sequential_runs_every_batch_through_already_pruned_weights(method):
+    """Batches run in lockstep: a linear layer is pruned once, from all batches, before any batch runs it."""
+    model = tiny_model("llama")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    zeros_seen: dict[str, list[float]] = {name: [] for name in linears}
+    handles = [
+        module.register_forward_hook(
+            lambda mod, _args, _out, name=name: zeros_seen[name].append(
+                float((mod.weight == 0).float().mean())
+            )
+        )
+        for name, module in linears.items()
+    ]
+    rows = [torch.randint(0, 128, (16,)) for _ in range(5)] + [torch.randint(0, 128, (8,)) for _ in range(3)]
+    report = llmprune.prune(model, rows, method=method, true_sequential=True, batch_size=2)
+    for handle in handles:
+        handle.remove()
+    assert len(report.layers) == len(linears)
+    for name, seen in zeros_seen.items():
+        # 5 batches (2+2+1 rows of length 16, 2+1 of length 8): every call saw the pruned weight.
+        assert len(seen) == 5, name
+        assert all(abs(fraction - 0.5) < 1e-6 for fraction in seen), (name, seen)
 
 
 # --- non-finite values -----------------------------------------------------------------------------------

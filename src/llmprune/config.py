@@ -64,7 +64,7 @@ class PruneOptions(StrictModel):
     )
     batch_size: int = Field(4, ge=1, description="calibration samples per forward pass")
     error_tokens: int = Field(
-        512, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
+        256, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
     )
 
     @field_validator("pattern", mode="before")

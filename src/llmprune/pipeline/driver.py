@@ -31,6 +31,7 @@ from llmprune.models.architecture import (
     write_weight,
 )
 from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, run_layer
+from llmprune.pipeline.lockstep import Lockstep
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.pipeline.statistics import InputStatistics, relative_error
 
@@ -257,17 +258,27 @@ def _prune_in_one_pass(
     stride: int,
     report: PruneReport,
 ) -> list[torch.Tensor]:
-    """True-sequential: prune each target just before it runs, from the inputs it receives; return outputs."""
+    """True-sequential: prune each target just before it runs, from the inputs it receives; return outputs.
+
+    Batches run in lockstep: each stops at a target's pre-hook until all batches have fed its statistics,
+    then the target is pruned once and every batch runs it with the pruned weights.
+    """
     done: set[str] = set()
+    lockstep = Lockstep()
 
     def prune_now(target: Target, stats: InputStatistics) -> None:
         if target.name not in done:
             done.add(target.name)
             report.layers.extend(prune_targets([target], method, stats))
 
-    hooks = _StatisticsHooks(targets, method, stride, on_ready=prune_now)
+    def ready(target: Target, stats: InputStatistics) -> None:
+        lockstep.meet(target.name, lambda: prune_now(target, stats))
+
+    hooks = _StatisticsHooks(targets, method, stride, on_ready=ready)
     try:
-        outputs = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+        outputs = lockstep.run(
+            [lambda h=h, c=c: run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+        )
     finally:
         hooks.remove()
     missing = [t.name for t in targets if t.name not in done]
@@ -288,10 +299,7 @@ def prune_model(
     method = METHODS[options.method]
     plan = plan_targets(model, options)
     _, layers = decoder_layers(model)
-    batch_size = 1 << 30 if options.true_sequential else options.batch_size
-    batches = calibration_batches(calibration, batch_size)
-    if options.true_sequential and len(batches) > 1:
-        raise UsageError("true_sequential needs calibration sequences of one length (they run as one batch)")
+    batches = calibration_batches(calibration, options.batch_size)
     total_tokens = sum(b.numel() for b in batches)
     stride = max(1, total_tokens // options.error_tokens)
     was_training = model.training

@@ -1,0 +1,63 @@
+"""How much do single figures move with the calibration draw and with tie-breaking? (Run by hand.)
+
+Wanda 2:4 perplexity for calibration seeds 0-3, and magnitude 2:4 under three tie-breaking rules: the
+embedded model is dequantized from Q4_1 (16 levels per block of 32 weights), so |W| has many exact ties
+and N:M magnitude pruning must break them somehow.
+
+    python benchmarks/sensitivity.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+import llmprune
+import llmprune.methods.magnitude as magnitude
+from llmprune.methods.patterns import n_m_mask
+
+
+def main() -> None:
+    model, tokenizer = llmprune.load_embedded_model()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
+
+    def perplexity_after(method: str, seed: int = 0, **options) -> float:
+        model.load_state_dict(dense)
+        calibration = llmprune.calibration_data(tokenizer, "embedded", 32, 256, seed)
+        llmprune.prune(model, calibration, method=method, pattern="2:4", **options)
+        return llmprune.perplexity(model, evaluation)
+
+    for seed in range(4):
+        print(f"wanda 2:4, calibration seed {seed}: {perplexity_after('wanda', seed):.2f}", flush=True)
+
+    groups_with_ties = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "layers" in name:
+            w = dense[f"{name}.weight"].abs().reshape(-1, 4)
+            ordered = w.sort(dim=1).values
+            groups_with_ties += int((ordered[:, 1] == ordered[:, 2]).sum())
+    print(f"groups of 4 whose 2nd and 3rd smallest |W| tie (the 2:4 cut is ambiguous): {groups_with_ties}")
+
+    def earliest(scores, _sparsity, pattern, per_row=True):
+        return n_m_mask(scores, pattern.n, pattern.m)
+
+    def latest(scores, _sparsity, pattern, per_row=True):
+        return n_m_mask(scores.flip(1), pattern.n, pattern.m).flip(1)
+
+    def torch_topk(scores, _sparsity, pattern, per_row=True):
+        rows, cols = scores.shape
+        groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+        index = torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, index, True).reshape(rows, cols)
+
+    for label, rule in [
+        ("earliest pruned (llmprune)", earliest),
+        ("torch.topk order", torch_topk),
+        ("latest pruned", latest),
+    ]:
+        magnitude.select_mask = rule
+        print(f"magnitude 2:4, ties: {label}: {perplexity_after('magnitude'):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

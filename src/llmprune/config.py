@@ -62,7 +62,9 @@ class PruneOptions(StrictModel):
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
     )
-    batch_size: int = Field(4, ge=1, description="calibration samples per forward pass")
+    batch_size: int = Field(
+        4, ge=1, description="calibration samples per forward pass (true-sequential: all of one length)"
+    )
     error_tokens: int = Field(
         256, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
     )

@@ -398,7 +398,8 @@ def test_ctrl_c_while_saving_leaves_no_partial_output(capsys, files, tmp_path, m
     monkeypatch.setattr("llmprune.export.save._fsync_tree", interrupt)  # after every file is written
     result = invoke(capsys, *prune_args(files, "--output", output, "--eval-nsamples", "0"))
     assert result.code == 130
-    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
+    # neither the output nor its staging directory: only the checkpoint that --resume would finish from
+    assert [p.name for p in tmp_path.iterdir()] == [".out.resume"]
 
 
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

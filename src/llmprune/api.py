@@ -13,11 +13,13 @@ from torch import nn
 
 from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
+from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import check_output, library_versions, save_pruned
 from llmprune.models.loading import check_model_name, load_model, load_tokenizer
 from llmprune.pipeline.driver import ProgressCallback, prune_model
 from llmprune.pipeline.report import PruneReport
+from llmprune.pipeline.resume import LayerCheckpoint
 
 
 def prune(
@@ -53,11 +55,26 @@ class RunResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | None = None) -> RunResult:
-    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first."""
+def resume_checkpoint(config: RunConfig) -> LayerCheckpoint:
+    """Where a run's progress is kept: a hidden sibling of its output, ``.NAME.resume``."""
     output = config.output_path()
+    return LayerCheckpoint(output.with_name(f".{output.name}.resume"), config.pruning_recipe())
+
+
+def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | None = None) -> RunResult:
+    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first.
+
+    Progress is checkpointed after every decoder layer (when saving), so that a run killed midway can be
+    continued with ``resume``; the checkpoint is deleted once the output is saved.
+    """
+    output = config.output_path()
+    checkpoint = resume_checkpoint(config) if save else None
     if save:
         check_output(output, config.overwrite)
+    if config.resume:
+        if checkpoint is None:
+            raise UsageError("resume needs a run that saves its output")
+        checkpoint.check()
     check_model_name(config.model)
     check_source(config.calibration)
     if config.eval_nsamples:
@@ -75,7 +92,14 @@ def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | No
     load_seconds = time.perf_counter() - started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
-    report = prune_model(model, calibration, config.prune_options(), progress)
+    if checkpoint is not None and not config.resume:
+        checkpoint.clear()  # progress of an earlier run is not ours to continue
+    try:
+        report = prune_model(model, calibration, config.prune_options(), progress, checkpoint)
+    except LlmpruneError:
+        if checkpoint is not None:
+            checkpoint.clear()  # bad input or NaN: resuming would only fail again
+        raise
     pruned = perplexity(model, evaluation) if evaluation is not None else None
 
     metadata = {
@@ -97,4 +121,6 @@ def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | No
         "versions": library_versions(),
     }
     saved = save_pruned(model, tokenizer, output, metadata, config.overwrite) if save else None
+    if checkpoint is not None:
+        checkpoint.clear()
     return RunResult(config, report, dense, pruned, saved, load_seconds, metadata)

@@ -153,6 +153,7 @@ class RunConfig(PruneOptions):
         None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
     )
     overwrite: bool = Field(False, description="replace --output if it exists")
+    resume: bool = Field(False, description="continue an interrupted run from its last finished layer")
     eval_data: DataSource = "embedded"
     eval_nsamples: int = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
     eval_seqlen: EvalSeqlen = 512
@@ -166,6 +167,16 @@ class RunConfig(PruneOptions):
 
     def prune_options(self) -> PruneOptions:
         return PruneOptions(**{name: getattr(self, name) for name in PruneOptions.model_fields})
+
+    def pruning_recipe(self) -> dict[str, Any]:
+        """The options that shape the pruned weights: all but where they go and how they are evaluated."""
+        recipe = {
+            name: value
+            for name, value in self.model_dump(mode="json").items()
+            if name not in ("output", "overwrite", "resume") and not name.startswith("eval_")
+        }
+        recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe
+        return recipe
 
     def output_path(self) -> Path:
         if self.output:

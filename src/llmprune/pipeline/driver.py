@@ -33,6 +33,7 @@ from llmprune.models.architecture import (
 from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, run_layer
 from llmprune.pipeline.lockstep import Lockstep
 from llmprune.pipeline.report import LinearReport, PruneReport
+from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.statistics import InputStatistics, relative_error
 
 ProgressCallback = Callable[[int, int], None]
@@ -293,8 +294,13 @@ def prune_model(
     calibration: torch.Tensor | Iterable[torch.Tensor],
     options: PruneOptions,
     progress: ProgressCallback | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> PruneReport:
-    """Prune ``model`` in place, layer by layer, from calibration token ids."""
+    """Prune ``model`` in place, layer by layer, from calibration token ids.
+
+    With a ``checkpoint``, progress is saved after every layer, and a run finding progress saved there
+    restores the finished layers and goes on from the next one.
+    """
     start = time.perf_counter()
     method = METHODS[options.method]
     plan = plan_targets(model, options)
@@ -311,15 +317,20 @@ def prune_model(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    captured = capture_layer_inputs(model, layers, batches)
+    captured = capture_layer_inputs(model, layers, batches)  # every layer's call arguments, even if resuming
     hidden = captured.hidden
     for batch in hidden:
         _check_finite(batch, "the embeddings' output")
     report = PruneReport(options.method, options.pattern, options.target_sparsity)
+    first = 0
+    restored = checkpoint.restore(layers, device) if checkpoint is not None else None
+    if restored is not None:
+        first, hidden, rows = restored
+        report.layers.extend(rows)
     if progress is not None:
-        progress(0, len(layers))
-    for index, layer in enumerate(layers):
-        targets, calls = plan[index], captured.calls[index]
+        progress(first, len(layers))
+    for index in range(first, len(layers)):
+        layer, targets, calls = layers[index], plan[index], captured.calls[index]
         if targets and options.true_sequential:
             hidden = _prune_in_one_pass(layer, hidden, calls, targets, method, stride, report)
         else:
@@ -328,6 +339,8 @@ def prune_model(
             hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
         for batch in hidden:
             _check_finite(batch, f"the outputs of decoder layer {index}")
+        if checkpoint is not None:
+            checkpoint.save(index, layer, hidden, report.layers)
         if progress is not None:
             progress(index + 1, len(layers))
 

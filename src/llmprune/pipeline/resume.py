@@ -1,0 +1,150 @@
+"""Resuming an interrupted run: a checkpoint after every finished decoder layer.
+
+After layer i is pruned the checkpoint holds, in its own directory: ``layer-0000i.safetensors`` (that
+layer's pruned weights, one file per finished layer), ``hidden-0000i.safetensors`` (the hidden states
+leaving it, one tensor per calibration batch) and, written last, ``state.json`` (which run this is, the next
+layer to prune and the report rows so far). Each file goes to a temporary name, is fsynced and renamed into
+place, so a crash at any moment leaves ``state.json`` pointing at complete files. Only safetensors and JSON
+are read back (never pickle).
+
+Rerunning layer i+1.. from these is bit-identical to a run that never stopped: the layers before are the
+very weights it produced, the inputs are the very tensors it would have fed on, and the rest is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmprune.errors import UsageError
+from llmprune.pipeline.report import LinearReport
+
+STATE_FILE = "state.json"
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)``, fsync it, rename it to ``path`` and fsync the directory."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # On the CPU and contiguous; safetensors refuses tensors sharing storage, so those are copied (the rest
+    # are not: the hidden states may be as large as the model).
+    cpu: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        cpu[name] = tensor
+    _write_atomically(path, lambda temporary: save_file(cpu, str(temporary)))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "default"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class LayerCheckpoint:
+    """Progress of one run, kept in ``directory``; ``recipe`` is every option that shapes the result."""
+
+    def __init__(self, directory: str | Path, recipe: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.recipe = recipe
+        self.fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def _state(self) -> dict[str, Any] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            return json.loads(self.state_path.read_text())
+        except ValueError:
+            raise UsageError(f"{self.state_path} is not valid JSON; drop --resume to start over") from None
+
+    def check(self) -> None:
+        """Refuse to resume without a checkpoint, or from one written with other options."""
+        state = self._state()
+        if state is None:
+            raise UsageError(f"--resume: no checkpoint to resume from in {self.directory}")
+        if state.get("fingerprint") != self.fingerprint:
+            saved = state.get("recipe", {})
+            changed = [
+                f"{name}: {_describe(saved.get(name))} → {_describe(self.recipe.get(name))}"
+                for name in sorted(saved.keys() | self.recipe.keys())
+                if saved.get(name) != self.recipe.get(name)
+            ]
+            raise UsageError(
+                f"--resume: the checkpoint in {self.directory} was written with other options "
+                f"({'; '.join(changed) or 'another version'}); run the same command, or drop --resume "
+                "to start over"
+            )
+
+    def clear(self) -> None:
+        """Forget any earlier progress (state first, so a crash midway leaves nothing to resume from)."""
+        self.state_path.unlink(missing_ok=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def save(
+        self, index: int, layer: nn.Module, hidden: list[torch.Tensor], rows: list[LinearReport]
+    ) -> None:
+        """Record that decoder layer ``index`` is done: its weights, its outputs, the report so far."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _save_tensors(self.directory / f"layer-{index:05d}.safetensors", layer.state_dict())
+        hidden_name = f"hidden-{index:05d}.safetensors"
+        _save_tensors(self.directory / hidden_name, {str(i): h for i, h in enumerate(hidden)})
+        state = {
+            "fingerprint": self.fingerprint,
+            "recipe": self.recipe,
+            "next_layer": index + 1,
+            "hidden": hidden_name,
+            "layers": [asdict(row) for row in rows],
+        }
+        _write_atomically(self.state_path, lambda temporary: temporary.write_text(json.dumps(state)))
+        for stale in self.directory.glob("hidden-*.safetensors"):  # only now that nothing points to them
+            if stale.name != hidden_name:
+                stale.unlink()
+
+    def restore(
+        self, layers: nn.ModuleList, device: torch.device
+    ) -> tuple[int, list[torch.Tensor], list[LinearReport]] | None:
+        """Load the finished layers' weights into ``layers``; return the next layer, its inputs, the rows."""
+        state = self._state()
+        if state is None:
+            return None
+        self.check()
+        next_layer = state["next_layer"]
+        if next_layer > len(layers):
+            raise UsageError(f"--resume: the checkpoint in {self.directory} has more layers than the model")
+        for index in range(next_layer):
+            path = self.directory / f"layer-{index:05d}.safetensors"
+            layers[index].load_state_dict(load_file(str(path)), strict=True)
+        saved = load_file(str(self.directory / state["hidden"]), device=str(device))
+        hidden = [saved[str(i)] for i in range(len(saved))]
+        rows = [LinearReport(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
+        return next_layer, hidden, rows

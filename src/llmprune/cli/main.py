@@ -115,7 +115,7 @@ def _error(message: str, code: int) -> None:
 
 
 def _interrupted() -> None:
-    console.print("llmprune: interrupted; nothing was written", soft_wrap=True)
+    console.print("llmprune: interrupted; no output was written (add --resume to continue)", soft_wrap=True)
     sys.exit(130)
 
 

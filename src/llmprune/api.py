@@ -15,7 +15,8 @@ from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import check_output, library_versions, save_pruned
-from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+from llmprune.models.loading import check_model_name, load_model, load_tokenizer, resolve_device
+from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.driver import ProgressCallback, prune_model
 from llmprune.pipeline.report import PruneReport
 
@@ -53,14 +54,33 @@ class RunResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | None = None) -> RunResult:
-    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first."""
+def run(
+    config: RunConfig,
+    *,
+    save: bool = True,
+    progress: ProgressCallback | None = None,
+    comm: Communicator | None = None,
+) -> RunResult:
+    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first.
+
+    Under ``torchrun`` (or with ``comm`` of several processes) every process prunes its share of the
+    calibration data; only rank 0 measures perplexity and saves, the others return without either.
+    """
+    if comm is None:
+        comm = communicator_from_environment(resolve_device(config.device))
+        try:
+            return run(config, save=save, progress=progress, comm=comm)
+        finally:
+            comm.close()
+    main = comm.rank == 0
+    save = save and main
+    comm.rows(config.nsamples)  # enough samples for every process?
     output = config.output_path()
     if save:
         check_output(output, config.overwrite)
     check_model_name(config.model)
     check_source(config.calibration)
-    if config.eval_nsamples:
+    if config.eval_nsamples and main:
         check_source(config.eval_data)
 
     started = time.perf_counter()
@@ -68,14 +88,14 @@ def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | No
     calibration = calibration_data(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
     evaluation = (
         evaluation_data(tokenizer, config.eval_data, config.eval_seqlen, config.eval_nsamples)
-        if config.eval_nsamples
+        if config.eval_nsamples and main
         else None
     )
-    model = load_model(config.model, config.dtype, config.device)
+    model = load_model(config.model, config.dtype, str(comm.device))
     load_seconds = time.perf_counter() - started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
-    report = prune_model(model, calibration, config.prune_options(), progress)
+    report = prune_model(model, calibration, config.prune_options(), progress, comm)
     pruned = perplexity(model, evaluation) if evaluation is not None else None
 
     metadata = {

@@ -16,7 +16,8 @@ from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import check_output, library_versions, save_pruned
-from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+from llmprune.models.loading import check_model_name, load_model, load_tokenizer, resolve_device
+from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.driver import ProgressCallback, prune_model
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
@@ -61,14 +62,33 @@ def resume_checkpoint(config: RunConfig) -> LayerCheckpoint:
     return LayerCheckpoint(output.with_name(f".{output.name}.resume"), config.pruning_recipe())
 
 
-def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | None = None) -> RunResult:
+def run(
+    config: RunConfig,
+    *,
+    save: bool = True,
+    progress: ProgressCallback | None = None,
+    comm: Communicator | None = None,
+) -> RunResult:
     """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first.
 
     Progress is checkpointed after every decoder layer (when saving), so that a run killed midway can be
-    continued with ``resume``; the checkpoint is deleted once the output is saved.
+    continued with ``resume``; the checkpoint is deleted once the output is saved. Under ``torchrun`` (or
+    with ``comm`` of several processes) every process prunes its share of the calibration data; only rank 0
+    measures perplexity and saves, the others return without either.
     """
+    if comm is None:
+        comm = communicator_from_environment(resolve_device(config.device))
+        try:
+            return run(config, save=save, progress=progress, comm=comm)
+        finally:
+            comm.close()
+    main = comm.rank == 0
+    if config.resume and comm.world_size > 1:
+        raise UsageError("--resume is not supported with several processes yet; resume in one process")
+    save = save and main
+    comm.rows(config.nsamples)  # enough samples for every process?
     output = config.output_path()
-    checkpoint = resume_checkpoint(config) if save else None
+    checkpoint = resume_checkpoint(config) if save and comm.world_size == 1 else None
     if save:
         check_output(output, config.overwrite)
     if config.resume:
@@ -77,7 +97,7 @@ def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | No
         checkpoint.check()
     check_model_name(config.model)
     check_source(config.calibration)
-    if config.eval_nsamples:
+    if config.eval_nsamples and main:
         check_source(config.eval_data)
 
     started = time.perf_counter()
@@ -85,17 +105,17 @@ def run(config: RunConfig, *, save: bool = True, progress: ProgressCallback | No
     calibration = calibration_data(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
     evaluation = (
         evaluation_data(tokenizer, config.eval_data, config.eval_seqlen, config.eval_nsamples)
-        if config.eval_nsamples
+        if config.eval_nsamples and main
         else None
     )
-    model = load_model(config.model, config.dtype, config.device)
+    model = load_model(config.model, config.dtype, str(comm.device))
     load_seconds = time.perf_counter() - started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
     if checkpoint is not None and not config.resume:
         checkpoint.clear()  # progress of an earlier run is not ours to continue
     try:
-        report = prune_model(model, calibration, config.prune_options(), progress, checkpoint)
+        report = prune_model(model, calibration, config.prune_options(), progress, checkpoint, comm)
     except LlmpruneError:
         if checkpoint is not None:
             checkpoint.clear()  # bad input or NaN: resuming would only fail again

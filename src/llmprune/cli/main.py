@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any
@@ -46,9 +47,14 @@ def preflight(config: RunConfig) -> None:
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
 @config_options(RunConfig)
 def prune(recipe: str | None, **flags: Any) -> None:
-    """Prune a model (default: the embedded SmolLM2-135M-Instruct, Wanda 50 %) and save it."""
+    """Prune a model (default: the embedded SmolLM2-135M-Instruct, Wanda 50 %) and save it.
+
+    Under torchrun every process prunes with its share of the calibration samples; rank 0 reports and saves.
+    """
     from llmprune.api import run
     from llmprune.cli.render import gib, layer_progress, layer_table
+    from llmprune.models.loading import resolve_device
+    from llmprune.pipeline.distributed import communicator_from_environment
 
     values = read_recipe(recipe) if recipe else {}
     values.update(given(flags))
@@ -59,8 +65,14 @@ def prune(recipe: str | None, **flags: Any) -> None:
         f"[bold]llmprune[/] {config.method}, {pattern} on {config.model}; "
         f"calibration {config.calibration} {config.nsamples}×{config.seqlen}"
     )
-    with layer_progress(console, header) as advance:
-        result = run(config, progress=advance)
+    comm = communicator_from_environment(resolve_device(config.device))
+    try:
+        with layer_progress(console, header) if comm.rank == 0 else contextlib.nullcontext() as advance:
+            result = run(config, progress=advance, comm=comm)
+    finally:
+        comm.close()
+    if comm.rank != 0:
+        return
     report = result.report
     out.print(layer_table(report))
     if result.dense_perplexity is not None:

@@ -5,12 +5,17 @@ outputs of the already-pruned layers 0..i-1, prune them, then recompute the laye
 weights and hand those to layer i+1 (SparseGPT §3.5; Wanda §3). With ``true_sequential`` every linear layer
 is pruned in a pre-forward hook from the inputs it actually receives, which have already gone through the
 pruned sublayers before it, so one forward pass per layer does both jobs.
+
+Across processes (``torchrun``) each process runs its share of the calibration rows; statistics are summed
+over processes before a layer is pruned, and each group of linear layers is solved by one process, which
+broadcasts the result (see ``pipeline/distributed.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import re
 import resource
 import time
@@ -22,7 +27,7 @@ from torch import nn
 
 from llmprune.config import PruneOptions
 from llmprune.errors import NonFiniteError, UsageError
-from llmprune.methods import METHODS, LayerTask, Method
+from llmprune.methods import METHODS, LayerTask, Method, PruneOutcome
 from llmprune.models.architecture import (
     decoder_layers,
     input_width,
@@ -31,10 +36,11 @@ from llmprune.models.architecture import (
     write_weight,
 )
 from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, run_layer
+from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.lockstep import Lockstep
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
-from llmprune.pipeline.statistics import InputStatistics, relative_error
+from llmprune.pipeline.statistics import InputStatistics, error_from_terms, error_terms
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -86,10 +92,8 @@ def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
     return plan
 
 
-def calibration_batches(
-    calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int
-) -> list[torch.Tensor]:
-    """Group calibration sequences into batches of equal-length rows."""
+def calibration_rows(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The calibration sequences as a list of 1-D LongTensors, validated."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype != torch.long:
             raise UsageError("calibration must be a LongTensor [n, seqlen] or an iterable of 1-D LongTensors")
@@ -98,11 +102,19 @@ def calibration_batches(
         rows = [torch.as_tensor(row) for row in calibration]
     if not rows:
         raise UsageError("calibration data is empty")
-    batches: list[torch.Tensor] = []
-    run: list[torch.Tensor] = []
     for row in rows:
         if row.dim() != 1 or row.dtype != torch.long:
             raise UsageError("each calibration sequence must be a 1-D LongTensor of token ids")
+    return rows
+
+
+def calibration_batches(
+    calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int
+) -> list[torch.Tensor]:
+    """Group calibration sequences into batches of equal-length rows."""
+    batches: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    for row in calibration_rows(calibration):
         if run and (len(run) == batch_size or run[0].shape != row.shape):
             batches.append(torch.stack(run))
             run = []
@@ -127,9 +139,10 @@ class _StatisticsHooks:
         targets: list[Target],
         method: Method,
         stride: int,
+        offset: int = 0,
         on_ready: Callable[[Target, InputStatistics], None] | None = None,
     ) -> None:
-        self.method, self.stride, self.on_ready = method, stride, on_ready
+        self.method, self.stride, self.offset, self.on_ready = method, stride, offset, on_ready
         self.stats: dict[str, InputStatistics] = {}
         self._leaders: set[str] = set()
         self._seen: dict[int, tuple[torch.Tensor, InputStatistics]] = {}
@@ -149,7 +162,7 @@ class _StatisticsHooks:
                     self.stats[target.name] = seen[1]
                 else:
                     stats = InputStatistics(
-                        inputs.shape[-1], self.method.statistic, self.stride, inputs.device
+                        inputs.shape[-1], self.method.statistic, self.stride, inputs.device, self.offset
                     )
                     stats.update(inputs)
                     self.stats[target.name] = stats
@@ -187,32 +200,74 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
-def prune_targets(targets: list[Target], method: Method, stats: InputStatistics) -> list[LinearReport]:
-    """Prune linear layers that read the same input, in place; report sparsity and error of each."""
+def _solve(
+    targets: list[Target], method: Method, stats: InputStatistics
+) -> tuple[list[torch.Tensor], list[PruneOutcome]]:
+    """The dense fp32 weights of linear layers sharing one input, and the method's outcomes for them."""
     dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
     for target, weight in zip(targets, dense, strict=True):
         _check_finite(weight, f"weights of {target.name}")
     key = (method.name, targets[0].task.damp)  # damping is the only task field a preparation reads
     if key not in stats.prepared:
         stats.prepared[key] = method.prepare(stats.statistic(), targets[0].task)
-    outcomes = method.prune(dense, stats.prepared[key], [t.task for t in targets])
-    samples = stats.samples()
-    reports = []
-    for target, weight, outcome in zip(targets, dense, outcomes, strict=True):
-        write_weight(target.module, outcome.weight)
-        stored = read_weight(target.module)
-        reports.append(
-            LinearReport(
-                name=target.name,
-                block=target.block,
-                shape=tuple(weight.shape),
-                target_sparsity=target.task.sparsity,
-                achieved_sparsity=float((stored == 0).float().mean()),
-                relative_error=relative_error(weight, stored.float(), samples),
-                damp=outcome.damp,
-                damp_raised=outcome.damp is not None and outcome.damp > target.task.damp * (1 + 1e-9),
-            )
-        )
+    return dense, method.prune(dense, stats.prepared[key], [t.task for t in targets])
+
+
+def prune_groups(
+    groups: list[list[Target]],
+    method: Method,
+    stats: list[InputStatistics],
+    comm: Communicator,
+    first_owner: int = 0,
+) -> list[LinearReport]:
+    """Prune groups of linear layers in place (each group reads one input, ``stats[g]``); report each.
+
+    Group g is solved by process ``(first_owner + g) % world_size``, which broadcasts its pruned weights so
+    that every process holds the same. Groups go ``world_size`` at a time, one to each process at once. The
+    relative error sums every process's error terms (its own sample tokens) before the ratio.
+    """
+    reports: list[LinearReport] = []
+    terms: list[torch.Tensor] = []
+    for start in range(0, len(groups), comm.world_size):
+        turn = range(start, min(start + comm.world_size, len(groups)))
+        owners = {g: (first_owner + g) % comm.world_size for g in turn}
+        solved = {g: _solve(groups[g], method, stats[g]) for g in turn if owners[g] == comm.rank}
+        for g in turn:
+            targets, device = groups[g], stats[g].device
+            if g in solved:
+                dense, outcomes = solved.pop(g)
+                for target, outcome in zip(targets, outcomes, strict=True):
+                    write_weight(target.module, outcome.weight)
+                damps = [math.nan if o.damp is None else o.damp for o in outcomes]
+            else:
+                dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
+                damps = [math.nan] * len(targets)
+            if comm.world_size > 1:
+                for target in targets:
+                    comm.broadcast(target.module.weight.data, owners[g])
+                shared = torch.tensor(damps, dtype=torch.float64, device=device)
+                comm.broadcast(shared, owners[g])
+                damps = shared.tolist()
+            samples = stats[g].samples()
+            for target, weight, damp in zip(targets, dense, damps, strict=True):
+                stored = read_weight(target.module)
+                terms.append(error_terms(weight, stored.float(), samples))
+                reports.append(
+                    LinearReport(
+                        name=target.name,
+                        block=target.block,
+                        shape=tuple(weight.shape),
+                        target_sparsity=target.task.sparsity,
+                        achieved_sparsity=float((stored == 0).float().mean()),
+                        relative_error=0.0,  # below, once every process's terms are summed
+                        damp=None if math.isnan(damp) else damp,
+                        damp_raised=not math.isnan(damp) and damp > target.task.damp * (1 + 1e-9),
+                    )
+                )
+    totals = torch.stack(terms)
+    comm.all_reduce(totals)
+    for report, total in zip(reports, totals, strict=True):
+        report.relative_error = error_from_terms(total)
     return reports
 
 
@@ -223,10 +278,12 @@ def _prune_from_dense_pass(
     targets: list[Target],
     method: Method,
     stride: int,
+    offset: int,
     report: PruneReport,
+    comm: Communicator,
 ) -> None:
     """Collect statistics while the (still dense) layer runs on every batch, then prune its targets."""
-    hooks = _StatisticsHooks(targets, method, stride)
+    hooks = _StatisticsHooks(targets, method, stride, offset)
     try:
         for h, c in zip(hidden, calls, strict=True):
             with contextlib.suppress(StopLayer):
@@ -243,10 +300,11 @@ def _prune_from_dense_pass(
         task = target.task
         key = (id(hooks.stats[target.name]), task.damp, task.blocksize, task.pattern)
         groups.setdefault(key, []).append(target)
-    results = {}
-    for group in groups.values():
-        for row in prune_targets(group, method, hooks.stats[group[0].name]):
-            results[row.name] = row
+    group_list = list(groups.values())
+    group_stats = [hooks.stats[group[0].name] for group in group_list]
+    for stats in group_stats:  # in the same order on every process; shared statistics are summed once
+        stats.reduce(comm)
+    results = {row.name: row for row in prune_groups(group_list, method, group_stats, comm)}
     report.layers.extend(results[t.name] for t in targets)
 
 
@@ -257,7 +315,9 @@ def _prune_in_one_pass(
     targets: list[Target],
     method: Method,
     stride: int,
+    offset: int,
     report: PruneReport,
+    comm: Communicator,
 ) -> list[torch.Tensor]:
     """True-sequential: prune each target just before it runs, from the inputs it receives; return outputs.
 
@@ -268,14 +328,17 @@ def _prune_in_one_pass(
     lockstep = Lockstep()
 
     def prune_now(target: Target, stats: InputStatistics) -> None:
+        # Every process reaches the same targets in the same order, so the collectives match up.
         if target.name not in done:
+            owner = len(done)
             done.add(target.name)
-            report.layers.extend(prune_targets([target], method, stats))
+            stats.reduce(comm)
+            report.layers.extend(prune_groups([[target]], method, [stats], comm, first_owner=owner))
 
     def ready(target: Target, stats: InputStatistics) -> None:
         lockstep.meet(target.name, lambda: prune_now(target, stats))
 
-    hooks = _StatisticsHooks(targets, method, stride, on_ready=ready)
+    hooks = _StatisticsHooks(targets, method, stride, offset, on_ready=ready)
     try:
         outputs = lockstep.run(
             [lambda h=h, c=c: run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
@@ -295,21 +358,28 @@ def prune_model(
     options: PruneOptions,
     progress: ProgressCallback | None = None,
     checkpoint: LayerCheckpoint | None = None,
+    comm: Communicator | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, from calibration token ids.
 
     With a ``checkpoint``, progress is saved after every layer, and a run finding progress saved there
-    restores the finished layers and goes on from the next one.
+    restores the finished layers and goes on from the next one. With ``comm`` of several processes, each
+    runs its contiguous share of the calibration rows (every process passes all of them) and all end with
+    the same weights and report.
     """
     start = time.perf_counter()
+    comm = comm or Communicator()
     method = METHODS[options.method]
     plan = plan_targets(model, options)
     _, layers = decoder_layers(model)
+    rows = calibration_rows(calibration)
+    total_tokens = sum(row.numel() for row in rows)
+    share = comm.rows(len(rows))
+    offset = sum(row.numel() for row in rows[: share.start])  # index of this process's first token
     # True-sequential runs all sequences of one length as one batch: measured faster and leaner on CPU
     # than lockstepped small batches (threads), which it still uses when lengths differ.
     batch_size = 1 << 30 if options.true_sequential else options.batch_size
-    batches = calibration_batches(calibration, batch_size)
-    total_tokens = sum(b.numel() for b in batches)
+    batches = calibration_batches(rows[share], batch_size)
     stride = max(1, total_tokens // options.error_tokens)
     was_training = model.training
     model.eval()
@@ -325,17 +395,17 @@ def prune_model(
     first = 0
     restored = checkpoint.restore(layers, device) if checkpoint is not None else None
     if restored is not None:
-        first, hidden, rows = restored
-        report.layers.extend(rows)
+        first, hidden, finished = restored
+        report.layers.extend(finished)
     if progress is not None:
         progress(first, len(layers))
     for index in range(first, len(layers)):
         layer, targets, calls = layers[index], plan[index], captured.calls[index]
         if targets and options.true_sequential:
-            hidden = _prune_in_one_pass(layer, hidden, calls, targets, method, stride, report)
+            hidden = _prune_in_one_pass(layer, hidden, calls, targets, method, stride, offset, report, comm)
         else:
             if targets:
-                _prune_from_dense_pass(layer, hidden, calls, targets, method, stride, report)
+                _prune_from_dense_pass(layer, hidden, calls, targets, method, stride, offset, report, comm)
             hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
         for batch in hidden:
             _check_finite(batch, f"the outputs of decoder layer {index}")

@@ -271,19 +271,28 @@ def prune_groups(
     return reports
 
 
+@dataclass
+class _Run:
+    """What the pruning of every layer in one run shares."""
+
+    method: Method
+    stride: int
+    """Every ``stride``-th calibration token is kept to measure reconstruction error."""
+    offset: int
+    """Index of this process's first calibration token."""
+    report: PruneReport
+    comm: Communicator
+
+
 def _prune_from_dense_pass(
     layer: nn.Module,
     hidden: list[torch.Tensor],
     calls: list[LayerCall],
     targets: list[Target],
-    method: Method,
-    stride: int,
-    offset: int,
-    report: PruneReport,
-    comm: Communicator,
+    run: _Run,
 ) -> None:
     """Collect statistics while the (still dense) layer runs on every batch, then prune its targets."""
-    hooks = _StatisticsHooks(targets, method, stride, offset)
+    hooks = _StatisticsHooks(targets, run.method, run.stride, run.offset)
     try:
         for h, c in zip(hidden, calls, strict=True):
             with contextlib.suppress(StopLayer):
@@ -303,9 +312,9 @@ def _prune_from_dense_pass(
     group_list = list(groups.values())
     group_stats = [hooks.stats[group[0].name] for group in group_list]
     for stats in group_stats:  # in the same order on every process; shared statistics are summed once
-        stats.reduce(comm)
-    results = {row.name: row for row in prune_groups(group_list, method, group_stats, comm)}
-    report.layers.extend(results[t.name] for t in targets)
+        stats.reduce(run.comm)
+    results = {row.name: row for row in prune_groups(group_list, run.method, group_stats, run.comm)}
+    run.report.layers.extend(results[t.name] for t in targets)
 
 
 def _prune_in_one_pass(
@@ -313,11 +322,7 @@ def _prune_in_one_pass(
     hidden: list[torch.Tensor],
     calls: list[LayerCall],
     targets: list[Target],
-    method: Method,
-    stride: int,
-    offset: int,
-    report: PruneReport,
-    comm: Communicator,
+    run: _Run,
 ) -> list[torch.Tensor]:
     """True-sequential: prune each target just before it runs, from the inputs it receives; return outputs.
 
@@ -332,13 +337,15 @@ def _prune_in_one_pass(
         if target.name not in done:
             owner = len(done)
             done.add(target.name)
-            stats.reduce(comm)
-            report.layers.extend(prune_groups([[target]], method, [stats], comm, first_owner=owner))
+            stats.reduce(run.comm)
+            run.report.layers.extend(
+                prune_groups([[target]], run.method, [stats], run.comm, first_owner=owner)
+            )
 
     def ready(target: Target, stats: InputStatistics) -> None:
         lockstep.meet(target.name, lambda: prune_now(target, stats))
 
-    hooks = _StatisticsHooks(targets, method, stride, offset, on_ready=ready)
+    hooks = _StatisticsHooks(targets, run.method, run.stride, run.offset, on_ready=ready)
     try:
         outputs = lockstep.run(
             [lambda h=h, c=c: run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
@@ -399,13 +406,14 @@ def prune_model(
         report.layers.extend(finished)
     if progress is not None:
         progress(first, len(layers))
+    run = _Run(method, stride, offset, report, comm)
     for index in range(first, len(layers)):
         layer, targets, calls = layers[index], plan[index], captured.calls[index]
         if targets and options.true_sequential:
-            hidden = _prune_in_one_pass(layer, hidden, calls, targets, method, stride, offset, report, comm)
+            hidden = _prune_in_one_pass(layer, hidden, calls, targets, run)
         else:
             if targets:
-                _prune_from_dense_pass(layer, hidden, calls, targets, method, stride, offset, report, comm)
+                _prune_from_dense_pass(layer, hidden, calls, targets, run)
             hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
         for batch in hidden:
             _check_finite(batch, f"the outputs of decoder layer {index}")

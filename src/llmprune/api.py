@@ -16,9 +16,15 @@ from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import check_output, library_versions, save_pruned
-from llmprune.models.loading import check_model_name, load_model, load_tokenizer, resolve_device
+from llmprune.models.loading import (
+    check_model_name,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve_device,
+)
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
-from llmprune.pipeline.driver import ProgressCallback, prune_model
+from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 
@@ -99,6 +105,8 @@ def run(
     check_source(config.calibration)
     if config.eval_nsamples and main:
         check_source(config.eval_data)
+    # The layers to prune (N:M widths, --include/--exclude), checked on a weightless skeleton.
+    plan_targets(load_skeleton(config.model), config.prune_options())
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)

@@ -27,22 +27,6 @@ def cli() -> None:
     """Prune Hugging Face causal language models one-shot: magnitude, Wanda, SparseGPT."""
 
 
-def preflight(config: RunConfig) -> None:
-    """Every check that needs no weights, before anything is printed or loaded: output, model, data
-    sources, and the layers to prune (N:M divisibility, --include/--exclude) on a weightless skeleton."""
-    from llmprune.data.text import check_source
-    from llmprune.export.save import check_output
-    from llmprune.models.loading import check_model_name, load_skeleton
-    from llmprune.pipeline.driver import plan_targets
-
-    check_output(config.output_path(), config.overwrite)
-    check_model_name(config.model)
-    check_source(config.calibration)
-    if config.eval_nsamples:
-        check_source(config.eval_data)
-    plan_targets(load_skeleton(config.model), config.prune_options())
-
-
 @cli.command()
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
 @config_options(RunConfig)
@@ -59,7 +43,6 @@ def prune(recipe: str | None, **flags: Any) -> None:
     values = read_recipe(recipe) if recipe else {}
     values.update(given(flags))
     config = build(RunConfig, values)
-    preflight(config)
     pattern = config.pattern if config.pattern_spec.is_nm else f"unstructured {config.target_sparsity:.0%}"
     header = (
         f"[bold]llmprune[/] {config.method}, {pattern} on {config.model}; "

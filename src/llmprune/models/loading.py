@@ -6,6 +6,7 @@ in seconds and the result can be saved with ``save_pretrained``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -92,7 +93,8 @@ def resolve_checkpoint(name: str) -> str:
     """A directory or hub id that ``from_pretrained`` can read; GGUF sources are converted and cached."""
     check_model_name(name)
     if name != EMBEDDED_ALIAS and not name.endswith(".gguf"):
-        return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+        path = Path(name).expanduser()
+        return str(path) if path.exists() else name
     gguf = embedded_gguf_path() if name == EMBEDDED_ALIAS else Path(name).expanduser()
     cached = _gguf_cache_dir(gguf)
     if not (cached / "config.json").is_file():
@@ -114,14 +116,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face Hub answers (one request, no retries); False in offline mode."""
-    from huggingface_hub import constants, get_session
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers; False in offline mode."""
+    from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
+    return not constants.HF_HUB_OFFLINE and _hub_answers(constants.ENDPOINT)
+
+
+@functools.cache
+def _hub_answers(endpoint: str, timeout: float = 5.0) -> bool:
+    """One request, no retries, asked once per process (a run loads config, tokenizer and model)."""
+    from huggingface_hub import get_session
+
     try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
+        get_session().head(endpoint, timeout=timeout)
     except Exception:
         return False
     return True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,16 +18,29 @@ from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.export.save import check_output, library_versions, save_pruned
+from llmprune.export.save import (
+    check_output,
+    library_versions,
+    save_pruned,
+    staged_directory,
+    write_metadata,
+)
+from llmprune.export.sharded import ShardWriter
+from llmprune.models.architecture import decoder_layers
 from llmprune.models.loading import (
     check_model_name,
+    fits_in_memory,
     load_model,
     load_skeleton,
     load_tokenizer,
+    local_checkpoint,
     resolve_device,
+    resolve_dtype,
 )
+from llmprune.models.shards import CheckpointShards, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
+from llmprune.pipeline.offload import ActivationStore, StreamedLayers
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 
@@ -60,6 +76,11 @@ class RunResult:
     output: Path | None
     load_seconds: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    streamed: bool = False
+    """Whether decoder layers were streamed from disk (``offload``, or a model too large for memory)."""
+
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 def resume_checkpoint(config: RunConfig) -> LayerCheckpoint:
@@ -80,7 +101,9 @@ def run(
     Progress is checkpointed after every decoder layer (when saving), so that a run killed midway can be
     continued with ``resume``; the checkpoint is deleted once the output is saved. Under ``torchrun`` (or
     with ``comm`` of several processes) every process prunes its share of the calibration data; only rank 0
-    measures perplexity and saves, the others return without either.
+    measures perplexity and saves, the others return without either. With ``offload`` (or when the model
+    would not fit in memory) decoder layers are streamed from the checkpoint's shards one at a time and
+    each pruned layer is written to the output at once.
     """
     if comm is None:
         comm = communicator_from_environment(resolve_device(config.device))
@@ -91,22 +114,27 @@ def run(
     main = comm.rank == 0
     if config.resume and comm.world_size > 1:
         raise UsageError("--resume is not supported with several processes yet; resume in one process")
+    if config.resume and (config.offload or config.max_memory):
+        raise UsageError("--resume is not supported with --offload or --max-memory yet")
     save = save and main
     comm.rows(config.nsamples)  # enough samples for every process?
     output = config.output_path()
-    checkpoint = resume_checkpoint(config) if save and comm.world_size == 1 else None
     if save:
         check_output(output, config.overwrite)
     if config.resume:
-        if checkpoint is None:
+        if not save:
             raise UsageError("resume needs a run that saves its output")
-        checkpoint.check()
+        resume_checkpoint(config).check()
     check_model_name(config.model)
     check_source(config.calibration)
     if config.eval_nsamples and main:
         check_source(config.eval_data)
     # The layers to prune (N:M widths, --include/--exclude), checked on a weightless skeleton.
-    plan_targets(load_skeleton(config.model), config.prune_options())
+    skeleton = load_skeleton(config.model)
+    plan_targets(skeleton, config.prune_options())
+    dtype = resolve_dtype(config.dtype, comm.device)
+    model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
+    streamed = config.offload or not fits_in_memory(model_bytes, comm.device)
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)
@@ -116,39 +144,125 @@ def run(
         if config.eval_nsamples and main
         else None
     )
+    job = _Job(config, tokenizer, calibration, evaluation, comm, progress, save, started)
+    activations = ActivationStore(config.max_memory_bytes, output.parent if save else None)
+    try:
+        return _run_streamed(job, activations) if streamed else _run_in_memory(job, activations)
+    finally:
+        activations.close()
+
+
+@dataclass
+class _Job:
+    """What both ways of running (model in memory, layers streamed) are given."""
+
+    config: RunConfig
+    tokenizer: Any
+    calibration: torch.Tensor
+    evaluation: torch.Tensor | None
+    comm: Communicator
+    progress: ProgressCallback | None
+    save: bool
+    started: float
+
+    def metadata(self, report: PruneReport, dense: float | None, pruned: float | None) -> dict[str, Any]:
+        config = self.config
+        return {
+            "recipe": config.model_dump(),
+            "calibration": {
+                "source": config.calibration,
+                "nsamples": config.nsamples,
+                "seqlen": config.seqlen,
+                "seed": config.seed,
+            },
+            "perplexity": {
+                "data": config.eval_data,
+                "windows": 0 if self.evaluation is None else len(self.evaluation),
+                "seqlen": config.eval_seqlen,
+                "dense": dense,
+                "pruned": pruned,
+            },
+            "report": report.to_dict(),
+            "versions": library_versions(),
+        }
+
+
+def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
+    config, comm, evaluation = job.config, job.comm, job.evaluation
+    checkpoint = resume_checkpoint(config) if job.save and comm.world_size == 1 else None
     model = load_model(config.model, config.dtype, str(comm.device))
-    load_seconds = time.perf_counter() - started
+    load_seconds = time.perf_counter() - job.started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
     if checkpoint is not None and not config.resume:
         checkpoint.clear()  # progress of an earlier run is not ours to continue
     try:
-        report = prune_model(model, calibration, config.prune_options(), progress, checkpoint, comm)
+        options = config.prune_options()
+        report = prune_model(
+            model, job.calibration, options, job.progress, checkpoint, comm, activations=activations
+        )
     except LlmpruneError:
         if checkpoint is not None:
             checkpoint.clear()  # bad input or NaN: resuming would only fail again
         raise
     pruned = perplexity(model, evaluation) if evaluation is not None else None
-
-    metadata = {
-        "recipe": config.model_dump(),
-        "calibration": {
-            "source": config.calibration,
-            "nsamples": config.nsamples,
-            "seqlen": config.seqlen,
-            "seed": config.seed,
-        },
-        "perplexity": {
-            "data": config.eval_data,
-            "windows": 0 if evaluation is None else len(evaluation),
-            "seqlen": config.eval_seqlen,
-            "dense": dense,
-            "pruned": pruned,
-        },
-        "report": report.to_dict(),
-        "versions": library_versions(),
-    }
-    saved = save_pruned(model, tokenizer, output, metadata, config.overwrite) if save else None
+    metadata = job.metadata(report, dense, pruned)
+    output = config.output_path()
+    saved = save_pruned(model, job.tokenizer, output, metadata, config.overwrite) if job.save else None
     if checkpoint is not None:
         checkpoint.clear()
     return RunResult(config, report, dense, pruned, saved, load_seconds, metadata)
+
+
+def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
+    """Parts of the model read from the checkpoint's shards only while needed; each pruned decoder layer
+    is written to the output's shards (``export/sharded.py``) as soon as it is done."""
+    config, comm, evaluation = job.config, job.comm, job.evaluation
+    source = local_checkpoint(config.model)
+    device, dtype = comm.device, resolve_dtype(config.dtype, comm.device)
+    model, shards = streaming_skeleton(source, dtype)
+    _, layers = decoder_layers(model)
+    outside, _ = outside_layers(model, shards, head=True)
+    load_seconds = time.perf_counter() - job.started
+
+    def streamed(checkpoint: CheckpointShards, writer: ShardWriter | None = None) -> StreamedLayers:
+        return StreamedLayers(model, checkpoint, device, dtype, writer, first_shard=len(outside) + 1)
+
+    dense = perplexity(model, evaluation, layers_from=streamed(shards)) if evaluation is not None else None
+    with contextlib.ExitStack() as stack:
+        target: Path | None = None
+        if job.save:
+            target = stack.enter_context(staged_directory(config.output_path(), config.overwrite))
+        elif comm.rank == 0:  # still written, to measure the pruned model, then deleted
+            target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".llmprune-")))
+        writer = ShardWriter(target, len(outside) + len(layers)) if target is not None else None
+        for number, name in enumerate(outside if writer is not None else [], start=1):
+            writer.write(number, {name: _cast(shards.read(name), dtype)})  # one tensor in memory at a time
+        report = prune_model(
+            model,
+            job.calibration,
+            config.prune_options(),
+            job.progress,
+            comm=comm,
+            layers_from=streamed(shards, writer),
+            activations=activations,
+        )
+        pruned = None
+        if writer is not None:
+            writer.finish()
+            if evaluation is not None:
+                pruned = perplexity(model, evaluation, layers_from=streamed(CheckpointShards(target)))
+        metadata = job.metadata(report, dense, pruned)
+        if job.save:
+            model.config.dtype = dtype
+            model.config.save_pretrained(target)
+            if (source / GENERATION_CONFIG).is_file():
+                shutil.copy(source / GENERATION_CONFIG, target / GENERATION_CONFIG)
+            job.tokenizer.save_pretrained(target)
+            write_metadata(target, metadata)
+    saved = config.output_path() if job.save else None
+    return RunResult(config, report, dense, pruned, saved, load_seconds, metadata, streamed=True)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -28,6 +28,22 @@ DataSource = Annotated[str, Field(description="'embedded' (Python's docs), a tex
 EvalSeqlen = Annotated[int, Field(ge=2, description="tokens per evaluation window")]
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``4GiB``, ``500MB``, ``1.5G`` or ``1048576`` (KiB/MiB/GiB are powers of 2)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"expected a size such as 4GiB, 500MB or 1048576, got {text!r}")
+    number, unit, binary = match.groups()
+    scale = 1024 ** ("kmgt".index(unit.lower()) + 1) if unit and binary else _UNITS[unit.lower()]
+    size = int(float(number) * scale)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return size
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -154,6 +170,15 @@ class RunConfig(PruneOptions):
     )
     overwrite: bool = Field(False, description="replace --output if it exists")
     resume: bool = Field(False, description="continue an interrupted run from its last finished layer")
+    offload: bool = Field(
+        False,
+        description="stream decoder layers from the checkpoint's safetensors shards, one at a time, and "
+        "write each pruned layer at once (automatic when the model would not fit in memory)",
+    )
+    max_memory: str | None = Field(
+        None,
+        description="RAM for calibration activations, e.g. 4GiB or 500MB; past it they are kept on disk",
+    )
     eval_data: DataSource = "embedded"
     eval_nsamples: int = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
     eval_seqlen: EvalSeqlen = 512
@@ -165,6 +190,17 @@ class RunConfig(PruneOptions):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
         return value
 
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
+
     def prune_options(self) -> PruneOptions:
         return PruneOptions(**{name: getattr(self, name) for name in PruneOptions.model_fields})
 
@@ -173,7 +209,8 @@ class RunConfig(PruneOptions):
         recipe = {
             name: value
             for name, value in self.model_dump(mode="json").items()
-            if name not in ("output", "overwrite", "resume") and not name.startswith("eval_")
+            if name not in ("output", "overwrite", "resume", "offload", "max_memory")
+            and not name.startswith("eval_")
         }
         recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe
         return recipe

@@ -75,6 +75,9 @@ def prune(recipe: str | None, **flags: Any) -> None:
         out.print(
             f"[yellow]Cholesky needed more damping in: {', '.join(report.damping_raised)}[/]", soft_wrap=True
         )
+    if result.streamed:
+        why = "--offload" if config.offload else "the model would not fit in memory"
+        out.print(f"decoder layers were streamed from disk one at a time ({why})", soft_wrap=True)
     out.print(f"saved to {result.output}", soft_wrap=True)  # unwrapped lines, for scripts and logs
 
 

@@ -9,23 +9,59 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.data.text import evaluation_windows
+from llmprune.models.architecture import decoder_layers
+from llmprune.pipeline.capture import capture_layer_inputs, model_device, replaying, run_layer
+from llmprune.pipeline.offload import LayerSource
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512, batch_size: int = 2) -> float:
-    """Perplexity on ``token_ids``: ``[k, seqlen]`` windows, or a 1-D stream cut into ``seqlen`` windows."""
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    seqlen: int = 512,
+    batch_size: int = 2,
+    layers_from: LayerSource | None = None,
+) -> float:
+    """Perplexity on ``token_ids``: ``[k, seqlen]`` windows, or a 1-D stream cut into ``seqlen`` windows.
+
+    With ``layers_from`` (a model whose decoder layers are streamed from disk) the windows go through the
+    decoder layers one layer at a time, each layer loaded once, before the model's own head scores them.
+    """
     windows = token_ids if token_ids.dim() == 2 else evaluation_windows(token_ids, seqlen)
-    device = next(model.parameters()).device
+    batches = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).item()
-        count += targets.numel()
+    if layers_from is None:
+        device = next(model.parameters()).device
+        logits = (model(input_ids=batch.to(device), use_cache=False).logits for batch in batches)
+        nll, count = _negative_log_likelihood(logits, batches)
+    else:
+        _, layers = decoder_layers(model)
+        layers_from.load_outside(head=False)
+        captured = capture_layer_inputs(model, layers, batches)
+        layers_from.release_outside()
+        hidden = captured.hidden
+        for index, layer in enumerate(layers):
+            layers_from.load(index, layer)
+            hidden = [run_layer(layer, h, c) for h, c in zip(hidden, captured.calls[index], strict=True)]
+            layers_from.finish(index, layer)
+        layers_from.load_outside(head=True)
+        device = model_device(model)
+        with replaying(layers, hidden):
+            logits = (model(input_ids=batch.to(device), use_cache=False).logits for batch in batches)
+            nll, count = _negative_log_likelihood(logits, batches)
+        layers_from.release_outside()
     model.train(was_training)
     return math.exp(nll / count)
+
+
+def _negative_log_likelihood(logits, batches: list[torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens."""
+    nll, count = 0.0, 0
+    for batch_logits, batch in zip(logits, batches, strict=True):
+        shifted = batch_logits[:, :-1].float()
+        targets = batch[:, 1:].to(shifted.device)
+        loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += targets.numel()
+    return nll, count

@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +49,19 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def save_pruned(
-    model, tokenizer, output: str | Path, metadata: dict[str, Any], overwrite: bool = False
-) -> Path:
-    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path."""
+@contextmanager
+def staged_directory(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``output`` to write into; renamed to ``output`` (fsynced) only if the block
+    completes, and removed on any failure, so ``output`` is never half-written."""
     output = Path(output)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     retired = output.with_name(f".{output.name}.old-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        yield staging
         _fsync_tree(staging)
         if output.exists():
             os.replace(output, retired)
@@ -74,4 +74,19 @@ def save_pruned(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
-    return output
+
+
+def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+
+
+def save_pruned(
+    model, tokenizer, output: str | Path, metadata: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path."""
+    with staged_directory(output, overwrite) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_metadata(staging, metadata)
+    return Path(output)

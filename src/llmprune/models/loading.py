@@ -85,6 +85,12 @@ def check_model_name(name: str) -> None:
         raise UsageError(f"model path not found: {name}")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"{name} is not a Hugging Face checkpoint directory (no config.json)")
+    if path.is_dir():
+        from llmprune.models.shards import INDEX_FILE, missing_shards
+
+        missing = missing_shards(path)
+        if missing:
+            raise UsageError(f"{name}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}")
     if path.is_file() and not name.endswith(".gguf"):
         raise UsageError(f"model {name} is a file: pass a checkpoint directory, a .gguf file or a hub id")
 
@@ -100,6 +106,37 @@ def resolve_checkpoint(name: str) -> str:
     if not (cached / "config.json").is_file():
         convert_gguf(gguf, cached)
     return str(cached)
+
+
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def local_checkpoint(name: str) -> Path:
+    """A local directory holding the checkpoint: as given, converted from GGUF, or downloaded from the hub
+    (safetensors weights, config and tokenizer files only)."""
+    resolved = resolve_checkpoint(name)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        with hub_access():
+            return Path(snapshot_download(resolved, allow_patterns=CHECKPOINT_FILES))
+    except Exception as exc:  # offline, unknown repo, no access: many exception types
+        raise DataUnavailableError(
+            f"cannot download {resolved!r} ({type(exc).__name__}); download it while online first"
+        ) from None
+
+
+def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether a model of ``model_bytes`` fits in ``headroom`` of the free memory of ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return model_bytes <= headroom * free
 
 
 def resolve_device(device: str = "auto") -> torch.device:

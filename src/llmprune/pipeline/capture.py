@@ -9,6 +9,7 @@ Gemma 2 alternates sliding-window and full masks) without computing any layer.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,30 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
     return hidden, LayerCall(rest, kwargs)
 
 
+@contextlib.contextmanager
+def _forwards_replaced(layers: nn.ModuleList, make: Callable[[int], Callable[..., torch.Tensor]]):
+    """Swap each decoder layer's ``forward`` for ``make(index)`` inside the block, restoring it after."""
+    originals = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = make(index)
+        yield
+    finally:
+        for layer, original in zip(layers, originals, strict=True):
+            if original is None:
+                del layer.forward
+            else:
+                layer.forward = original
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]
 ) -> CapturedInputs:
     """Record layer 0's inputs and every layer's call arguments for each batch of token ids."""
     body = base_model(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     captured = CapturedInputs(hidden=[], calls=[[] for _ in layers])
-    originals = [layer.__dict__.get("forward") for layer in layers]
 
     def recorder(index: int):
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -70,19 +86,36 @@ def capture_layer_inputs(
 
         return forward
 
-    try:
-        for index, layer in enumerate(layers):
-            layer.forward = recorder(index)
+    with _forwards_replaced(layers, recorder):
         for batch in batches:
             with contextlib.suppress(_StopForward):
                 body(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for layer, original in zip(layers, originals, strict=True):
-            if original is None:
-                del layer.forward
-            else:
-                layer.forward = original
     return captured
+
+
+@contextlib.contextmanager
+def replaying(layers: nn.ModuleList, outputs: Iterable[torch.Tensor]):
+    """Inside the block, a model forward skips its decoder layers and takes ``outputs`` (one per call, in
+    order) as the last layer's hidden states; the model's own final norm and head then apply as usual."""
+    pending = iter(outputs)
+
+    def replay(index: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden, _ = _split(args, kwargs)
+            return next(pending) if index == 0 else hidden
+
+        return forward
+
+    with _forwards_replaced(layers, replay):
+        yield
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the device of the first parameter that is not on the meta device."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import re
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +35,10 @@ from llmprune.models.architecture import (
     read_weight,
     write_weight,
 )
-from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, run_layer
+from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, model_device, run_layer
 from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.lockstep import Lockstep
+from llmprune.pipeline.offload import ActivationStore, LayerSource
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.statistics import InputStatistics, error_from_terms, error_terms
@@ -200,6 +201,11 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
+def _checked(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    _check_finite(tensor, what)
+    return tensor
+
+
 def _solve(
     targets: list[Target], method: Method, stats: InputStatistics
 ) -> tuple[list[torch.Tensor], list[PruneOutcome]]:
@@ -286,7 +292,7 @@ class _Run:
 
 def _prune_from_dense_pass(
     layer: nn.Module,
-    hidden: list[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
     calls: list[LayerCall],
     targets: list[Target],
     run: _Run,
@@ -366,13 +372,17 @@ def prune_model(
     progress: ProgressCallback | None = None,
     checkpoint: LayerCheckpoint | None = None,
     comm: Communicator | None = None,
+    layers_from: LayerSource | None = None,
+    activations: ActivationStore | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, from calibration token ids.
 
     With a ``checkpoint``, progress is saved after every layer, and a run finding progress saved there
     restores the finished layers and goes on from the next one. With ``comm`` of several processes, each
     runs its contiguous share of the calibration rows (every process passes all of them) and all end with
-    the same weights and report.
+    the same weights and report. ``layers_from`` loads each decoder layer just before it is pruned and takes
+    it back once done (streaming, see ``pipeline/offload.py``); ``activations`` keeps the hidden states
+    between layers, in RAM or on disk.
     """
     start = time.perf_counter()
     comm = comm or Communicator()
@@ -390,35 +400,41 @@ def prune_model(
     stride = max(1, total_tokens // options.error_tokens)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    layers_from = layers_from or LayerSource()
+    activations = activations or ActivationStore()
+    layers_from.load_outside(head=False)
+    device = model_device(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
     captured = capture_layer_inputs(model, layers, batches)  # every layer's call arguments, even if resuming
-    hidden = captured.hidden
-    for batch in hidden:
+    layers_from.release_outside()
+    for batch in captured.hidden:
         _check_finite(batch, "the embeddings' output")
     report = PruneReport(options.method, options.pattern, options.target_sparsity)
     first = 0
     restored = checkpoint.restore(layers, device) if checkpoint is not None else None
     if restored is not None:
-        first, hidden, finished = restored
+        first, captured.hidden, finished = restored
         report.layers.extend(finished)
+    hidden = activations.start(captured.hidden)
+    captured.hidden = []  # the store holds them now
     if progress is not None:
         progress(first, len(layers))
     run = _Run(method, stride, offset, report, comm)
     for index in range(first, len(layers)):
         layer, targets, calls = layers[index], plan[index], captured.calls[index]
+        layers_from.load(index, layer)
+        what = f"the outputs of decoder layer {index}"
         if targets and options.true_sequential:
-            hidden = _prune_in_one_pass(layer, hidden, calls, targets, run)
+            outputs = _prune_in_one_pass(layer, list(hidden), calls, targets, run)
         else:
             if targets:
                 _prune_from_dense_pass(layer, hidden, calls, targets, run)
-            hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
-        for batch in hidden:
-            _check_finite(batch, f"the outputs of decoder layer {index}")
+            outputs = (run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True))
+        hidden = activations.keep(_checked(batch, what) for batch in outputs)
         if checkpoint is not None:
-            checkpoint.save(index, layer, hidden, report.layers)
+            checkpoint.save(index, layer, list(hidden), report.layers)
+        layers_from.finish(index, layer)
         if progress is not None:
             progress(index + 1, len(layers))
 

@@ -1,0 +1,161 @@
+"""Reading a checkpoint's safetensors shards a module at a time, so a model never has to fit in memory.
+
+``streaming_skeleton`` builds the model with every parameter on the meta device (buffers such as rotary
+frequencies are real). Parts are then read when needed with ``CheckpointShards.load_into`` (a decoder
+layer, or the embeddings) and dropped again with ``release``. Each tensor is read from its shard opened
+memory-mapped and closed again, so pages of the checkpoint do not stay mapped (and counted as resident).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from llmprune.errors import UsageError
+from llmprune.models.architecture import decoder_layers, describe
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def missing_shards(directory: Path, weight_map: dict[str, str] | None = None) -> list[str]:
+    """Shard files that a checkpoint's safetensors index lists but that are not there."""
+    if weight_map is None:
+        index = directory / INDEX_FILE
+        if not index.is_file():
+            return []
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
+    return sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+
+
+class CheckpointShards:
+    """The tensors of a local Hugging Face checkpoint, by name, across its safetensors shards."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        elif (self.directory / SINGLE_FILE).is_file():
+            with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
+        else:
+            raise UsageError(
+                f"{self.directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
+                "streaming (--offload) reads safetensors checkpoints only"
+            )
+        missing = missing_shards(self.directory, weight_map)
+        if missing:
+            raise UsageError(
+                f"{self.directory}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}"
+            )
+        self.weight_map: dict[str, str] = weight_map
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Tensor names starting with ``prefix``, in checkpoint order."""
+        return [name for name in self.weight_map if name.startswith(prefix)]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor. Its shard is opened memory-mapped and closed again, so the mapped pages do not
+        stay resident (and counted in the process's RSS) once the tensor is copied out."""
+        if name not in self.weight_map:
+            raise UsageError(f"{self.directory}: checkpoint has no tensor {name}")
+        with safe_open(str(self.directory / self.weight_map[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def load_into(
+        self,
+        module: nn.Module,
+        names: list[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        prefix: str = "",
+    ) -> None:
+        """Materialise the named parameters and buffers of ``module`` from the tensors ``prefix + name``,
+        one at a time; floating-point ones are cast to ``dtype``."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        absent = [prefix + name for name in names if prefix + name not in self.weight_map]
+        if absent:
+            raise UsageError(
+                f"{self.directory}: checkpoint has no tensor {absent[0]} (its names differ from the model's; "
+                "load it without --offload)"
+            )
+        for name in names:
+            value = self.read(prefix + name)
+            set_module_tensor_to_device(
+                module, name, device, value=value, dtype=dtype if value.is_floating_point() else None
+            )
+
+
+def checkpoint_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the parameters and persistent buffers of ``module`` (what a checkpoint holds), tied
+    duplicates included, each prefixed with ``prefix``."""
+    persistent = set(module.state_dict(keep_vars=True))
+    named = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    named += [name for name, _ in module.named_buffers()]
+    return [prefix + name for name in named if name in persistent]
+
+
+def release(model: nn.Module, names: list[str]) -> None:
+    """Put the named parameters back on the meta device: their memory is freed, their shapes remain."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        if name in parameters:
+            set_module_tensor_to_device(model, name, "meta")
+
+
+def streaming_skeleton(directory: str | Path, dtype: torch.dtype) -> tuple[nn.Module, CheckpointShards]:
+    """The model with every parameter on the meta device (buffers such as rotary frequencies are real),
+    and the shards to read its weights from, a part at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shards = CheckpointShards(directory)
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), shards
+
+
+def outside_layers(model: nn.Module, shards: CheckpointShards, head: bool) -> tuple[list[str], bool]:
+    """What to read for the parts outside the decoder layers: checkpoint names, and whether the LM head
+    is tied to the embeddings (it then has no tensor of its own and is tied after reading).
+
+    Without ``head`` the final norm and an untied LM head are left out: running up to the decoder layers
+    (capturing their inputs) needs only the embeddings.
+    """
+    layers_path, _ = decoder_layers(model)
+    final_norm = describe(model).final_norm
+    output = model.get_output_embeddings()
+    head_names = {f"{name}." for name, module in model.named_modules() if module is output and name}
+    if final_norm:
+        head_names.add(f"{final_norm}.")
+    names, tied = [], False
+    for name in checkpoint_names(model):
+        if name.startswith(f"{layers_path}."):
+            continue
+        if name not in shards.weight_map and _is_tied(model, name):
+            tied = True
+            continue
+        if not head and any(name.startswith(prefix) for prefix in head_names):
+            continue
+        names.append(name)
+    return names, tied
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name in tied

@@ -130,8 +130,10 @@ def test_more_processes_than_samples_is_a_usage_error():
         prune_model(tiny_model("llama"), tiny_calibration(nsamples=2), options, comm=Three())
 
 
-def test_torchrun_cli_saves_once_what_one_process_saves(tmp_path, capsys):
-    """``torchrun -m llmprune prune``: rank 0 alone prints and saves the single process's result."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "offload"])
+def test_torchrun_cli_saves_once_what_one_process_saves(tmp_path, capsys, streamed):
+    """``torchrun -m llmprune prune``: rank 0 alone prints and saves the single process's result, also
+    when every process streams the layers from disk (``--offload``) and rank 0 writes the shards."""
     tokenizer = llmprune.load_tokenizer("smollm2")
     model = save_tiny_llama(tmp_path / "tiny", tokenizer)
     text = tmp_path / "text.txt"
@@ -142,11 +144,11 @@ def test_torchrun_cli_saves_once_what_one_process_saves(tmp_path, capsys):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
     launcher += ["--standalone", "-m", "llmprune"]  # standalone: a local rendezvous on a free port
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ran = subprocess.run(
-        [*launcher, *map(str, args), tmp_path / "two"], capture_output=True, text=True, timeout=120, env=env
-    )
+    two_args = [*map(str, args), tmp_path / "two", *(["--offload"] if streamed else [])]
+    ran = subprocess.run([*launcher, *two_args], capture_output=True, text=True, timeout=120, env=env)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.count("saved to") == 1 and "Traceback" not in ran.stderr
+    assert ran.stdout.count("streamed from disk") == int(streamed)
 
     main([*map(str, args), str(tmp_path / "one")])
     two = {k: v for f in (tmp_path / "two").glob("*.safetensors") for k, v in load_file(f).items()}

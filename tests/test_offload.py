@@ -221,7 +221,7 @@ def _invoke(capsys, *args) -> tuple[int, str]:
     [
         (["--max-memory", "lots"], "max_memory: expected a size such as 4GiB"),
         (["--max-memory", "0"], "max_memory: size must be positive"),
-        (["--offload", "--resume"], "--resume is not supported with --offload or --max-memory yet"),
+        (["--max-memory", "1GiB", "--resume"], "--resume is not supported with --max-memory yet"),
         (["--missing-shard"], "shard files listed in model.safetensors.index.json are missing: "),
     ],
 )

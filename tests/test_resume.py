@@ -282,7 +282,12 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, err
 
 
-def test_sigkill_then_resume_is_bit_identical(capsys, files, tmp_path):
+def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in directory.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "offload"])
+def test_sigkill_then_resume_is_bit_identical(capsys, files, tmp_path, streamed):
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
     expected, output = tmp_path / "expected", tmp_path / "out"
@@ -291,7 +296,8 @@ def test_sigkill_then_resume_is_bit_identical(capsys, files, tmp_path):
     assert code == 0, err
 
     state = checkpoint_dir(output) / STATE_FILE
-    process = start(harness, 0.2, prune_args(files, output))
+    mode = ["--offload"] if streamed else []
+    process = start(harness, 0.2, prune_args(files, output, *mode))
     deadline = time.monotonic() + 240
     try:
         while not (state.is_file() and json.loads(state.read_text())["next_layer"] >= 3):
@@ -306,12 +312,9 @@ def test_sigkill_then_resume_is_bit_identical(capsys, files, tmp_path):
     killed_at = json.loads(state.read_text())["next_layer"]
     assert 3 <= killed_at < LAYERS and not output.exists()
 
-    finish(start(harness, 0, [*prune_args(files, output), "--resume"]))
-    assert not checkpoint_dir(output).exists()
-    weights, reference = (
-        load_file(str(output / "model.safetensors")),
-        load_file(str(expected / "model.safetensors")),
-    )
+    finish(start(harness, 0, [*prune_args(files, output, *mode), "--resume"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "harness.py", "out"]  # nothing stale
+    weights, reference = all_tensors(output), all_tensors(expected)
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(weights[name], tensor), f"{name} differs from the uninterrupted run"

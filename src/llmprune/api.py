@@ -40,7 +40,7 @@ from llmprune.models.loading import (
 from llmprune.models.shards import CheckpointShards, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
-from llmprune.pipeline.offload import ActivationStore, StreamedLayers
+from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 
@@ -114,8 +114,8 @@ def run(
     main = comm.rank == 0
     if config.resume and comm.world_size > 1:
         raise UsageError("--resume is not supported with several processes yet; resume in one process")
-    if config.resume and (config.offload or config.max_memory):
-        raise UsageError("--resume is not supported with --offload or --max-memory yet")
+    if config.resume and config.max_memory:
+        raise UsageError("--resume is not supported with --max-memory yet")
     save = save and main
     comm.rows(config.nsamples)  # enough samples for every process?
     output = config.output_path()
@@ -165,6 +165,25 @@ class _Job:
     save: bool
     started: float
 
+    def prune(
+        self, model: nn.Module, activations: ActivationStore, layers_from: LayerSource | None = None
+    ) -> tuple[PruneReport, LayerCheckpoint | None]:
+        """Prune, checkpointing every layer when saving in one process; returns the report and the
+        checkpoint, to be cleared once the output is saved."""
+        checkpoint = resume_checkpoint(self.config) if self.save and self.comm.world_size == 1 else None
+        if checkpoint is not None and not self.config.resume:
+            checkpoint.clear()  # progress of an earlier run is not ours to continue
+        options, comm = self.config.prune_options(), self.comm
+        try:
+            report = prune_model(
+                model, self.calibration, options, self.progress, checkpoint, comm, layers_from, activations
+            )
+        except LlmpruneError:
+            if checkpoint is not None:
+                checkpoint.clear()  # bad input or NaN: resuming would only fail again
+            raise
+        return report, checkpoint
+
     def metadata(self, report: PruneReport, dense: float | None, pruned: float | None) -> dict[str, Any]:
         config = self.config
         return {
@@ -189,22 +208,11 @@ class _Job:
 
 def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
     config, comm, evaluation = job.config, job.comm, job.evaluation
-    checkpoint = resume_checkpoint(config) if job.save and comm.world_size == 1 else None
     model = load_model(config.model, config.dtype, str(comm.device))
     load_seconds = time.perf_counter() - job.started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
-    if checkpoint is not None and not config.resume:
-        checkpoint.clear()  # progress of an earlier run is not ours to continue
-    try:
-        options = config.prune_options()
-        report = prune_model(
-            model, job.calibration, options, job.progress, checkpoint, comm, activations=activations
-        )
-    except LlmpruneError:
-        if checkpoint is not None:
-            checkpoint.clear()  # bad input or NaN: resuming would only fail again
-        raise
+    report, checkpoint = job.prune(model, activations)
     pruned = perplexity(model, evaluation) if evaluation is not None else None
     metadata = job.metadata(report, dense, pruned)
     output = config.output_path()
@@ -238,15 +246,7 @@ def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
         writer = ShardWriter(target, len(outside) + len(layers)) if target is not None else None
         for number, name in enumerate(outside if writer is not None else [], start=1):
             writer.write(number, {name: _cast(shards.read(name), dtype)})  # one tensor in memory at a time
-        report = prune_model(
-            model,
-            job.calibration,
-            config.prune_options(),
-            job.progress,
-            comm=comm,
-            layers_from=streamed(shards, writer),
-            activations=activations,
-        )
+        report, checkpoint = job.prune(model, activations, streamed(shards, writer))
         pruned = None
         if writer is not None:
             writer.finish()
@@ -260,6 +260,8 @@ def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
                 shutil.copy(source / GENERATION_CONFIG, target / GENERATION_CONFIG)
             job.tokenizer.save_pretrained(target)
             write_metadata(target, metadata)
+    if checkpoint is not None:
+        checkpoint.clear()
     saved = config.output_path() if job.save else None
     return RunResult(config, report, dense, pruned, saved, load_seconds, metadata, streamed=True)
 

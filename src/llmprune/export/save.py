@@ -58,6 +58,9 @@ def staged_directory(output: str | Path, overwrite: bool = False) -> Iterator[Pa
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a killed run
+        if not _running(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -74,6 +77,19 @@ def staged_directory(output: str | Path, overwrite: bool = False) -> Iterator[Pa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def _running(pid: str) -> bool:
+    """Whether a process with this id exists (a staging directory's owner may still be writing)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:

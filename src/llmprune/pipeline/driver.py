@@ -412,7 +412,9 @@ def prune_model(
         _check_finite(batch, "the embeddings' output")
     report = PruneReport(options.method, options.pattern, options.target_sparsity)
     first = 0
-    restored = checkpoint.restore(layers, device) if checkpoint is not None else None
+    restored = None
+    if checkpoint is not None:
+        restored = checkpoint.restore(layers, device, lambda i, w: layers_from.restore(i, layers[i], w))
     if restored is not None:
         first, captured.hidden, finished = restored
         report.layers.extend(finished)

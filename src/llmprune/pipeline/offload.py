@@ -38,6 +38,10 @@ class LayerSource:
     def load(self, index: int, layer: nn.Module) -> None:
         """Make decoder layer ``index`` ready to run."""
 
+    def restore(self, index: int, layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Decoder layer ``index`` was finished by an earlier, interrupted run: these are its weights."""
+        layer.load_state_dict(weights, strict=True)
+
     def finish(self, index: int, layer: nn.Module) -> None:
         """Decoder layer ``index`` is done (pruned, its outputs computed)."""
 
@@ -75,12 +79,17 @@ class StreamedLayers(LayerSource):
         prefix = f"{self.layers_path}.{index}."
         self.shards.load_into(layer, checkpoint_names(layer), self.device, self.dtype, prefix)
 
+    def restore(self, index: int, layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self._write(index, weights)
+
     def finish(self, index: int, layer: nn.Module) -> None:
+        self._write(index, layer.state_dict())
+        release(layer, checkpoint_names(layer))
+
+    def _write(self, index: int, state: dict[str, torch.Tensor]) -> None:
         if self.writer is not None:
             prefix = f"{self.layers_path}.{index}."
-            state = layer.state_dict()
             self.writer.write(self.first_shard + index, {prefix + name: state[name] for name in state})
-        release(layer, checkpoint_names(layer))
 
 
 class SpilledBatches(Sequence[torch.Tensor]):

@@ -131,9 +131,13 @@ class LayerCheckpoint:
                 stale.unlink()
 
     def restore(
-        self, layers: nn.ModuleList, device: torch.device
+        self,
+        layers: nn.ModuleList,
+        device: torch.device,
+        receive: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     ) -> tuple[int, list[torch.Tensor], list[LinearReport]] | None:
-        """Load the finished layers' weights into ``layers``; return the next layer, its inputs, the rows."""
+        """Hand each finished layer's weights to ``receive(index, state_dict)`` (default: load them into
+        ``layers``); return the next layer, its inputs and the report rows so far."""
         state = self._state()
         if state is None:
             return None
@@ -142,8 +146,11 @@ class LayerCheckpoint:
         if next_layer > len(layers):
             raise UsageError(f"--resume: the checkpoint in {self.directory} has more layers than the model")
         for index in range(next_layer):
-            path = self.directory / f"layer-{index:05d}.safetensors"
-            layers[index].load_state_dict(load_file(str(path)), strict=True)
+            weights = load_file(str(self.directory / f"layer-{index:05d}.safetensors"))
+            if receive is None:
+                layers[index].load_state_dict(weights, strict=True)
+            else:
+                receive(index, weights)
         saved = load_file(str(self.directory / state["hidden"]), device=str(device))
         hidden = [saved[str(i)] for i in range(len(saved))]
         rows = [LinearReport(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]

@@ -145,7 +145,7 @@ BAD_PRUNE_FLAGS = [
     (["--pattern", "4:4"], "pattern: N:M pattern needs 0 < N < M, got 4:4"),
     (["--pattern", "6:4"], "0 < N < M"),
     (["--pattern", "0:4"], "0 < N < M"),
-    (["--pattern", "2-4"], "pattern must be 'unstructured' or 'N:M'"),
+    (["--pattern", "2-4"], "pattern must be 'unstructured', 'structured' or 'N:M'"),
     (["--method", "foo"], "Invalid value for '--method': 'foo' is not one of"),
     (["--dtype", "float64"], "--dtype"),
     (["--bogus"], "No such option '--bogus'"),

@@ -78,6 +78,22 @@ class PruneOptions(StrictModel):
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
     )
+    units: list[Literal["heads", "channels", "layers"]] = Field(
+        default_factory=lambda: ["heads", "channels"],
+        description="structured: what to remove (attention heads, MLP channels, whole decoder layers)",
+    )
+    score: Literal["magnitude", "wanda", "flap"] = Field(
+        "flap",
+        description="structured: unit score: weight magnitude, |W|·||X|| (Wanda-style), or FLAP fluctuation",
+    )
+    reconstruct: bool = Field(
+        True, description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs"
+    )
+    head_mode: Literal["queries", "groups"] = Field(
+        "queries",
+        description="structured, grouped-query attention: remove query heads within each key/value group, "
+        "or whole groups",
+    )
     batch_size: int = Field(
         4, ge=1, description="calibration samples per forward pass (true-sequential: all of one length)"
     )
@@ -90,12 +106,17 @@ class PruneOptions(StrictModel):
     def _pattern(cls, value: Any) -> str:
         return str(Pattern.parse(str(value)))
 
-    @field_validator("include", "exclude", mode="before")
+    @field_validator("include", "exclude", "units", mode="before")
     @classmethod
     def _globs(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             value = [value]
         return [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=["layers", "heads", "channels"].index)
 
     @field_validator("layer_sparsity", mode="before")
     @classmethod
@@ -125,6 +146,15 @@ class PruneOptions(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> PruneOptions:
         pattern = self.pattern_spec
+        if pattern.structured:
+            if self.method != "wanda":  # the default
+                raise ValueError("--method does not apply to structured pruning; choose the unit score with --score")
+            if self.layer_sparsity or self.schedule != "uniform" or self.true_sequential:
+                raise ValueError(
+                    "per-layer sparsity, schedules and true-sequential apply to unstructured and N:M pruning"
+                )
+            if not self.units:
+                raise ValueError("structured pruning needs --units: heads, channels and/or layers")
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.implied_sparsity) > 1e-9:
                 raise ValueError(
@@ -202,7 +232,8 @@ class RunConfig(PruneOptions):
         return None if self.max_memory is None else parse_size(self.max_memory)
 
     def prune_options(self) -> PruneOptions:
-        return PruneOptions(**{name: getattr(self, name) for name in PruneOptions.model_fields})
+        chosen = self.model_fields_set & set(PruneOptions.model_fields)  # the rest: the same defaults
+        return PruneOptions(**{name: getattr(self, name) for name in chosen})
 
     def pruning_recipe(self) -> dict[str, Any]:
         """The options that shape the pruned weights: all but where they go and how they are evaluated."""

@@ -16,21 +16,27 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class Pattern:
-    """``unstructured``, or N:M (at most N non-zeros in every group of M consecutive inputs of a row)."""
+    """``unstructured``, N:M (at most N non-zeros in every group of M consecutive inputs of a row), or
+    ``structured`` (whole heads, channels or layers removed: see ``llmprune.structured``)."""
 
     n: int | None = None
     m: int | None = None
+    structured: bool = False
 
     @classmethod
     def parse(cls, text: str | Pattern) -> Pattern:
-        """Parse ``"unstructured"`` or ``"N:M"`` with 0 < N < M; raises ValueError otherwise."""
+        """Parse ``"unstructured"``, ``"structured"`` or ``"N:M"`` with 0 < N < M; raises ValueError."""
         if isinstance(text, Pattern):
             return text
         if text.strip().lower() == "unstructured":
             return cls()
+        if text.strip().lower() == "structured":
+            return cls(structured=True)
         match = _NM.match(text)
         if not match:
-            raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}")
+            raise ValueError(
+                f"pattern must be 'unstructured', 'structured' or 'N:M' such as 2:4, got {text!r}"
+            )
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
             raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
@@ -46,6 +52,8 @@ class Pattern:
         return None if self.m is None else 1.0 - self.n / self.m
 
     def __str__(self) -> str:
+        if self.structured:
+            return "structured"
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from llmprune.config import PruneOptions
 from llmprune.errors import NonFiniteError, UsageError
-from llmprune.methods import METHODS, LayerTask, Method, PruneOutcome
+from llmprune.methods import METHODS, LayerTask, Method, Pattern, PruneOutcome, Statistic
 from llmprune.models.architecture import (
     decoder_layers,
     input_width,
@@ -42,6 +42,9 @@ from llmprune.pipeline.offload import ActivationStore, LayerSource
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.statistics import InputStatistics, error_from_terms, error_terms
+from llmprune.structured import decoder_parameters
+from llmprune.structured import prepare as prepare_structured
+from llmprune.structured.blocks import StructuredBlocks
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -93,6 +96,25 @@ def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
     return plan
 
 
+def structured_targets(model: nn.Module, blocks: StructuredBlocks | None) -> list[list[Target]]:
+    """Per decoder layer, the projections consuming the units to remove (their inputs are scored)."""
+    path, layers = decoder_layers(model)
+    if blocks is None:
+        return [[] for _ in layers]
+    task = LayerTask(0.0, Pattern(structured=True))
+    return [
+        [Target(f"{path}.{i}.{name}", i, layer.get_submodule(name), task) for name in blocks.consumers()]
+        for i, layer in enumerate(layers)
+    ]
+
+
+def _update_config(config, pruned) -> None:
+    """Copy the widths a structured run changed into the model's own config (shared by its modules)."""
+    for field, value in pruned.to_dict().items():
+        if getattr(config, field, None) != value:
+            setattr(config, field, value)
+
+
 def calibration_rows(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The calibration sequences as a list of 1-D LongTensors, validated."""
     if isinstance(calibration, torch.Tensor):
@@ -138,12 +160,12 @@ class _StatisticsHooks:
     def __init__(
         self,
         targets: list[Target],
-        method: Method,
+        statistic: Statistic,
         stride: int,
         offset: int = 0,
         on_ready: Callable[[Target, InputStatistics], None] | None = None,
     ) -> None:
-        self.method, self.stride, self.offset, self.on_ready = method, stride, offset, on_ready
+        self.statistic, self.stride, self.offset, self.on_ready = statistic, stride, offset, on_ready
         self.stats: dict[str, InputStatistics] = {}
         self._leaders: set[str] = set()
         self._seen: dict[int, tuple[torch.Tensor, InputStatistics]] = {}
@@ -163,7 +185,7 @@ class _StatisticsHooks:
                     self.stats[target.name] = seen[1]
                 else:
                     stats = InputStatistics(
-                        inputs.shape[-1], self.method.statistic, self.stride, inputs.device, self.offset
+                        inputs.shape[-1], self.statistic, self.stride, inputs.device, self.offset
                     )
                     stats.update(inputs)
                     self.stats[target.name] = stats
@@ -288,17 +310,21 @@ class _Run:
     """Index of this process's first calibration token."""
     report: PruneReport
     comm: Communicator
+    blocks: StructuredBlocks | None = None
+    """Structured pruning: the step that removes units from a whole layer (instead of ``method``)."""
 
 
-def _prune_from_dense_pass(
+def _dense_statistics(
     layer: nn.Module,
     hidden: Sequence[torch.Tensor],
     calls: list[LayerCall],
     targets: list[Target],
+    statistic: Statistic,
     run: _Run,
-) -> None:
-    """Collect statistics while the (still dense) layer runs on every batch, then prune its targets."""
-    hooks = _StatisticsHooks(targets, run.method, run.stride, run.offset)
+) -> dict[str, InputStatistics]:
+    """Statistics of the targets' inputs while the (still dense) layer runs on every batch, summed over
+    processes (in the same order on every process; statistics shared by several targets once)."""
+    hooks = _StatisticsHooks(targets, statistic, run.stride, run.offset)
     try:
         for h, c in zip(hidden, calls, strict=True):
             with contextlib.suppress(StopLayer):
@@ -309,18 +335,39 @@ def _prune_from_dense_pass(
     missing = [t.name for t in targets if t.name not in hooks.stats]
     if missing:
         raise UsageError(f"never called during the forward pass: {', '.join(missing)}")
+    for target in targets:
+        hooks.stats[target.name].reduce(run.comm)
+    return hooks.stats
+
+
+def _prune_from_dense_pass(
+    layer: nn.Module,
+    hidden: Sequence[torch.Tensor],
+    calls: list[LayerCall],
+    targets: list[Target],
+    run: _Run,
+) -> nn.Module:
+    """Collect statistics from the dense layer, then prune its targets; returns the layer to go on with
+    (a new, smaller one when structured pruning removed units)."""
+    if run.blocks is not None:
+        stats = _dense_statistics(layer, hidden, calls, targets, "hessian", run)
+        index = targets[0].block
+        prefix = targets[0].name.removesuffix(run.blocks.consumers()[0]).rstrip(".")
+        smaller, rows = run.blocks(index, prefix, layer, stats)
+        run.report.layers.extend(rows)
+        return smaller
+    stats = _dense_statistics(layer, hidden, calls, targets, run.method.statistic, run)
     # Layers reading the same input with the same settings are pruned in one call (SparseGPT: one solve).
     groups: dict[tuple, list[Target]] = {}
     for target in targets:
         task = target.task
-        key = (id(hooks.stats[target.name]), task.damp, task.blocksize, task.pattern)
+        key = (id(stats[target.name]), task.damp, task.blocksize, task.pattern)
         groups.setdefault(key, []).append(target)
     group_list = list(groups.values())
-    group_stats = [hooks.stats[group[0].name] for group in group_list]
-    for stats in group_stats:  # in the same order on every process; shared statistics are summed once
-        stats.reduce(run.comm)
+    group_stats = [stats[group[0].name] for group in group_list]
     results = {row.name: row for row in prune_groups(group_list, run.method, group_stats, run.comm)}
     run.report.layers.extend(results[t.name] for t in targets)
+    return layer
 
 
 def _prune_in_one_pass(
@@ -351,7 +398,7 @@ def _prune_in_one_pass(
     def ready(target: Target, stats: InputStatistics) -> None:
         lockstep.meet(target.name, lambda: prune_now(target, stats))
 
-    hooks = _StatisticsHooks(targets, run.method, run.stride, run.offset, on_ready=ready)
+    hooks = _StatisticsHooks(targets, run.method.statistic, run.stride, run.offset, on_ready=ready)
     try:
         outputs = lockstep.run(
             [lambda h=h, c=c: run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
@@ -387,8 +434,8 @@ def prune_model(
     start = time.perf_counter()
     comm = comm or Communicator()
     method = METHODS[options.method]
-    plan = plan_targets(model, options)
-    _, layers = decoder_layers(model)
+    structured = options.pattern_spec.structured
+    plan = None if structured else plan_targets(model, options)
     rows = calibration_rows(calibration)
     total_tokens = sum(row.numel() for row in rows)
     share = comm.rows(len(rows))
@@ -402,6 +449,15 @@ def prune_model(
     model.eval()
     layers_from = layers_from or LayerSource()
     activations = activations or ActivationStore()
+    report = PruneReport(options.method, options.pattern, options.target_sparsity)
+    blocks = None
+    if structured:
+        if type(layers_from) is not LayerSource or checkpoint is not None:
+            raise UsageError("structured pruning does not support --offload or --resume yet")
+        report.parameters_before = decoder_parameters(model)
+        report.removed_layers, blocks = prepare_structured(model, options, batches, comm)
+        plan = structured_targets(model, blocks)
+    _, layers = decoder_layers(model)
     layers_from.load_outside(head=False)
     device = model_device(model)
     if device.type == "cuda":
@@ -410,7 +466,6 @@ def prune_model(
     layers_from.release_outside()
     for batch in captured.hidden:
         _check_finite(batch, "the embeddings' output")
-    report = PruneReport(options.method, options.pattern, options.target_sparsity)
     first = 0
     restored = None
     if checkpoint is not None:
@@ -422,7 +477,7 @@ def prune_model(
     captured.hidden = []  # the store holds them now
     if progress is not None:
         progress(first, len(layers))
-    run = _Run(method, stride, offset, report, comm)
+    run = _Run(method, stride, offset, report, comm, blocks)
     for index in range(first, len(layers)):
         layer, targets, calls = layers[index], plan[index], captured.calls[index]
         layers_from.load(index, layer)
@@ -431,7 +486,7 @@ def prune_model(
             outputs = _prune_in_one_pass(layer, list(hidden), calls, targets, run)
         else:
             if targets:
-                _prune_from_dense_pass(layer, hidden, calls, targets, run)
+                layer = layers[index] = _prune_from_dense_pass(layer, hidden, calls, targets, run)
             outputs = (run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True))
         hidden = activations.keep(_checked(batch, what) for batch in outputs)
         if checkpoint is not None:
@@ -440,6 +495,10 @@ def prune_model(
         if progress is not None:
             progress(index + 1, len(layers))
 
+    if structured:
+        report.parameters_after = decoder_parameters(model)
+        if blocks is not None:
+            _update_config(model.config, blocks.config)
     model.train(was_training)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -30,10 +30,18 @@ class PruneReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     peak_device_bytes: int | None = None
+    parameters_before: int | None = None
+    """Structured pruning: parameters of the decoder layers before and after."""
+    parameters_after: int | None = None
+    removed_layers: list[int] = field(default_factory=list)
+    """Structured pruning: original indices of the decoder layers removed."""
 
     @property
     def achieved_sparsity(self) -> float:
-        """Zeros over weights, across every pruned linear layer."""
+        """Zeros over weights across every pruned linear layer; for structured pruning, the fraction of
+        the decoder layers' parameters removed."""
+        if self.parameters_before:
+            return 1 - (self.parameters_after or 0) / self.parameters_before
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         zeros = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in self.layers)
         return zeros / total if total else 0.0

@@ -31,6 +31,8 @@ class InputStatistics:
         self.reduced = False
         self.sq_norms = torch.zeros(width, device=device) if statistic == "input_norms" else None
         self.gram = torch.zeros(width, width, device=device) if statistic == "hessian" else None
+        self.sums = torch.zeros(width, device=device) if statistic == "hessian" else None
+        """Σ_t x_t per feature, with the Hessian (structured pruning: means and variances)."""
         self._samples: list[torch.Tensor] = []
         self.prepared: dict = {}
         """Methods' preparations of the statistic (e.g. SparseGPT's factored Hessian), shared by readers."""
@@ -41,6 +43,7 @@ class InputStatistics:
             self.sq_norms += x.square().sum(dim=0)  # several times faster than vector_norm(dim=0)
         if self.gram is not None:
             _add_upper_gram(self.gram, x)
+            self.sums += x.sum(dim=0)
         first = (-(self.offset + self.tokens)) % self.stride
         self._samples.append(x[first :: self.stride].clone())
         self.tokens += x.shape[0]
@@ -52,7 +55,7 @@ class InputStatistics:
         self.reduced = True
         if comm.world_size == 1:
             return
-        for tensor in (self.sq_norms, self.gram):
+        for tensor in (self.sq_norms, self.gram, self.sums):
             if tensor is not None:
                 comm.all_reduce(tensor)
         tokens = torch.tensor([self.tokens], dtype=torch.int64, device=self.device)
@@ -64,9 +67,13 @@ class InputStatistics:
         if self.sq_norms is not None:
             return self.sq_norms
         if self.gram is not None:
-            upper = self.gram.triu()
-            return (upper + upper.triu(1).t()) * (2.0 / max(self.tokens, 1))
+            return self.gram_matrix() * (2.0 / max(self.tokens, 1))
         return None
+
+    def gram_matrix(self) -> torch.Tensor:
+        """Σ_t x_t x_tᵀ, symmetric (the Hessian without its 2/N)."""
+        upper = self.gram.triu()
+        return upper + upper.triu(1).t()
 
     def samples(self) -> torch.Tensor:
         """The kept calibration tokens, ``[k, width]``."""

@@ -43,6 +43,7 @@ from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
 from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
+from llmprune.structured.layout import block_layout
 
 
 def prune(
@@ -131,10 +132,16 @@ def run(
         check_source(config.eval_data)
     # The layers to prune (N:M widths, --include/--exclude), checked on a weightless skeleton.
     skeleton = load_skeleton(config.model)
-    plan_targets(skeleton, config.prune_options())
+    options = config.prune_options()
+    plan_targets(skeleton, options)
     dtype = resolve_dtype(config.dtype, comm.device)
     model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     streamed = config.offload or not fits_in_memory(model_bytes, comm.device)
+    if options.pattern_spec.structured:
+        block_layout(skeleton, options.units)  # units this family supports
+        if streamed or config.resume:
+            why = "--offload" if config.offload else "--resume" if config.resume else "a model this large"
+            raise UsageError(f"structured pruning does not support {why} yet (it keeps the model in memory)")
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)
@@ -170,7 +177,8 @@ class _Job:
     ) -> tuple[PruneReport, LayerCheckpoint | None]:
         """Prune, checkpointing every layer when saving in one process; returns the report and the
         checkpoint, to be cleared once the output is saved."""
-        checkpoint = resume_checkpoint(self.config) if self.save and self.comm.world_size == 1 else None
+        resumable = self.save and self.comm.world_size == 1 and not self.config.pattern_spec.structured
+        checkpoint = resume_checkpoint(self.config) if resumable else None
         if checkpoint is not None and not self.config.resume:
             checkpoint.clear()  # progress of an earlier run is not ours to continue
         options, comm = self.config.prune_options(), self.comm

@@ -148,7 +148,7 @@ class PruneOptions(StrictModel):
         pattern = self.pattern_spec
         if pattern.structured:
             if self.method != "wanda":  # the default
-                raise ValueError("--method does not apply to structured pruning; choose the unit score with --score")
+                raise ValueError("--method does not apply to structured pruning; choose a unit --score")
             if self.layer_sparsity or self.schedule != "uniform" or self.true_sequential:
                 raise ValueError(
                     "per-layer sparsity, schedules and true-sequential apply to unstructured and N:M pruning"

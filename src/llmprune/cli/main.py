@@ -75,6 +75,12 @@ def prune(recipe: str | None, **flags: Any) -> None:
         out.print(
             f"[yellow]Cholesky needed more damping in: {', '.join(report.damping_raised)}[/]", soft_wrap=True
         )
+    if report.parameters_before:
+        removed = f"; decoder layers removed: {report.removed_layers}" if report.removed_layers else ""
+        out.print(
+            f"decoder parameters {report.parameters_before:,} → {report.parameters_after:,}{removed}",
+            soft_wrap=True,
+        )
     if result.streamed:
         why = "--offload" if config.offload else "the model would not fit in memory"
         out.print(f"decoder layers were streamed from disk one at a time ({why})", soft_wrap=True)

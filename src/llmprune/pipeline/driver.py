@@ -453,7 +453,7 @@ def prune_model(
     blocks = None
     if structured:
         if type(layers_from) is not LayerSource or checkpoint is not None:
-            raise UsageError("structured pruning does not support --offload or --resume yet")
+            raise UsageError("structured pruning does not stream layers or checkpoint them yet")
         report.parameters_before = decoder_parameters(model)
         report.removed_layers, blocks = prepare_structured(model, options, batches, comm)
         plan = structured_targets(model, blocks)

@@ -67,13 +67,14 @@ class InputStatistics:
         if self.sq_norms is not None:
             return self.sq_norms
         if self.gram is not None:
-            return self.gram_matrix() * (2.0 / max(self.tokens, 1))
+            return self.gram_matrix().mul_(2.0 / max(self.tokens, 1))
         return None
 
     def gram_matrix(self) -> torch.Tensor:
-        """Σ_t x_t x_tᵀ, symmetric (the Hessian without its 2/N)."""
-        upper = self.gram.triu()
-        return upper + upper.triu(1).t()
+        """Σ_t x_t x_tᵀ, symmetric (the Hessian without its 2/N): one new matrix, no other temporaries."""
+        width = self.gram.shape[0]
+        upper = torch.ones(width, width, dtype=torch.bool, device=self.gram.device).triu_()
+        return torch.where(upper, self.gram, self.gram.t())
 
     def samples(self) -> torch.Tensor:
         """The kept calibration tokens, ``[k, width]``."""

@@ -1,0 +1,150 @@
+"""Structured pruning on the embedded model (issue 4): parameters, perplexity and CPU throughput. By hand.
+
+Public protocol (calibration 32 x 256 tokens, seed 0; evaluation the first 16 windows of 512 tokens of the
+last 20 %). Cells: heads + channels removed at 20, 35 and 50 % of the decoder parameters, each with and
+without least-squares re-fitting, the 25 % target, and 2, 4 and 8 whole layers removed by block influence.
+Throughput is measured for every cell against the dense model in the same process, alternating dense and
+pruned runs (medians of ``--repeats`` after a warm-up): prefill tokens/s for a 512-token prompt at batch 1
+(next-token logits only, as ``generate`` does), and decode tokens/s at batch 1 (64 greedy steps with the KV
+cache).
+
+    python benchmarks/structured.py --out benchmarks/out/structured.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import llmprune
+from llmprune.structured import decoder_parameters
+
+PROMPT, DECODE = 512, 64
+
+
+@torch.no_grad()
+def prefill_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # as generate() does: next-token logits only
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor) -> float:
+    """Time of ``DECODE`` single-token greedy steps after the prompt (prefill excluded)."""
+    output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(DECODE):
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def alternated(dense: torch.nn.Module, pruned: torch.nn.Module, prompt: torch.Tensor, repeats: int) -> dict:
+    """Medians of dense and pruned timings taken in turn (after one warm-up each)."""
+    times: dict[str, list[float]] = {
+        k: [] for k in ("dense_prefill", "pruned_prefill", "dense_decode", "pruned_decode")
+    }
+    for model in (dense, pruned):
+        prefill_seconds(model, prompt), decode_seconds(model, prompt[:, :64])
+    for _ in range(repeats):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            times[f"{name}_prefill"].append(prefill_seconds(model, prompt))
+            times[f"{name}_decode"].append(decode_seconds(model, prompt))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "dense_prefill_tps": PROMPT / medians["dense_prefill"],
+        "pruned_prefill_tps": PROMPT / medians["pruned_prefill"],
+        "prefill_speedup": medians["dense_prefill"] / medians["pruned_prefill"],
+        "dense_decode_tps": DECODE / medians["dense_decode"],
+        "pruned_decode_tps": DECODE / medians["pruned_decode"],
+        "decode_speedup": medians["dense_decode"] / medians["pruned_decode"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/structured.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--score", default="flap")
+    args = parser.parse_args()
+
+    dense, tokenizer = llmprune.load_embedded_model()
+    calibration = llmprune.calibration_data(tokenizer, "embedded", 32, 256, 0)
+    evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
+    prompt = evaluation[:1, :PROMPT]
+    layers = dense.config.num_hidden_layers
+    cells = [
+        {"units": ["heads", "channels"], "sparsity": s, "reconstruct": r}
+        for s in (0.2, 0.35, 0.5)
+        for r in (True, False)
+    ]
+    cells.insert(0, {"units": ["heads", "channels"], "sparsity": 0.25, "reconstruct": True})
+    cells += [{"units": ["layers"], "sparsity": k / layers, "reconstruct": True} for k in (2, 4, 8)]
+
+    rows = [
+        {
+            "cell": "dense",
+            "parameters": sum(p.numel() for p in dense.parameters()),
+            "decoder_parameters": decoder_parameters(dense),
+            "perplexity": llmprune.perplexity(dense, evaluation),
+        }
+    ]
+    print(json.dumps(rows[0]), flush=True)
+    for cell in cells:
+        pruned = copy.deepcopy(dense)
+        report = llmprune.prune(pruned, calibration, pattern="structured", score=args.score, **cell)
+        row = {
+            **cell,
+            "score": args.score,
+            "seconds": report.seconds,
+            "parameters": sum(p.numel() for p in pruned.parameters()),
+            "decoder_parameters": report.parameters_after,
+            "removed_fraction": report.achieved_sparsity,
+            "removed_layers": report.removed_layers,
+            "heads": pruned.config.num_attention_heads,
+            "kv_heads": pruned.config.num_key_value_heads,
+            "intermediate": pruned.config.intermediate_size,
+            "perplexity": llmprune.perplexity(pruned, evaluation),
+            **alternated(dense, pruned, prompt, args.repeats),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del pruned
+
+    machine = {
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(
+        "| removed | re-fit | heads / kv / MLP width | params | perplexity | prefill tok/s | decode tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | | | {rows[0]['parameters'] / 1e6:.1f} M | {rows[0]['perplexity']:.2f} | | |")
+    for r in rows[1:]:
+        what = (
+            f"{len(r['removed_layers'])} layers"
+            if r["units"] == ["layers"]
+            else f"{r['removed_fraction']:.0%}"
+        )
+        print(
+            f"| {what} | {'yes' if r['reconstruct'] else 'no'} | {r['heads']} / {r['kv_heads']} / "
+            f"{r['intermediate']} | {r['parameters'] / 1e6:.1f} M | {r['perplexity']:.2f} | "
+            f"{r['pruned_prefill_tps']:.0f} ({r['prefill_speedup']:.2f}×) | "
+            f"{r['pruned_decode_tps']:.1f} ({r['decode_speedup']:.2f}×) |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -42,20 +42,22 @@ def inverse_hessian_cholesky(
     the damping used is returned so the caller can report it.
     """
     mean_diag = hessian.diagonal().mean()
-    flipped = hessian.flip(0, 1)
-    identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
     current = damp
     for _ in range(max_retries + 1):
-        damped = flipped.clone()
-        damped.diagonal().add_(current * mean_diag)
+        work = hessian.flip(0, 1)  # a copy; at most three matrices of this size are alive at once
+        work.diagonal().add_(current * mean_diag)
         # With J the exchange matrix: J H J = L Lᵀ gives H = R Rᵀ with R = J L J upper triangular, so
         # H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse, instead of
         # the reference's Cholesky, cholesky_inverse and second Cholesky (same U, a third of the work).
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(work)
         if info.item() == 0:
-            upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+            work.zero_().diagonal().fill_(1.0)  # the identity, solved in place into L⁻¹
+            torch.linalg.solve_triangular(lower, work, upper=False, out=work)
+            lower = None
+            upper = work.flip(0, 1)
             if bool(torch.isfinite(upper).all()):
                 return upper, current
+        work = lower = None
         current = current * 10 if current > 0 else 1e-6
     raise CholeskyError(
         f"Hessian is not positive definite even with damping {current / 10:g}; "
@@ -77,9 +79,11 @@ class HessianFactor:
 
 def factor_hessian(hessian: torch.Tensor, damp: float = 0.01, max_retries: int = 4) -> HessianFactor:
     """Handle dead inputs, damp, invert and factor a Hessian (raising damping if Cholesky fails)."""
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float()
     dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    if bool(dead.any()):  # copy only then: the caller's Hessian is never changed
+        h = h.clone()
+        h[dead, dead] = 1.0
     upper, used = inverse_hessian_cholesky(h, damp, max_retries)
     return HessianFactor(upper, dead, used)
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from llmprune.methods import METHODS, LayerTask, Pattern, magnitude_mask, wanda_mask
-from llmprune.methods.sparsegpt import CholeskyError, inverse_hessian_cholesky, sparsegpt_prune
+from llmprune.methods.sparsegpt import (
+    CholeskyError,
+    _cholesky_,
+    _invert_lower_,
+    factor_hessian,
+    inverse_hessian_cholesky,
+    sparsegpt_prune,
+    sparsegpt_prune_factored,
+)
 from llmprune.pipeline.statistics import InputStatistics, relative_error
 
 METHOD_NAMES = ["magnitude", "wanda", "sparsegpt"]
@@ -184,7 +192,17 @@ def _naive_obs(weight: torch.Tensor, hessian: torch.Tensor, damp: float, mask: t
     return w
 
 
-@pytest.mark.parametrize(("pattern", "blocksize"), [("unstructured", 16), ("unstructured", 128), ("2:4", 16)])
+@pytest.mark.parametrize(
+    ("pattern", "blocksize"),
+    [
+        ("unstructured", 16),
+        ("unstructured", 20),
+        ("unstructured", 128),
+        ("2:4", 16),
+        ("2:4", 128),
+        ("4:8", 24),
+    ],
+)
 def test_sparsegpt_matches_naive_obs(pattern: str, blocksize: int) -> None:
     weight, _x, stats = _layer(16, 48, tokens=512, seed=7)
     parsed = Pattern.parse(pattern)
@@ -214,6 +232,63 @@ def test_sparsegpt_matches_naive_obs(pattern: str, blocksize: int) -> None:
     delta_obs = weight.double() - result.weight.double()
     delta_mask = weight.double() * mask
     assert torch.trace(delta_obs @ h @ delta_obs.t()) < torch.trace(delta_mask @ h @ delta_mask.t())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_joint_solve_equals_separate_solves(pattern: str) -> None:
+    # q/k/v-like: three weights of one input, solved in one column loop with one sparsity each.
+    _w, _x, stats = _layer(8, 64, tokens=512, seed=61)
+    rows = [24, 8, 8]
+    weights = [torch.randn(r, 64, generator=_gen(62 + i)) for i, r in enumerate(rows)]
+    sparsities = [0.5, 0.3, 0.7] if pattern == "unstructured" else [0.5] * 3
+    factor = factor_hessian(stats["sparsegpt"])
+    parsed = Pattern.parse(pattern)
+    joint = sparsegpt_prune_factored(torch.cat(weights), factor, sparsities, parsed, 16, rows)
+    parts = zip(weights, sparsities, joint.weight.split(rows), joint.mask.split(rows), strict=True)
+    for w, s, joint_weight, joint_mask in parts:
+        alone = sparsegpt_prune_factored(w, factor, s, parsed, 16)
+        assert torch.equal(joint_mask, alone.mask)
+        torch.testing.assert_close(joint_weight, alone.weight, rtol=1e-5, atol=1e-5)
+        if pattern == "unstructured":  # the adaptive mask removes its share of every block of each matrix
+            assert joint_mask.view(len(w), 4, 16).sum(dim=(0, 2)).tolist() == [round(len(w) * 16 * s)] * 4
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_removed_weights_are_positive_zeros(pattern: str) -> None:
+    weight, _x, stats = _layer(16, 48, tokens=256, seed=64)
+    result = sparsegpt_prune(-weight.abs(), stats["sparsegpt"], 0.5, Pattern.parse(pattern), blocksize=16)
+    assert result.mask.any()
+    assert (result.weight[result.mask] == 0).all()
+    assert not torch.signbit(result.weight[result.mask]).any()
+
+
+def test_sparsegpt_row_splits_must_cover_the_rows() -> None:
+    weight, _x, stats = _layer(16, 32, tokens=256, seed=65)
+    factor = factor_hessian(stats["sparsegpt"])
+    with pytest.raises(ValueError, match="row_splits"):
+        sparsegpt_prune_factored(weight, factor, [0.5, 0.5], Pattern(), 16, [8, 4])
+
+
+@pytest.mark.parametrize(("n", "leaf"), [(1, 1), (7, 2), (37, 4), (64, 16), (600, 256)])
+def test_cholesky_and_triangular_inverse_by_halves(n: int, leaf: int) -> None:
+    a = torch.randn(n, n, generator=_gen(63)) / n**0.5
+    matrix = a @ a.t() + torch.eye(n)
+    lower = matrix.clone()
+    assert _cholesky_(lower, leaf)
+    assert torch.equal(lower, lower.tril())
+    expected = torch.linalg.cholesky(matrix.double())
+    torch.testing.assert_close(lower.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    inverse = _invert_lower_(lower.clone(), leaf)
+    assert torch.equal(inverse, inverse.tril())
+    expected = torch.linalg.inv(lower.double())
+    torch.testing.assert_close(inverse.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(("n", "leaf", "bad"), [(8, 8, 5), (37, 4, 2), (37, 4, 30)])
+def test_cholesky_by_halves_detects_indefinite(n: int, leaf: int, bad: int) -> None:
+    matrix = torch.eye(n)
+    matrix[bad, bad] = -1.0
+    assert not _cholesky_(matrix, leaf)
 
 
 # --- Sparsity 0, dead inputs, Cholesky retry, determinism ------------------------------------------
@@ -297,6 +372,18 @@ def test_cholesky_succeeds_without_retry_when_well_conditioned() -> None:
     torch.testing.assert_close(
         upper.double().t() @ upper.double() @ damped, torch.eye(32).double(), atol=1e-4, rtol=0
     )
+
+
+def test_cholesky_factor_of_a_large_hessian() -> None:
+    # 600 features: the Cholesky factorisation and the triangular inverse go by halves.
+    x = _correlated_inputs(2400, 600, seed=45)
+    hessian = (2.0 / 2400) * x.t() @ x
+    upper, used = inverse_hessian_cholesky(hessian, 0.01)
+    assert used == 0.01
+    assert torch.equal(upper, upper.triu())
+    eye = torch.eye(600, dtype=torch.float64)
+    damped = hessian.double() + 0.01 * hessian.diagonal().double().mean() * eye
+    torch.testing.assert_close(upper.double().t() @ upper.double() @ damped, eye, atol=1e-3, rtol=0)
 
 
 def test_cholesky_error_when_never_positive_definite() -> None:

@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from llmprune.methods.patterns import (
+    _HISTOGRAM_MIN,
     Pattern,
+    _kth_key,
+    _order_keys,
     lowest_in_matrix,
     lowest_per_row,
+    mark_lowest,
+    mark_lowest_per_column,
     n_m_mask,
     prune_count,
     select_mask,
@@ -122,3 +127,119 @@ def test_select_mask_dispatch() -> None:
     # N:M ignores the sparsity argument and the comparison group.
     for per_row in (True, False):
         assert torch.equal(select_mask(scores, 0.1, Pattern(1, 4), per_row=per_row), n_m_mask(scores, 1, 4))
+
+
+# --- Fast selections: the same choice as a stable sort ----------------------------------------------
+
+
+def _stable_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the first ``k`` of a stable sort of the flattened scores."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.sort(scores.reshape(-1).double(), stable=True).indices[:k]] = True
+    return mask.view(scores.shape)
+
+
+def _scores(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.rand(shape, generator=g)
+    if kind == "ties":  # a handful of distinct values: the k-th is tied with thousands of others
+        return torch.randint(0, 5, shape, generator=g).float()
+    if kind == "equal":
+        return torch.full(shape, 0.25)
+    if kind == "signed":  # negatives, both zeros, infinities, subnormals, huge and tiny magnitudes
+        values = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 20)
+        flat = values.view(-1)
+        flat[::7] = 0.0
+        flat[3::7] = -0.0
+        flat[5::101] = float("inf")
+        flat[6::103] = -float("inf")
+        flat[1::11] = 1e-40
+        return values
+    raise ValueError(kind)
+
+
+LARGE = (2 * _HISTOGRAM_MIN // 256 + 1, 256)  # above the size where the histograms take over
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "equal", "signed"])
+@pytest.mark.parametrize("shape", [LARGE, (9, 13)])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("out_dtype", [torch.bool, torch.float32])
+def test_mark_lowest_is_a_stable_selection(
+    kind: str, shape: tuple[int, int], fraction: float, out_dtype: torch.dtype
+) -> None:
+    scores = _scores(kind, shape, seed=5)
+    k = round(scores.numel() * fraction)
+    out = mark_lowest(scores, k, torch.empty(shape, dtype=out_dtype))
+    assert out.dtype == out_dtype
+    assert torch.equal(out.bool(), _stable_lowest(scores, k))
+
+
+def _marked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return mark_lowest(scores, k, torch.empty(scores.shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("k", [1, 2, 1000, LARGE[0] * LARGE[1] // 2 + 1, LARGE[0] * LARGE[1] - 1])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed"])
+def test_mark_lowest_edge_counts(k: int, kind: str) -> None:
+    scores = _scores(kind, LARGE, seed=6)
+    assert torch.equal(_marked(scores, k), _stable_lowest(scores, k))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed"])
+def test_mark_lowest_strided_scores_and_out(kind: str) -> None:
+    # As SparseGPT uses it: a column slice of the scores into a column slice of a float mask.
+    scores = _scores(kind, (LARGE[0], 2 * LARGE[1]), seed=7)[:, 100 : 100 + LARGE[1]]
+    out = torch.full((LARGE[0], 3 * LARGE[1]), 7.0)
+    k = scores.numel() // 3
+    mark_lowest(scores, k, out[:, 50 : 50 + LARGE[1]])
+    assert torch.equal(out[:, 50 : 50 + LARGE[1]].bool(), _stable_lowest(scores, k))
+    assert (out[:, :50] == 7).all() and (out[:, 50 + LARGE[1] :] == 7).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed"])
+def test_mark_lowest_transposed_scores(kind: str) -> None:
+    scores = _scores(kind, LARGE[::-1], seed=11).t()  # dense, but not in row-major order
+    k = scores.numel() // 2
+    assert torch.equal(_marked(scores, k), _stable_lowest(scores, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_mark_lowest_other_dtypes(dtype: torch.dtype) -> None:
+    scores = _scores("uniform", LARGE, seed=8).to(dtype)  # 16-bit floats: many exact ties
+    k = scores.numel() // 2
+    assert torch.equal(_marked(scores, k), _stable_lowest(scores, k))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_lowest_in_matrix_matches_stable_sort_when_large(kind: str) -> None:
+    scores = _scores(kind, LARGE, seed=9)
+    mask = lowest_in_matrix(scores, 0.5)
+    assert torch.equal(mask, _stable_lowest(scores, round(scores.numel() * 0.5)))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "equal"])
+@pytest.mark.parametrize("out_dtype", [torch.bool, torch.float32])
+def test_mark_lowest_per_column_is_a_stable_selection(m: int, kind: str, out_dtype: torch.dtype) -> None:
+    scores = _scores(kind, (m, 300), seed=m)
+    for k in sorted({0, 1, m // 2, m - 1, m}):
+        out = mark_lowest_per_column(scores, k, torch.empty(m, 300, dtype=out_dtype))
+        expected = torch.stack([_stable_lowest(column, k) for column in scores.t()], dim=1)
+        assert torch.equal(out.bool(), expected), k
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed"])
+def test_order_keys_and_kth_key(kind: str) -> None:
+    scores = _scores(kind, LARGE, seed=10)
+    keys = _order_keys(scores).view(-1)
+    flat = scores.view(-1)
+    # Keys compare as the scores do (-0.0 == +0.0 included).
+    order = torch.sort(flat, stable=True).indices
+    assert torch.equal(torch.sort(keys, stable=True).indices, order)
+    assert torch.equal(keys[order][1:] == keys[order][:-1], flat[order][1:] == flat[order][:-1])
+    for k in [1, 2, keys.numel() // 3, keys.numel() - 1, keys.numel()]:
+        key, below, up_to = _kth_key(keys, k)
+        assert key == int(keys[order[k - 1]])
+        assert (below, up_to) == (int((keys < key).sum()), int((keys <= key).sum()))

@@ -7,7 +7,10 @@ remove. Scores are "importance": the lowest scores are pruned.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
 
 import torch
 
@@ -90,7 +93,106 @@ def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def lowest_in_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask the ``round(numel * sparsity)`` lowest scores of the whole matrix (one threshold per matrix)."""
-    return _lowest_k(scores.flatten(), prune_count(scores.numel(), sparsity)).view_as(scores)
+    k = prune_count(scores.numel(), sparsity)
+    return mark_lowest(scores, k, torch.empty_like(scores, dtype=torch.bool))
+
+
+# Below this many scores one kthvalue is about as fast as the two histograms of mark_lowest.
+_HISTOGRAM_MIN = 1 << 14
+_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)  # keyed as float32 without rounding
+
+
+def mark_lowest(scores: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Set ``out`` to 1 at the ``k`` lowest of all ``scores`` and to 0 elsewhere; ties broken by position.
+
+    Same selection as ``_lowest_k`` on the flattened scores (NaN aside), found with two 16-bit histograms
+    of order-preserving integer keys instead of a ``kthvalue``, which is several times slower on the CPU.
+    ``out`` may be of any dtype and strided (a float mask, a slice of a larger mask).
+    """
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return out.fill_(1 if k > 0 else 0)
+    if n < _HISTOGRAM_MIN or scores.dtype not in _EXACT_IN_FLOAT32:
+        return out.copy_(_lowest_k(scores.reshape(-1), k).view(scores.shape))
+    keys = _order_keys(scores.float())
+    key, below, up_to = _kth_key(keys, k)
+    if up_to == k:
+        if out.is_contiguous():
+            return torch.le(keys, key, out=out)
+        return out.copy_(torch.le(keys, key, out=torch.empty_like(keys, dtype=out.dtype)))
+    ties = (keys == key).reshape(-1)  # the k-th value is tied: keep the first of the ties by position
+    first_ties = ties & (ties.cumsum(0) <= k - below)
+    return out.copy_(((keys < key).reshape(-1) | first_ties).view(scores.shape))
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the float32 scores are, with -0.0 and +0.0 equal."""
+    bits = scores.view(torch.int32)
+    if int(bits.min()) >= 0:  # no sign bit set: the bits are ordered already
+        return bits
+    sign = bits >> 31
+    return (bits & 0x7FFFFFFF).bitwise_xor_(sign).sub_(sign)  # negative floats: magnitude bits, negated
+
+
+def _kth_key(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """The ``k``-th smallest of the int32 ``keys`` (flattened), and how many keys are below it and at most it.
+
+    A histogram of the high 16 bits finds the bucket holding the k-th key, one of the low 16 bits of
+    that bucket's keys finds the key itself.
+    """
+    high = (keys >> 16).add_(1 << 15).reshape(-1)
+    bucket, before, _ = _find_bin(torch.bincount(high, minlength=1 << 16), k)
+    base = (bucket - (1 << 15)) << 16
+    # The bucket's keys map to 1..65536, all others to 0 or 65537 (keys - base wraps around in int32 only
+    # for keys far from the bucket, and clamps outside it then too).
+    low = (keys - base).clamp_(-1, 1 << 16).add_(1).reshape(-1)
+    offset, below, up_to = _find_bin(torch.bincount(low, minlength=(1 << 16) + 2)[1:-1], k - before)
+    return base + offset, before + below, before + up_to
+
+
+def _find_bin(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """The bin of a 2¹⁶-bin histogram holding the ``k``-th smallest value, and the counts before and up to it.
+
+    Coarse to fine (256 x 256) on the host: a cumulative sum over all 2¹⁶ bins costs more than the rest.
+    """
+    rows = counts.view(256, 256)
+    coarse = list(accumulate(rows.sum(dim=1).tolist()))
+    row = bisect_left(coarse, k)
+    before = coarse[row - 1] if row else 0
+    fine = list(accumulate(rows[row].tolist(), initial=before))
+    col = bisect_left(fine, k, lo=1) - 1
+    return row * 256 + col, fine[col], fine[col + 1]
+
+
+def mark_lowest_per_column(scores: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Set ``out`` to 1 at the ``k`` lowest scores of every column and 0 elsewhere; ties by row.
+
+    For the few rows of an N:M group (SparseGPT selects one group at a time) the ranks come from all
+    pairwise comparisons and one small matmul: a handful of float ops and no host synchronisation.
+    """
+    m = scores.shape[0]
+    if m > 16:
+        return out.copy_(_lowest_k(scores.t(), k).t())
+    weights, thresholds = _rank_weights(m, k, scores.dtype, scores.device)
+    less = torch.lt(scores.unsqueeze(1), scores.unsqueeze(0), out=scores.new_empty(m, m, scores.shape[1]))
+    return torch.lt(weights @ less.view(m * m, -1), thresholds, out=out)
+
+
+@lru_cache
+def _rank_weights(
+    m: int, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W``, ``t`` such that ``W @ less < t`` marks the ``k`` lowest of ``m``, ``less[a, b] = s_a < s_b``.
+
+    The rank of ``s_j`` (stable) is ``#{a > j: s_a < s_j} + #{a < j: s_a <= s_j}``, and
+    ``s_a <= s_j`` is ``1 - less[j, a]``: so ``rank_j - j = Σ_{a>j} less[a, j] - Σ_{a<j} less[j, a]``.
+    """
+    weights = torch.zeros(m, m, m)
+    for j in range(m):
+        weights[j, j + 1 :, j] = 1.0
+        weights[j, j, :j] = -1.0
+    thresholds = k - torch.arange(m, dtype=torch.float32).unsqueeze(1)
+    return weights.view(m, m * m).to(device, dtype), thresholds.to(device, dtype)
 
 
 def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

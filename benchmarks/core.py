@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument(
         "--only-true-sequential", action="store_true", help="run only the true-sequential cells"
     )
+    parser.add_argument("--method", help="run only this method's cells")
     args = parser.parse_args()
     if args.child is not None:
         kind, *rest = args.child
@@ -127,6 +128,7 @@ def main() -> None:
         f"floor {results['floor_before']:.1f} s, dense ppl {results['dense']['perplexity']:.2f}", flush=True
     )
     grid = [cell for cell in GRID if cell[2]] if args.only_true_sequential else GRID
+    grid = [cell for cell in grid if args.method in (None, cell[0])]
     for method, pattern, ts in grid:
         row = _child("cell", method, pattern, "1" if ts else "0")
         results["cells"].append(row)

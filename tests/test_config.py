@@ -27,6 +27,10 @@ NON_DEFAULTS = {
     "blocksize": 16,
     "damp": 0.02,
     "magnitude_scope": "row",
+    "units": ["channels"],
+    "score": "wanda",
+    "reconstruct": False,
+    "head_mode": "groups",
     "batch_size": 2,
     "error_tokens": 64,
 }

@@ -237,7 +237,10 @@ def _solve(
         _check_finite(weight, f"weights of {target.name}")
     key = (method.name, targets[0].task.damp)  # damping is the only task field a preparation reads
     if key not in stats.prepared:
-        stats.prepared[key] = method.prepare(stats.statistic(), targets[0].task)
+        statistic = stats.statistic()
+        stats.gram = None  # the Hessian above replaces it; freed before the factorisation needs memory
+        stats.prepared[key] = method.prepare(statistic, targets[0].task)
+        del statistic
     return dense, method.prune(dense, stats.prepared[key], [t.task for t in targets])
 
 

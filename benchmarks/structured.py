@@ -77,7 +77,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--score", default="flap")
     parser.add_argument("--models", type=Path, default=Path("benchmarks/out/structured-models"))
+    parser.add_argument("--time-only", action="store_true", help="only time the models saved by a run")
     args = parser.parse_args()
+    if args.time_only:
+        dense, tokenizer = llmprune.load_embedded_model()
+        prompt = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)[:1, :PROMPT]
+        for number in range(len(list(args.models.glob("cell-*")))):
+            saved = AutoModelForCausalLM.from_pretrained(args.models / f"cell-{number}", dtype=torch.float32)
+            print(
+                json.dumps({"cell": number, **alternated(dense, saved.eval(), prompt, args.repeats)}),
+                flush=True,
+            )
+        return
 
     dense, tokenizer = llmprune.load_embedded_model()
     calibration = llmprune.calibration_data(tokenizer, "embedded", 32, 256, 0)

@@ -86,11 +86,9 @@ def check_model_name(name: str) -> None:
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(f"{name} is not a Hugging Face checkpoint directory (no config.json)")
     if path.is_dir():
-        from llmprune.models.shards import INDEX_FILE, missing_shards
+        from llmprune.models.shards import check_shards
 
-        missing = missing_shards(path)
-        if missing:
-            raise UsageError(f"{name}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+        check_shards(path)
     if path.is_file() and not name.endswith(".gguf"):
         raise UsageError(f"model {name} is a file: pass a checkpoint directory, a .gguf file or a hub id")
 

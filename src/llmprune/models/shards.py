@@ -22,17 +22,22 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def missing_shards(directory: Path, weight_map: dict[str, str] | None = None) -> list[str]:
-    """Shard files that a checkpoint's safetensors index lists but that are not there."""
+def _index_weight_map(index: Path) -> dict[str, str]:
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError):
+        raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
+
+
+def check_shards(directory: Path, weight_map: dict[str, str] | None = None) -> None:
+    """Fail in one line if a checkpoint's safetensors index lists shard files that are not there."""
     if weight_map is None:
-        index = directory / INDEX_FILE
-        if not index.is_file():
-            return []
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
-    return sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+        if not (directory / INDEX_FILE).is_file():
+            return
+        weight_map = _index_weight_map(directory / INDEX_FILE)
+    missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+    if missing:
+        raise UsageError(f"{directory}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}")
 
 
 class CheckpointShards:
@@ -42,10 +47,7 @@ class CheckpointShards:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
-                raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
+            weight_map = _index_weight_map(index)
         elif (self.directory / SINGLE_FILE).is_file():
             with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as handle:
                 weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
@@ -54,11 +56,7 @@ class CheckpointShards:
                 f"{self.directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
                 "streaming (--offload) reads safetensors checkpoints only"
             )
-        missing = missing_shards(self.directory, weight_map)
-        if missing:
-            raise UsageError(
-                f"{self.directory}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}"
-            )
+        check_shards(self.directory, weight_map)
         self.weight_map: dict[str, str] = weight_map
 
     def names(self, prefix: str = "") -> list[str]:

@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmprune.config import PruneOptions
 from llmprune.errors import UsageError
+from llmprune.models.architecture import read_weight
 from llmprune.pipeline.report import LinearReport
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.structured.layout import BlockLayout
@@ -57,11 +58,6 @@ def attention_shape(config) -> Attention:
     return Attention(heads, kv_heads, head_dim)
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """``[out, in]`` (GPT-2's Conv1D stores it transposed)."""
-    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
-
-
 def _stored(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """An ``[out, in]`` weight in the module's own layout and dtype."""
     weight = weight.t() if isinstance(module, Conv1D) else weight
@@ -80,7 +76,7 @@ def plan_widths(
     the rounding)."""
     units = [u for u in options.units if u != "layers"]
     mlp = sum(_params(layer.get_submodule(p)) for p in (*layout.mlp_inputs, layout.mlp_output))
-    width = _weight(layer.get_submodule(layout.mlp_output)).shape[1]
+    width = read_weight(layer.get_submodule(layout.mlp_output)).shape[1]
     per_channel = mlp / width
     budget = fraction * sum(p.numel() for p in layer.parameters())
     heads = 0
@@ -168,7 +164,7 @@ class StructuredBlocks:
         shape, plan = self.shape, self.plan
         o = layer.get_submodule(o_name)
         q = layer.get_submodule(q_name)
-        columns = self._scores(o, stats, [_weight(q)])
+        columns = self._scores(o, stats, [read_weight(q)])
         heads = unit_scores(columns, shape.head_dim)
         if plan.head_mode == "queries":
             grouped = heads.reshape(shape.kv_heads, shape.per_group)
@@ -191,7 +187,7 @@ class StructuredBlocks:
     def _channels(self, index, prefix, layer, state, stats) -> LinearReport:
         down = layer.get_submodule(self.layout.mlp_output)
         producers = [layer.get_submodule(name) for name in self.layout.mlp_inputs]
-        columns = self._scores(down, stats, [_weight(p) for p in producers])
+        columns = self._scores(down, stats, [read_weight(p) for p in producers])
         keep = keep_highest(columns, self.plan.channels)
         for name, module in zip(self.layout.mlp_inputs, producers, strict=True):
             _keep_rows(state, module, name, keep)
@@ -202,13 +198,12 @@ class StructuredBlocks:
     def _scores(
         self, consumer: nn.Module, stats: InputStatistics, producers: list[torch.Tensor]
     ) -> torch.Tensor:
-        return column_scores(
-            self.options.score, _weight(consumer), stats.gram_matrix(), stats.sums, stats.tokens, producers
-        )
+        weight, gram = read_weight(consumer), stats.gram_matrix()
+        return column_scores(self.options.score, weight, gram, stats.sums, stats.tokens, producers)
 
     def _consume(self, index, prefix, consumer, name, state, stats, keep) -> LinearReport:
         """Slice the consumer's input columns to ``keep``, re-fitting or compensating as configured."""
-        weight = _weight(consumer).float()
+        weight = read_weight(consumer).float()
         bias = consumer.bias.data.float() if consumer.bias is not None else None
         has_bias = bias is not None or self.use_bias
         damp = None
@@ -244,7 +239,7 @@ class StructuredBlocks:
 
 def _keep_rows(state: dict[str, torch.Tensor], module: nn.Module, name: str, rows: torch.Tensor) -> None:
     """Keep output rows ``rows`` of a producer (its weight and bias) in ``state``."""
-    state[f"{name}.weight"] = _stored(module, _weight(module)[rows])
+    state[f"{name}.weight"] = _stored(module, read_weight(module)[rows])
     if module.bias is not None:
         state[f"{name}.bias"] = module.bias.data[rows].clone()
 

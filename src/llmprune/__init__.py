@@ -13,6 +13,7 @@ from llmprune.data.text import (
 )
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
 
@@ -31,6 +32,7 @@ __all__ = [
     "embedded_text",
     "evaluation_data",
     "evaluation_windows",
+    "load",
     "load_embedded_model",
     "load_model",
     "load_tokenizer",

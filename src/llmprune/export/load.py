@@ -1,0 +1,34 @@
+"""``llmprune.load``: the one loader for every checkpoint llmprune writes.
+
+Plain checkpoints (unstructured or N:M sparsity, structured pruning with the same width in every layer)
+load with ``transformers`` as they are; this function also opens the two layouts that need llmprune:
+compact sparse checkpoints (``--save-format compressed``) and models whose decoder layers have
+different widths (adaptive structured pruning). Which one a directory holds is recorded in ``llmprune.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import UsageError
+from llmprune.export.save import METADATA_FILE
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The ``llmprune.json`` of a saved model, or ``{}`` for a checkpoint llmprune did not write."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
+    """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
+    from llmprune.models.loading import load_model
+
+    return load_model(str(path), dtype, device)

@@ -18,6 +18,7 @@ from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.compressed import MANIFEST_KEY, compress_weights
 from llmprune.export.save import (
     check_output,
     library_versions,
@@ -224,7 +225,9 @@ def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
     pruned = perplexity(model, evaluation) if evaluation is not None else None
     metadata = job.metadata(report, dense, pruned)
     output = config.output_path()
-    saved = save_pruned(model, job.tokenizer, output, metadata, config.overwrite) if job.save else None
+    saved = None
+    if job.save:
+        saved = save_pruned(model, job.tokenizer, output, metadata, config.overwrite, config.save_format)
     if checkpoint is not None:
         checkpoint.clear()
     return RunResult(config, report, dense, pruned, saved, load_seconds, metadata)
@@ -267,6 +270,8 @@ def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
             if (source / GENERATION_CONFIG).is_file():
                 shutil.copy(source / GENERATION_CONFIG, target / GENERATION_CONFIG)
             job.tokenizer.save_pretrained(target)
+            if config.save_format == "compressed":  # shard by shard, once the pruned model is measured
+                metadata[MANIFEST_KEY] = compress_weights(target, target)
             write_metadata(target, metadata)
     if checkpoint is not None:
         checkpoint.clear()

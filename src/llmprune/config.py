@@ -199,6 +199,11 @@ class RunConfig(PruneOptions):
         None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
     )
     overwrite: bool = Field(False, description="replace --output if it exists")
+    save_format: Literal["dense", "compressed"] = Field(
+        "dense",
+        description="dense: a plain checkpoint; compressed: sparse weights packed (non-zeros plus a bitmask "
+        "or N:M positions), read by llmprune.load, made plain again by llmprune decompress",
+    )
     resume: bool = Field(False, description="continue an interrupted run from its last finished layer")
     offload: bool = Field(
         False,
@@ -240,7 +245,7 @@ class RunConfig(PruneOptions):
         recipe = {
             name: value
             for name, value in self.model_dump(mode="json").items()
-            if name not in ("output", "overwrite", "resume", "offload", "max_memory")
+            if name not in ("output", "overwrite", "save_format", "resume", "offload", "max_memory")
             and not name.startswith("eval_")
         }
         recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe

@@ -143,3 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
         sys.exit(code)
+
+
+from llmprune.cli import checkpoints  # noqa: E402
+
+cli.add_command(checkpoints.compress)
+cli.add_command(checkpoints.decompress)
+cli.add_command(checkpoints.inspect)

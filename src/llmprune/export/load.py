@@ -29,6 +29,9 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
     """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
+    from llmprune.export.compressed import is_compressed, load_compressed
     from llmprune.models.loading import load_model
 
+    if is_compressed(path):  # packed sparse weights (export/compressed.py)
+        return load_compressed(path, dtype, device)
     return load_model(str(path), dtype, device)

@@ -97,12 +97,22 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
 
 
 def save_pruned(
-    model, tokenizer, output: str | Path, metadata: dict[str, Any], overwrite: bool = False
+    model,
+    tokenizer,
+    output: str | Path,
+    metadata: dict[str, Any],
+    overwrite: bool = False,
+    save_format: str = "dense",
 ) -> Path:
-    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path."""
+    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path.
+    ``save_format="compressed"`` packs the sparse weights (``export/compressed.py``)."""
     with staged_directory(output, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if save_format == "compressed":
+            from llmprune.export.compressed import MANIFEST_KEY, compress_weights
+
+            metadata[MANIFEST_KEY] = compress_weights(staging, staging)
         write_metadata(staging, metadata)
     return Path(output)

@@ -210,3 +210,20 @@ def select_mask(
     if pattern.is_nm:
         return n_m_mask(scores, pattern.n, pattern.m)
     return lowest_per_row(scores, sparsity) if per_row else lowest_in_matrix(scores, sparsity)
+
+
+def max_per_group(nonzero: torch.Tensor, m: int) -> int | None:
+    """The most non-zeros in any group of ``m`` consecutive entries along the last dimension of a bool
+    tensor: the smallest N for which it is N:M sparse; None if the width is not divisible by ``m``."""
+    width = nonzero.shape[-1] if nonzero.dim() else 1
+    if nonzero.numel() == 0 or width % m:
+        return None
+    return int(nonzero.reshape(-1, m).sum(dim=-1, dtype=torch.int32).max())
+
+
+def satisfies(nonzero: torch.Tensor, pattern: Pattern) -> bool:
+    """Whether the non-zeros of a ``[out, in]`` weight keep N:M (unstructured patterns always hold)."""
+    if not pattern.is_nm:
+        return True
+    most = max_per_group(nonzero, pattern.m)
+    return most is not None and most <= pattern.n

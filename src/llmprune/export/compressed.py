@@ -1,0 +1,239 @@
+"""Compact sparse checkpoints: every weight file of a checkpoint stored in the layouts of ``packing.py``.
+
+A compressed checkpoint is the Hugging Face directory (config, tokenizer, ``llmprune.json``) with each
+``NAME.safetensors`` replaced by ``NAME.compressed.safetensors``. In that file a tensor ``T`` is stored as
+``T`` (dense) or as its parts ``T@values`` plus ``T@mask`` (bitmask) or ``T@positions`` (N:M); the file's
+safetensors metadata records, per tensor, its layout, shape, dtype and a SHA-256 of all that and of its
+parts. ``llmprune.json`` gets a ``compressed`` manifest: format, version, files and their sizes.
+
+Reading checks the manifest and the file sizes first (a truncated file is caught before anything is read)
+and every tensor's checksum as it is decoded; ``llmprune.load`` decodes every tensor before it builds the
+model, so a damaged checkpoint raises a ``UsageError`` and loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmprune.errors import UsageError
+from llmprune.export.load import read_metadata
+from llmprune.export.packing import Packed, checksum, from_entry, pack, part_names, unpack
+from llmprune.export.save import METADATA_FILE, staged_directory, write_metadata
+
+FORMAT = "llmprune-compressed"
+VERSION = 1
+SUFFIX = ".compressed.safetensors"
+MANIFEST_KEY = "compressed"
+"""Key of the manifest in ``llmprune.json``; its presence is what marks a checkpoint as compressed."""
+HEADER_KEY = "llmprune.tensors"
+
+
+def is_compressed(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a compressed checkpoint (its ``llmprune.json`` has the manifest)."""
+    return Path(directory).is_dir() and MANIFEST_KEY in read_metadata(directory)
+
+
+def _key(name: str, part: str) -> str:
+    return name if part == "dense" else f"{name}@{part}"
+
+
+def _dense_shards(directory: Path):
+    from llmprune.models.shards import CheckpointShards
+
+    return CheckpointShards(directory)
+
+
+def compress_weights(source: str | Path, target: str | Path) -> dict[str, Any]:
+    """Write a compressed file into ``target`` for each safetensors weight file of ``source``, one file at
+    a time; returns the manifest for ``llmprune.json`` (with, per layout, the tensors stored in it and
+    their bytes dense and stored). With ``target == source`` (a staging directory)
+    the dense files and their index are replaced."""
+    from llmprune.models.shards import INDEX_FILE
+
+    source, target = Path(source), Path(target)
+    shards = _dense_shards(source)
+    files: dict[str, list[str]] = {}
+    for name, file in shards.weight_map.items():
+        files.setdefault(file, []).append(name)
+    manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": {}}
+    layouts: dict[str, dict[str, int]] = {}
+    for file, names in files.items():
+        parts: dict[str, torch.Tensor] = {}
+        entries: dict[str, Any] = {}
+        for name in names:
+            tensor = shards.read(name)
+            packed = pack(tensor)
+            entries[name] = packed.entry()
+            parts.update({_key(name, part): value for part, value in packed.parts.items()})
+            counts = layouts.setdefault(packed.layout, {"tensors": 0, "dense_bytes": 0, "stored_bytes": 0})
+            counts["tensors"] += 1
+            counts["dense_bytes"] += tensor.numel() * tensor.element_size()
+            counts["stored_bytes"] += packed.nbytes
+        compressed_name = file.removesuffix(".safetensors") + SUFFIX
+        header = {"format": FORMAT, "version": str(VERSION), HEADER_KEY: json.dumps(entries)}
+        save_file(parts, str(target / compressed_name), metadata=header)
+        manifest["files"][compressed_name] = {
+            "bytes": (target / compressed_name).stat().st_size,
+            "dense_name": file,
+        }
+        if target.resolve() == source.resolve():
+            (source / file).unlink()
+    if target.resolve() == source.resolve():
+        (source / INDEX_FILE).unlink(missing_ok=True)
+    manifest["layouts"] = dict(sorted(layouts.items()))
+    return manifest
+
+
+class CompressedCheckpoint:
+    """The tensors of a compressed checkpoint, by name, each decoded (and its checksum verified) on read.
+
+    Opening checks the manifest, that every file is there with the size it was written with, and reads
+    every file's header, so damage there is reported before any tensor is decoded.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        manifest = read_metadata(self.directory).get(MANIFEST_KEY)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise UsageError(f"{self.directory} is not a compressed llmprune checkpoint")
+        if manifest.get("version") != VERSION:
+            raise UsageError(
+                f"{self.directory}: compressed format version {manifest.get('version')} is not supported "
+                f"(this llmprune reads version {VERSION}); upgrade llmprune"
+            )
+        self.manifest = manifest
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, str] = {}
+        for file, info in manifest["files"].items():
+            path = self.directory / file
+            if not path.is_file():
+                raise UsageError(f"{path} is missing from the compressed checkpoint")
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                raise UsageError(
+                    f"{path} is truncated or damaged: {size} bytes, {info['bytes']} were written"
+                )
+            for name, entry in self._header(path).items():
+                self.entries[name] = entry
+                self.files[name] = file
+
+    @staticmethod
+    def _header(path: Path) -> dict[str, dict[str, Any]]:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return json.loads((handle.metadata() or {})[HEADER_KEY])
+        except Exception as exc:  # safetensors, JSON and key errors alike: the header is damaged
+            raise UsageError(f"{path} is corrupted: cannot read its header ({exc})") from None
+
+    def names(self) -> list[str]:
+        """Tensor names, in file order."""
+        return list(self.entries)
+
+    def dense_name(self, name: str) -> str:
+        """The weight file ``name`` came from (and goes back to when decompressed)."""
+        return self.manifest["files"][self.files[name]]["dense_name"]
+
+    def read_packed(self, name: str) -> Packed:
+        """The stored parts of tensor ``name``, checksum verified."""
+        entry, path = self.entries[name], self.directory / self.files[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                parts = {part: handle.get_tensor(_key(name, part)) for part in part_names(entry["layout"])}
+        except Exception as exc:
+            raise UsageError(f"{path} is corrupted: cannot read tensor {name} ({exc})") from None
+        if checksum(entry, parts) != entry.get("sha256"):
+            raise UsageError(f"{path} is corrupted: tensor {name} does not match its checksum")
+        return from_entry(entry, parts)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as it was before compression, bit for bit."""
+        try:
+            return unpack(self.read_packed(name))
+        except (RuntimeError, ValueError, KeyError) as exc:  # parts that do not fit the description
+            raise UsageError(f"{self.directory}: cannot decode tensor {name} ({exc})") from None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, decoded and verified."""
+        return {name: self.read(name) for name in self.names()}
+
+
+def _copy_other_files(source: Path, target: Path, weights: set[str]) -> None:
+    """Config, tokenizer, generation config... everything but the weights and ``llmprune.json``."""
+    for path in source.iterdir():
+        if path.name in weights or path.name == METADATA_FILE or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, target / path.name)
+        else:
+            shutil.copy2(path, target / path.name)
+
+
+def compress(directory: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a compressed copy of the checkpoint ``directory`` to ``output``; returns ``output``."""
+    from llmprune.models.loading import check_model_name
+    from llmprune.models.shards import INDEX_FILE
+
+    directory = Path(directory)
+    if is_compressed(directory):
+        raise UsageError(f"{directory} is compressed already")
+    if not directory.is_dir():
+        raise UsageError(f"checkpoint directory not found: {directory}")
+    check_model_name(str(directory))
+    shards = _dense_shards(directory)
+    metadata = read_metadata(directory)
+    with staged_directory(output, overwrite) as staging:
+        _copy_other_files(directory, staging, set(shards.weight_map.values()) | {INDEX_FILE})
+        metadata[MANIFEST_KEY] = compress_weights(directory, staging)
+        write_metadata(staging, metadata)
+    return Path(output)
+
+
+def decompress(directory: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write the plain (dense safetensors) checkpoint a compressed one holds to ``output``: the one
+    that was compressed, tensor for tensor, which ``transformers`` loads as usual."""
+    from llmprune.models.shards import INDEX_FILE
+
+    checkpoint = CompressedCheckpoint(directory)
+    files: dict[str, list[str]] = {}
+    for name in checkpoint.names():
+        files.setdefault(checkpoint.dense_name(name), []).append(name)
+    metadata = read_metadata(directory)
+    del metadata[MANIFEST_KEY]
+    with staged_directory(output, overwrite) as staging:
+        _copy_other_files(checkpoint.directory, staging, set(checkpoint.manifest["files"]))
+        weight_map, total = {}, 0
+        for file, names in files.items():
+            tensors = {name: checkpoint.read(name) for name in names}
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if metadata:
+            write_metadata(staging, metadata)
+    return Path(output)
+
+
+def load_compressed(directory: str | Path, dtype: str = "auto", device: str = "auto"):
+    """The model of a compressed checkpoint, in eval mode: every tensor is decoded and verified first,
+    then ``transformers`` builds the model from its config and those tensors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    from llmprune.models.loading import resolve_device, resolve_dtype
+
+    state = CompressedCheckpoint(directory).state_dict()
+    target = resolve_device(device)
+    config = AutoConfig.from_pretrained(directory)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not tensors
+    model = model_class.from_pretrained(
+        None, config=config, state_dict=state, dtype=resolve_dtype(dtype, target)
+    )
+    return model.to(target).eval()

@@ -13,6 +13,8 @@ from llmprune.data.text import (
 )
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.compressed import compress, decompress
+from llmprune.export.inspection import inspect_checkpoint
 from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
@@ -29,9 +31,12 @@ __all__ = [
     "__version__",
     "calibration_data",
     "calibration_windows",
+    "compress",
+    "decompress",
     "embedded_text",
     "evaluation_data",
     "evaluation_windows",
+    "inspect_checkpoint",
     "load",
     "load_embedded_model",
     "load_model",

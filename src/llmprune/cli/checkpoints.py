@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -18,6 +20,18 @@ class CopyOptions(StrictModel):
 
     output: str = Field(description="output directory")
     overwrite: bool = Field(False, description="replace --output if it exists")
+
+
+@contextmanager
+def tensor_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar (on stderr) over a checkpoint's tensors; yields ``advance(done, total)``."""
+    from rich.progress import Progress
+
+    from llmprune.cli.main import console
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _size(size: int) -> str:
@@ -46,7 +60,8 @@ def compress(directory: str, **flags: Any) -> None:
     from llmprune.export.load import read_metadata
 
     options = build(CopyOptions, given(flags))
-    saved = compress(directory, options.output, options.overwrite)
+    with tensor_progress("compressing tensors") as advance:
+        saved = compress(directory, options.output, options.overwrite, advance)
     _print_sizes(read_metadata(saved)[MANIFEST_KEY])
     out.print(f"saved to {saved}", soft_wrap=True)
 
@@ -61,7 +76,9 @@ def decompress(directory: str, **flags: Any) -> None:
     from llmprune.export.compressed import decompress
 
     options = build(CopyOptions, given(flags))
-    out.print(f"saved to {decompress(directory, options.output, options.overwrite)}", soft_wrap=True)
+    with tensor_progress("decompressing tensors") as advance:
+        saved = decompress(directory, options.output, options.overwrite, advance)
+    out.print(f"saved to {saved}", soft_wrap=True)
 
 
 @click.command()
@@ -71,18 +88,15 @@ def decompress(directory: str, **flags: Any) -> None:
 def inspect(model_dir: str, as_json: bool, tensors: bool) -> None:
     """Per-layer sparsity, N:M compliance, parameter counts, file sizes and the recorded recipe of the
     checkpoint MODEL_DIR (plain, pruned or compressed), read one tensor at a time."""
-    from llmprune.cli.main import console, out
+    from llmprune.cli.main import out
     from llmprune.export.inspection import check_checkpoint, inspect_checkpoint
 
     check_checkpoint(model_dir)
+    with tensor_progress("reading tensors") as advance:
+        info = inspect_checkpoint(model_dir, advance)
     if as_json:
-        click.echo(json.dumps(inspect_checkpoint(model_dir), indent=2))
+        click.echo(json.dumps(info, indent=2))
         return
-    from rich.progress import Progress
-
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("reading tensors", total=None)
-        info = inspect_checkpoint(model_dir, lambda done, n: bar.update(task, completed=done, total=n))
     out.print(_tensor_table(info) if tensors else _layer_table(info))
     for line in _summary_lines(info):
         out.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ SUFFIX = ".compressed.safetensors"
 MANIFEST_KEY = "compressed"
 """Key of the manifest in ``llmprune.json``; its presence is what marks a checkpoint as compressed."""
 HEADER_KEY = "llmprune.tensors"
+Progress = Callable[[int, int], None]
 
 
 def is_compressed(directory: str | Path) -> bool:
@@ -50,7 +52,9 @@ def _dense_shards(directory: Path):
     return CheckpointShards(directory)
 
 
-def compress_weights(source: str | Path, target: str | Path) -> dict[str, Any]:
+def compress_weights(
+    source: str | Path, target: str | Path, progress: Progress | None = None
+) -> dict[str, Any]:
     """Write a compressed file into ``target`` for each safetensors weight file of ``source``, one file at
     a time; returns the manifest for ``llmprune.json`` (with, per layout, the tensors stored in it and
     their bytes dense and stored). With ``target == source`` (a staging directory)
@@ -64,11 +68,13 @@ def compress_weights(source: str | Path, target: str | Path) -> dict[str, Any]:
         files.setdefault(file, []).append(name)
     manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": {}}
     layouts: dict[str, dict[str, int]] = {}
+    done = 0
     for file, names in files.items():
         parts: dict[str, torch.Tensor] = {}
         entries: dict[str, Any] = {}
         for name in names:
             tensor = shards.read(name)
+            done += 1
             packed = pack(tensor)
             entries[name] = packed.entry()
             parts.update({_key(name, part): value for part, value in packed.parts.items()})
@@ -76,6 +82,8 @@ def compress_weights(source: str | Path, target: str | Path) -> dict[str, Any]:
             counts["tensors"] += 1
             counts["dense_bytes"] += tensor.numel() * tensor.element_size()
             counts["stored_bytes"] += packed.nbytes
+            if progress is not None:
+                progress(done, len(shards.weight_map))
         compressed_name = file.removesuffix(".safetensors") + SUFFIX
         header = {"format": FORMAT, "version": str(VERSION), HEADER_KEY: json.dumps(entries)}
         save_file(parts, str(target / compressed_name), metadata=header)
@@ -175,8 +183,11 @@ def _copy_other_files(source: Path, target: Path, weights: set[str]) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def compress(directory: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """Write a compressed copy of the checkpoint ``directory`` to ``output``; returns ``output``."""
+def compress(
+    directory: str | Path, output: str | Path, overwrite: bool = False, progress: Progress | None = None
+) -> Path:
+    """Write a compressed copy of the checkpoint ``directory`` to ``output``; returns ``output``.
+    ``progress(done, total)`` is called after each tensor."""
     from llmprune.models.loading import check_model_name
     from llmprune.models.shards import INDEX_FILE
 
@@ -190,14 +201,17 @@ def compress(directory: str | Path, output: str | Path, overwrite: bool = False)
     metadata = read_metadata(directory)
     with staged_directory(output, overwrite) as staging:
         _copy_other_files(directory, staging, set(shards.weight_map.values()) | {INDEX_FILE})
-        metadata[MANIFEST_KEY] = compress_weights(directory, staging)
+        metadata[MANIFEST_KEY] = compress_weights(directory, staging, progress)
         write_metadata(staging, metadata)
     return Path(output)
 
 
-def decompress(directory: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+def decompress(
+    directory: str | Path, output: str | Path, overwrite: bool = False, progress: Progress | None = None
+) -> Path:
     """Write the plain (dense safetensors) checkpoint a compressed one holds to ``output``: the one
-    that was compressed, tensor for tensor, which ``transformers`` loads as usual."""
+    that was compressed, tensor for tensor, which ``transformers`` loads as usual. ``progress(done, total)``
+    is called after each tensor."""
     from llmprune.models.shards import INDEX_FILE
 
     checkpoint = CompressedCheckpoint(directory)
@@ -210,7 +224,11 @@ def decompress(directory: str | Path, output: str | Path, overwrite: bool = Fals
         _copy_other_files(checkpoint.directory, staging, set(checkpoint.manifest["files"]))
         weight_map, total = {}, 0
         for file, names in files.items():
-            tensors = {name: checkpoint.read(name) for name in names}
+            tensors = {}
+            for name in names:
+                tensors[name] = checkpoint.read(name)
+                if progress is not None:
+                    progress(len(weight_map) + len(tensors), len(checkpoint.entries))
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, file))
             total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -89,8 +89,11 @@ def pack_uints(values: torch.Tensor, width: int) -> torch.Tensor:
 
 def unpack_uints(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """``count`` integers of ``width`` bits from ``pack_uints`` output, as int64."""
-    bits = unpack_bits(packed, count * width).view(count, width).to(torch.int64)
-    return (bits << torch.arange(width)).sum(dim=1)
+    bits = np.unpackbits(packed.numpy(), count=count * width, bitorder="little").reshape(count, width)
+    values = bits[:, 0].copy()
+    for bit in range(1, width):
+        values |= bits[:, bit] << bit
+    return torch.from_numpy(values).to(torch.int64)
 
 
 def position_bits(m: int) -> int:
@@ -114,9 +117,13 @@ def choose_layout(tensor: torch.Tensor) -> tuple[str, int]:
     best: tuple[int, str, int] | None = None
     for axis in (1, 0) if 2 * count <= tensor.numel() else ():  # N <= M/2 needs half zeros at least
         along = nonzero if axis == 1 else nonzero.t()
-        for m in GROUP_SIZES:
+        for m in sorted(GROUP_SIZES, reverse=True):
             n = max_per_group(along, m)
-            if n is None or not 1 <= n <= m // 2:
+            if n is None:
+                continue
+            if n > m // 2:  # then some half of a group exceeds M/4 too: no smaller M fits either
+                break
+            if n == 0:
                 continue
             size = _nm_bytes(tensor.numel() // m, n, m, tensor.element_size())
             if best is None or size < best[0]:
@@ -137,7 +144,7 @@ def pack(tensor: torch.Tensor, layout: str | None = None, axis: int | None = Non
         return Packed(layout, shape, dtype, {"dense": tensor})
     if layout == "bitmask":
         nonzero = nonzero_bits(tensor).reshape(-1)
-        values = tensor.reshape(-1)[nonzero]
+        values = torch.masked_select(tensor.reshape(-1), nonzero)
         return Packed(layout, shape, dtype, {"values": values, "mask": pack_bits(nonzero)})
     n, m = (int(part) for part in layout.split(":"))
     axis = 1 if axis is None else axis
@@ -161,9 +168,7 @@ def unpack(packed: Packed) -> torch.Tensor:
     numel = math.prod(shape)
     if packed.layout == "bitmask":
         nonzero = unpack_bits(parts["mask"], numel)
-        out = torch.zeros(numel, dtype=dtype)
-        out[nonzero] = parts["values"]
-        return out.reshape(shape)
+        return torch.zeros(numel, dtype=dtype).masked_scatter_(nonzero, parts["values"]).reshape(shape)
     n, m = (int(part) for part in packed.layout.split(":"))
     groups = numel // m
     positions = unpack_uints(parts["positions"], groups * n, position_bits(m)).view(groups, n)

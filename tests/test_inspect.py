@@ -4,6 +4,7 @@ checkpoints; anything that is not a checkpoint is one line and exit 2."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import llmprune
 from conftest import tiny_calibration, tiny_model
+from llmprune.export.compressed import SUFFIX
 from llmprune.export.inspection import tensor_info
 from llmprune.export.save import METADATA_FILE, save_pruned
 from test_cli import invoke
@@ -125,3 +127,12 @@ def test_not_a_checkpoint(capsys, checkpoints, tmp_path):
     for path, message in cases.items():
         assert message in invoke(capsys, "inspect", path, "--json").error_line
     assert "No such option" in invoke(capsys, "inspect", checkpoints["dense"], "--bogus").error_line
+
+
+def test_damaged_compressed_checkpoint(capsys, checkpoints, tmp_path):
+    copy = Path(shutil.copytree(checkpoints["compressed"], tmp_path / "copy"))
+    weights = copy / f"model{SUFFIX}"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert "is truncated or damaged" in invoke(capsys, "inspect", copy).error_line
+    (copy / METADATA_FILE).unlink()
+    assert "holds compressed weights but no llmprune.json" in invoke(capsys, "inspect", copy).error_line

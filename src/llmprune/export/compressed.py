@@ -27,6 +27,7 @@ from llmprune.errors import UsageError
 from llmprune.export.load import read_metadata
 from llmprune.export.packing import Packed, checksum, from_entry, pack, part_names, unpack
 from llmprune.export.save import METADATA_FILE, staged_directory, write_metadata
+from llmprune.models.shards import INDEX_FILE, CheckpointShards
 
 FORMAT = "llmprune-compressed"
 VERSION = 1
@@ -46,23 +47,15 @@ def _key(name: str, part: str) -> str:
     return name if part == "dense" else f"{name}@{part}"
 
 
-def _dense_shards(directory: Path):
-    from llmprune.models.shards import CheckpointShards
-
-    return CheckpointShards(directory)
-
-
 def compress_weights(
     source: str | Path, target: str | Path, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Write a compressed file into ``target`` for each safetensors weight file of ``source``, one file at
     a time; returns the manifest for ``llmprune.json`` (with, per layout, the tensors stored in it and
-    their bytes dense and stored). With ``target == source`` (a staging directory)
-    the dense files and their index are replaced."""
-    from llmprune.models.shards import INDEX_FILE
-
+    their bytes dense and stored). With ``target == source`` (a staging directory) the dense files and
+    their index are replaced."""
     source, target = Path(source), Path(target)
-    shards = _dense_shards(source)
+    shards = CheckpointShards(source)
     files: dict[str, list[str]] = {}
     for name, file in shards.weight_map.items():
         files.setdefault(file, []).append(name)
@@ -189,7 +182,6 @@ def compress(
     """Write a compressed copy of the checkpoint ``directory`` to ``output``; returns ``output``.
     ``progress(done, total)`` is called after each tensor."""
     from llmprune.models.loading import check_model_name
-    from llmprune.models.shards import INDEX_FILE
 
     directory = Path(directory)
     if is_compressed(directory):
@@ -197,7 +189,7 @@ def compress(
     if not directory.is_dir():
         raise UsageError(f"checkpoint directory not found: {directory}")
     check_model_name(str(directory))
-    shards = _dense_shards(directory)
+    shards = CheckpointShards(directory)
     metadata = read_metadata(directory)
     with staged_directory(output, overwrite) as staging:
         _copy_other_files(directory, staging, set(shards.weight_map.values()) | {INDEX_FILE})
@@ -212,8 +204,6 @@ def decompress(
     """Write the plain (dense safetensors) checkpoint a compressed one holds to ``output``: the one
     that was compressed, tensor for tensor, which ``transformers`` loads as usual. ``progress(done, total)``
     is called after each tensor."""
-    from llmprune.models.shards import INDEX_FILE
-
     checkpoint = CompressedCheckpoint(directory)
     files: dict[str, list[str]] = {}
     for name in checkpoint.names():

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from llmprune.errors import UsageError
-from llmprune.export.compressed import MANIFEST_KEY, CompressedCheckpoint
+from llmprune.export.compressed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
 from llmprune.export.load import read_metadata
+from llmprune.export.save import METADATA_FILE
 from llmprune.methods.patterns import max_per_group
 
 GROUP_SIZES = (4, 8, 16)
@@ -107,6 +108,8 @@ def check_checkpoint(directory: str | Path) -> Path:
         raise UsageError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
     if MANIFEST_KEY in read_metadata(path):
         return path
+    if any(path.glob(f"*{SUFFIX}")):
+        raise UsageError(f"{directory} holds compressed weights but no {METADATA_FILE} manifest")
     if not (path / SINGLE_FILE).is_file() and not (path / INDEX_FILE).is_file():
         raise UsageError(
             f"{directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "

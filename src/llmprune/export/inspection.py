@@ -90,8 +90,8 @@ def tensor_info(
         layout=layout,
     )
     if linear and tensor.dim() == 2:
-        nonzero = (tensor.t() if transposed else tensor) != 0
-        info.max_per_group = {m: max_per_group(nonzero, m) for m in GROUP_SIZES}
+        nonzero = tensor != 0
+        info.max_per_group = {m: max_per_group(nonzero, m, 0 if transposed else 1) for m in GROUP_SIZES}
     return info
 
 

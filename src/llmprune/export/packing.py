@@ -113,12 +113,11 @@ def choose_layout(tensor: torch.Tensor) -> tuple[str, int]:
     if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.numel() == 0:
         return "dense", 1
     nonzero = nonzero_bits(tensor)
-    count = int(nonzero.sum())
+    count = int(torch.count_nonzero(nonzero))
     best: tuple[int, str, int] | None = None
     for axis in (1, 0) if 2 * count <= tensor.numel() else ():  # N <= M/2 needs half zeros at least
-        along = nonzero if axis == 1 else nonzero.t()
         for m in sorted(GROUP_SIZES, reverse=True):
-            n = max_per_group(along, m)
+            n = max_per_group(nonzero, m, axis)
             if n is None:
                 continue
             if n > m // 2:  # then some half of a group exceeds M/4 too: no smaller M fits either

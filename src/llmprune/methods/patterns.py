@@ -212,18 +212,14 @@ def select_mask(
     return lowest_per_row(scores, sparsity) if per_row else lowest_in_matrix(scores, sparsity)
 
 
-def max_per_group(nonzero: torch.Tensor, m: int) -> int | None:
-    """The most non-zeros in any group of ``m`` consecutive entries along the last dimension of a bool
-    tensor: the smallest N for which it is N:M sparse; None if the width is not divisible by ``m``."""
-    width = nonzero.shape[-1] if nonzero.dim() else 1
-    if nonzero.numel() == 0 or width % m:
+def max_per_group(nonzero: torch.Tensor, m: int, dim: int = 1) -> int | None:
+    """The most non-zeros in any group of ``m`` consecutive entries along dimension ``dim`` (1 or 0) of a
+    2-D bool tensor: the smallest N for which it is N:M sparse; None if that width is not divisible by m."""
+    rows, cols = nonzero.shape
+    if nonzero.numel() == 0 or (cols if dim == 1 else rows) % m:
         return None
-    return int(nonzero.reshape(-1, m).sum(dim=-1, dtype=torch.int32).max())
+    ones = nonzero.contiguous().view(torch.uint8)  # summed as bytes: several times faster than bools
+    grouped = ones.view(rows, cols // m, m) if dim == 1 else ones.view(rows // m, m, cols)
+    counts = grouped.sum(dim=2 if dim == 1 else 1, dtype=torch.uint8 if m < 256 else torch.int32)
+    return int(counts.max())
 
-
-def satisfies(nonzero: torch.Tensor, pattern: Pattern) -> bool:
-    """Whether the non-zeros of a ``[out, in]`` weight keep N:M (unstructured patterns always hold)."""
-    if not pattern.is_nm:
-        return True
-    most = max_per_group(nonzero, pattern.m)
-    return most is not None and most <= pattern.n

@@ -18,7 +18,7 @@ from .options import config_options, given
 class CopyOptions(StrictModel):
     """``llmprune compress`` / ``decompress``: where the converted checkpoint goes."""
 
-    output: str = Field(description="output directory")
+    output: str = Field(description="output directory (required)")
     overwrite: bool = Field(False, description="replace --output if it exists")
 
 

@@ -26,7 +26,7 @@ def _option(name: str, info: FieldInfo) -> click.Option:
     annotation = info.annotation
     origin = typing.get_origin(annotation)
     default = info.get_default(call_default_factory=True)
-    shown = "" if default in (None, [], {}) else f" [default: {default}]"
+    shown = "" if info.is_required() or default in (None, [], {}) else f" [default: {default}]"
     help_text = (info.description or "") + shown
     if annotation is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)

@@ -112,10 +112,10 @@ def choose_layout(tensor: torch.Tensor) -> tuple[str, int]:
     dense = tensor.numel() * tensor.element_size()
     if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.numel() == 0:
         return "dense", 1
-    nonzero = nonzero_bits(tensor)
-    count = int(torch.count_nonzero(nonzero))
+    count = int(torch.count_nonzero(tensor.view(_SAME_SIZE_INT[tensor.element_size()])))
     best: tuple[int, str, int] | None = None
-    for axis in (1, 0) if 2 * count <= tensor.numel() else ():  # N <= M/2 needs half zeros at least
+    nonzero = nonzero_bits(tensor) if 2 * count <= tensor.numel() else None  # N <= M/2: half are zeros
+    for axis in (1, 0) if nonzero is not None else ():
         for m in sorted(GROUP_SIZES, reverse=True):
             n = max_per_group(nonzero, m, axis)
             if n is None:

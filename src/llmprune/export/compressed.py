@@ -147,9 +147,10 @@ class CompressedCheckpoint:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 parts = {part: handle.get_tensor(_key(name, part)) for part in part_names(entry["layout"])}
-        except Exception as exc:
+            intact = checksum(entry, parts) == entry.get("sha256")
+        except Exception as exc:  # missing parts, a description that is not one
             raise UsageError(f"{path} is corrupted: cannot read tensor {name} ({exc})") from None
-        if checksum(entry, parts) != entry.get("sha256"):
+        if not intact:
             raise UsageError(f"{path} is corrupted: tensor {name} does not match its checksum")
         return from_entry(entry, parts)
 
@@ -157,7 +158,7 @@ class CompressedCheckpoint:
         """Tensor ``name`` as it was before compression, bit for bit."""
         try:
             return unpack(self.read_packed(name))
-        except (RuntimeError, ValueError, KeyError) as exc:  # parts that do not fit the description
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # parts that do not fit their entry
             raise UsageError(f"{self.directory}: cannot decode tensor {name} ({exc})") from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:

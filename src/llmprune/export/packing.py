@@ -197,5 +197,7 @@ def checksum(entry: dict[str, Any], parts: dict[str, torch.Tensor]) -> str:
 
 def from_entry(entry: dict[str, Any], parts: dict[str, torch.Tensor]) -> Packed:
     """The ``Packed`` tensor a file describes with ``entry`` (see ``Packed.entry``)."""
-    dtype = getattr(torch, entry["dtype"])
+    dtype = getattr(torch, str(entry["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {entry['dtype']!r}")
     return Packed(entry["layout"], tuple(entry["shape"]), dtype, parts, entry.get("axis", 1))

@@ -292,10 +292,14 @@ def test_prune_save_format_compressed(capsys, cli_files, tmp_path, offload):
     metadata = json.loads((output / METADATA_FILE).read_text())
     assert metadata["compressed"]["layouts"]["2:4"]["tensors"] == 14  # 2 layers x 7 projections
     model = llmprune.load(output, dtype="float32", device="cpu")
+    inspected = {t["name"]: t for t in llmprune.inspect_checkpoint(output)["tensors"]}
     for row in metadata["report"]["layers"]:
         weight = model.get_submodule(row["name"]).weight
         assert (weight == 0).float().mean().item() == pytest.approx(row["achieved_sparsity"])
         assert int((weight.view(-1, 4) != 0).sum(dim=1).max()) <= 2
+        tensor = inspected[f"{row['name']}.weight"]
+        assert tensor["sparsity"] == pytest.approx(row["achieved_sparsity"], abs=1e-12)
+        assert (tensor["layout"], tensor["patterns"][0]) == ("2:4", "2:4")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
+from llmprune.sweeps import SweepConfig, SweepResult, sweep
 
 __all__ = [
     "EvalConfig",
@@ -25,6 +26,8 @@ __all__ = [
     "PruneReport",
     "RunConfig",
     "RunResult",
+    "SweepConfig",
+    "SweepResult",
     "UsageError",
     "__version__",
     "calibration_data",
@@ -39,4 +42,5 @@ __all__ = [
     "perplexity",
     "prune",
     "run",
+    "sweep",
 ]

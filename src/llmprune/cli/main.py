@@ -143,3 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
         sys.exit(code)
+
+
+from llmprune.cli.sweep import sweep as sweep_command  # noqa: E402  (a command per module)
+
+cli.add_command(sweep_command)

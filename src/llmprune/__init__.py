@@ -13,6 +13,7 @@ from llmprune.data.text import (
 )
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.evaluation.tasks import evaluate_tasks
 from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
@@ -33,6 +34,7 @@ __all__ = [
     "calibration_data",
     "calibration_windows",
     "embedded_text",
+    "evaluate_tasks",
     "evaluation_data",
     "evaluation_windows",
     "load",

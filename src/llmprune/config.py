@@ -256,7 +256,7 @@ class RunConfig(PruneOptions):
 
 
 class EvalConfig(StrictModel):
-    """``llmprune eval``: perplexity of a model."""
+    """``llmprune eval``: perplexity of a model, and lm-eval tasks."""
 
     model: ModelName = "smollm2"
     data: DataSource = "embedded"
@@ -264,6 +264,26 @@ class EvalConfig(StrictModel):
     seqlen: EvalSeqlen = 512
     dtype: DType = "auto"
     device: Device = "auto"
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks, e.g. arc_easy,hellaswag (needs: pip install 'llmprune[eval]')",
+    )
+    task_dir: list[str] = Field(default_factory=list, description="directories of extra lm-eval task YAMLs")
+    num_fewshot: int | None = Field(None, ge=0, description="examples in each prompt (default: the task's)")
+    limit: int | None = Field(None, ge=1, description="examples per task (a quick look, not comparable)")
+    batch_size: int = Field(1, ge=1, description="task requests per forward pass")
+    perplexity: bool = Field(True, description="measure perplexity on --data (--no-perplexity: tasks only)")
+
+    @field_validator("tasks", "task_dir", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> list[str]:
+        return PruneOptions._globs(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> EvalConfig:
+        if not self.perplexity and not self.tasks:
+            raise ValueError("--no-perplexity leaves nothing to measure; give --tasks")
+        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:

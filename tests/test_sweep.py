@@ -97,8 +97,8 @@ def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_
     results = json.loads(out)
     for name in FILES:
         assert (output / name).is_file(), name
-    keys = ["magnitude-unstructured-0.3", "magnitude-unstructured-0.6", "magnitude-2of4"]
-    keys += ["wanda-unstructured-0.3", "wanda-unstructured-0.6", "wanda-2of4"]
+    keys = ["magnitude-unstructured-0.3", "wanda-unstructured-0.3", "magnitude-unstructured-0.6"]
+    keys += ["wanda-unstructured-0.6", "magnitude-2of4", "wanda-2of4"]
     assert [cell["key"] for cell in results["cells"]] == keys
     with open(output / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -153,20 +153,20 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(files, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         llmprune.sweep(**config)
     finished = sorted(p.name for p in (output / "cells").iterdir())
-    assert finished == ["magnitude-2of4.json", "magnitude-unstructured-0.5.json"]
+    assert finished == ["magnitude-unstructured-0.5.json", "wanda-unstructured-0.5.json"]
     before = {name: (output / "cells" / name).read_text() for name in finished}
     assert not (output / "results.csv").exists()
 
     calls.clear()
     monkeypatch.setattr(runner, "prune_model", lambda *a, **k: (calls.append(a[2].method), real(*a, **k))[1])
     result = llmprune.sweep(**config)
-    assert calls == ["wanda", "wanda"]  # only the two unfinished cells were pruned
-    assert result.computed == ["wanda-unstructured-0.5", "wanda-2of4"]
+    assert calls == ["magnitude", "wanda"]  # only the two unfinished cells were pruned
+    assert result.computed == ["magnitude-2of4", "wanda-2of4"]
     assert {name: (output / "cells" / name).read_text() for name in finished} == before
     assert [c["key"] for c in result.cells] == [
         "magnitude-unstructured-0.5",
-        "magnitude-2of4",
         "wanda-unstructured-0.5",
+        "magnitude-2of4",
         "wanda-2of4",
     ]
     assert all((output / name).is_file() for name in FILES)

@@ -114,15 +114,15 @@ class SweepConfig(create_model("_SweepBase", __base__=_Grid, **_shared_fields())
         return self
 
     def cells(self) -> list[Cell]:
-        """Every cell, method by method; an N:M pattern fixes the sparsity, so it is one cell per method."""
+        """Every cell: pattern by pattern, sparsity by sparsity, every method at each, so that an interrupted
+        sweep has compared the methods on what it did finish. An N:M pattern fixes the sparsity, so it is
+        one cell per method."""
         cells = []
-        for method in self.methods:
-            for pattern in self.patterns:
-                spec = Pattern.parse(pattern)
-                if spec.is_nm:
-                    cells.append(Cell(method=method, pattern=pattern, sparsity=spec.implied_sparsity))
-                else:
-                    cells.extend(Cell(method=method, pattern=pattern, sparsity=s) for s in self.sparsities)
+        for pattern in self.patterns:
+            spec = Pattern.parse(pattern)
+            sparsities = [spec.implied_sparsity] if spec.is_nm else self.sparsities
+            for sparsity in sparsities:
+                cells.extend(Cell(method=m, pattern=pattern, sparsity=sparsity) for m in self.methods)
         return cells
 
     def cell_config(self, cell: Cell) -> RunConfig:

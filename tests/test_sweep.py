@@ -118,6 +118,8 @@ def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_
     assert "http://" not in page and "https://" not in page  # self-contained
     with open(output / "layer_sparsity.csv") as handle:
         assert next(csv.reader(handle)) == ["key", "layer_0", "layer_1"]
+    table = (output / "results.md").read_text().splitlines()
+    assert table[0] == "| perplexity | 30% | 60% | 2:4 |" and table[3].startswith("| magnitude | ")
 
     # Every cell started from the dense weights: the same figures as fresh, standalone runs.
     tokenizer = llmprune.load_tokenizer(str(files["model"]))

@@ -107,6 +107,9 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
 
         click.echo("\n".join(task_manager(config.task_dir).all_tasks))
         return
+    check_model_name(config.model)
+    if config.perplexity:
+        check_source(config.data)
     manager = None
     if config.tasks:  # names and datasets checked before the model is loaded
         from llmprune.evaluation.tasks import check_task_names, load_tasks, task_manager
@@ -114,12 +117,10 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
         manager = task_manager(config.task_dir)
         check_task_names(config.tasks, manager)
         load_tasks(config.tasks, manager)
-    check_model_name(config.model)
     result: dict[str, Any] = {"model": config.model, "perplexity": None, "tasks": None}
     tokenizer = load_tokenizer(config.model)
     windows = None
     if config.perplexity:
-        check_source(config.data)
         windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
     loaded = load_model(config.model, config.dtype, config.device)
     if windows is not None:

@@ -1,4 +1,4 @@
-"""A sweep's results: ``results.csv`` / ``results.json``, per-layer sparsity, PNG plots and a
+"""A sweep's results: ``results.csv`` / ``results.json`` / ``results.md``, per-layer sparsity, PNG plots and a
 self-contained ``report.html`` (plots embedded as data URIs). Every file is written atomically."""
 
 from __future__ import annotations
@@ -72,6 +72,27 @@ def layer_table(records: list[dict[str, Any]]) -> str:
         [r["key"], *(cell.get(b, "") for b in blocks)] for r, cell in zip(records, per_cell, strict=True)
     ]
     return _csv(rows)
+
+
+def _column(record: dict[str, Any]) -> str:
+    return f"{record['target_sparsity']:.0%}" if record["pattern"] == "unstructured" else record["pattern"]
+
+
+def markdown_table(records: list[dict[str, Any]], dense: float | None) -> str:
+    """``results.md``: perplexity with a row per method and a column per sparsity or N:M pattern."""
+    ordered = sorted(
+        records, key=lambda r: (r["pattern"] != "unstructured", r["target_sparsity"], r["pattern"])
+    )
+    columns = list(dict.fromkeys(_column(r) for r in ordered))
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    values = {(r["method"], _column(r)): f"{r['perplexity']:.2f}" for r in records}
+    lines = [
+        "| perplexity | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        f"| dense | {'' if dense is None else f'{dense:.2f}'} |" + " |" * (len(columns) - 1),
+    ]
+    lines += [f"| {m} | " + " | ".join(values.get((m, c), "–") for c in columns) + " |" for m in methods]
+    return "\n".join(lines) + "\n"
 
 
 def perplexity_figure(records: list[dict[str, Any]], dense: float | None):
@@ -228,6 +249,7 @@ def write_report(
         for name in (
             "results.csv",
             "results.json",
+            "results.md",
             "layer_sparsity.csv",
             "perplexity.png",
             "layer_sparsity.png",
@@ -244,6 +266,7 @@ def write_report(
         files["results.json"], json.dumps({**summary, "cells": records}, indent=2, default=str) + "\n"
     )
     _write_text(files["results.csv"], results_table(records))
+    _write_text(files["results.md"], markdown_table(records, summary["dense_perplexity"]))
     _write_text(files["layer_sparsity.csv"], layer_table(records))
     images = {
         "perplexity.png": _png(perplexity_figure(records, summary["dense_perplexity"])),

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llmprune.export.save import write_atomically
 
 TABLE_COLUMNS = (
@@ -209,7 +211,7 @@ def html_report(summary: dict[str, Any], records: list[dict[str, Any]], images: 
     )
     recipes = "\n".join(
         f"<details><summary>{html.escape(r['key'])}</summary><pre>"
-        f"{html.escape(json.dumps(r['recipe'], indent=2, sort_keys=True))}</pre></details>"
+        f"{html.escape(yaml.safe_dump(r['recipe'], sort_keys=True))}</pre></details>"
         for r in records
     )
     settings = html.escape(json.dumps(summary["config"], indent=2))
@@ -232,7 +234,7 @@ calibration {html.escape(str(summary["config"]["calibration"]))}
 <h2>Plots</h2>
 {pictures}
 <h2>Recipes</h2>
-<p>Every option of each cell, as <code>llmprune prune</code> would take it.</p>
+<p>Every option of each cell, as a recipe for <code>llmprune prune --recipe</code>.</p>
 {recipes}
 <h2>Sweep options</h2>
 <pre>{settings}</pre>

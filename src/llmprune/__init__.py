@@ -13,11 +13,13 @@ from llmprune.data.text import (
 )
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.evaluation.tasks import evaluate_tasks
 from llmprune.export.compressed import compress, decompress
 from llmprune.export.inspection import inspect_checkpoint
 from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
+from llmprune.sweeps import SweepConfig, SweepResult, sweep
 
 __all__ = [
     "EvalConfig",
@@ -27,6 +29,8 @@ __all__ = [
     "PruneReport",
     "RunConfig",
     "RunResult",
+    "SweepConfig",
+    "SweepResult",
     "UsageError",
     "__version__",
     "calibration_data",
@@ -34,6 +38,7 @@ __all__ = [
     "compress",
     "decompress",
     "embedded_text",
+    "evaluate_tasks",
     "evaluation_data",
     "evaluation_windows",
     "inspect_checkpoint",
@@ -44,4 +49,5 @@ __all__ = [
     "perplexity",
     "prune",
     "run",
+    "sweep",
 ]

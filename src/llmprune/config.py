@@ -261,7 +261,7 @@ class RunConfig(PruneOptions):
 
 
 class EvalConfig(StrictModel):
-    """``llmprune eval``: perplexity of a model."""
+    """``llmprune eval``: perplexity of a model, and lm-eval tasks."""
 
     model: ModelName = "smollm2"
     data: DataSource = "embedded"
@@ -269,6 +269,26 @@ class EvalConfig(StrictModel):
     seqlen: EvalSeqlen = 512
     dtype: DType = "auto"
     device: Device = "auto"
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks, e.g. arc_easy,hellaswag (needs: pip install 'llmprune[eval]')",
+    )
+    task_dir: list[str] = Field(default_factory=list, description="directories of extra lm-eval task YAMLs")
+    num_fewshot: int | None = Field(None, ge=0, description="examples in each prompt (default: the task's)")
+    limit: int | None = Field(None, ge=1, description="examples per task (a quick look, not comparable)")
+    batch_size: int = Field(1, ge=1, description="task requests per forward pass")
+    perplexity: bool = Field(True, description="measure perplexity on --data (--no-perplexity: tasks only)")
+
+    @field_validator("tasks", "task_dir", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> list[str]:
+        return PruneOptions._globs(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> EvalConfig:
+        if not self.perplexity and not self.tasks:
+            raise ValueError("--no-perplexity leaves nothing to measure; give --tasks")
+        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -307,8 +327,8 @@ _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text)
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Load a YAML recipe (a mapping of option names, with - or _) for ``RunConfig``."""
+def read_recipe(path: str | Path, config_class: type[BaseModel] = RunConfig) -> dict[str, Any]:
+    """Load a YAML recipe (a mapping of option names, with - or _) for ``config_class``."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
@@ -318,7 +338,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
-    unknown = [str(key) for key in data if str(key).replace("-", "_") not in RunConfig.model_fields]
+    unknown = [str(key) for key in data if str(key).replace("-", "_") not in config_class.model_fields]
     if unknown:
         raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
     return {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from typing import Any
@@ -90,25 +91,75 @@ def prune(recipe: str | None, **flags: Any) -> None:
 @cli.command(name="eval")
 @click.argument("model", required=False)
 @config_options(EvalConfig, skip=("model",))
-def evaluate(model: str | None, **flags: Any) -> None:
-    """Perplexity of MODEL (default: the embedded model) on the embedded text, a file, wikitext2 or c4."""
+@click.option("--list-tasks", is_flag=True, help="print every lm-eval task name and exit")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON on stdout")
+def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **flags: Any) -> None:
+    """Perplexity of MODEL (default: the embedded model) on the embedded text, a file, wikitext2 or c4;
+    with --tasks, also lm-eval tasks (zero-shot by default) on the same loaded model."""
     from llmprune.data.text import check_source, evaluation_data
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.models.loading import check_model_name, load_model, load_tokenizer
 
     config = build(EvalConfig, {**given(flags), **({"model": model} if model else {})})
+    if list_tasks:
+        from llmprune.evaluation.tasks import task_manager
+
+        click.echo("\n".join(task_manager(config.task_dir).all_tasks))
+        return
     check_model_name(config.model)
-    check_source(config.data)
+    if config.perplexity:
+        check_source(config.data)
+    manager = None
+    if config.tasks:  # names and datasets checked before the model is loaded
+        from llmprune.evaluation.tasks import check_task_names, load_tasks, task_manager
+
+        manager = task_manager(config.task_dir)
+        check_task_names(config.tasks, manager)
+        load_tasks(config.tasks, manager)
+    result: dict[str, Any] = {"model": config.model, "perplexity": None, "tasks": None}
     tokenizer = load_tokenizer(config.model)
-    windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
+    windows = None
+    if config.perplexity:
+        windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
     loaded = load_model(config.model, config.dtype, config.device)
-    started = time.perf_counter()
-    value = perplexity(loaded, windows)
-    out.print(
-        f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
-        f"{time.perf_counter() - started:.1f} s)",
-        soft_wrap=True,
-    )
+    if windows is not None:
+        started = time.perf_counter()
+        value = perplexity(loaded, windows)
+        seconds = time.perf_counter() - started
+        result["perplexity"] = {
+            "value": value,
+            "data": config.data,
+            "windows": len(windows),
+            "seqlen": config.seqlen,
+            "seconds": seconds,
+        }
+        if not as_json:
+            out.print(
+                f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
+                f"{seconds:.1f} s)",
+                soft_wrap=True,
+            )
+    if config.tasks:
+        from llmprune.evaluation.tasks import evaluate_tasks
+
+        scores = evaluate_tasks(
+            loaded,
+            tokenizer,
+            config.tasks,
+            num_fewshot=config.num_fewshot,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            manager=manager,
+            quiet=quiet or as_json,
+        )
+        result["tasks"] = scores
+        if not as_json:
+            from llmprune.cli.render import task_table
+
+            out.print(task_table(scores))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
 
 
 def _error(message: str, code: int) -> None:
@@ -150,3 +201,6 @@ from llmprune.cli import checkpoints  # noqa: E402
 cli.add_command(checkpoints.compress)
 cli.add_command(checkpoints.decompress)
 cli.add_command(checkpoints.inspect)
+from llmprune.cli.sweep import sweep as sweep_command  # noqa: E402  (a command per module)
+
+cli.add_command(sweep_command)

@@ -75,5 +75,19 @@ def layer_table(report: PruneReport) -> Table:
     return table
 
 
+def task_table(scores: dict[str, dict[str, float]]) -> Table:
+    """One row per lm-eval task and metric, with its standard error where lm-eval gives one."""
+    table = Table(title="lm-eval tasks")
+    for column in ("task", "metric", "value", "± stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metrics in scores.items():
+        for name, value in metrics.items():
+            if "_stderr" in name:
+                continue
+            stderr = metrics.get(name.replace(",", "_stderr,", 1) if "," in name else f"{name}_stderr")
+            table.add_row(task, name, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
+    return table
+
+
 def gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"

@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,20 @@ def _running(pid: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)``, fsync it, rename it to ``path`` and fsync the directory."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,23 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmprune.errors import UsageError
+from llmprune.export.save import write_atomically
 from llmprune.pipeline.report import LinearReport
 
 STATE_FILE = "state.json"
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)``, fsync it, rename it to ``path`` and fsync the directory."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -58,7 +44,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         cpu[name] = tensor
-    _write_atomically(path, lambda temporary: save_file(cpu, str(temporary)))
+    write_atomically(path, lambda temporary: save_file(cpu, str(temporary)))
 
 
 def _describe(value: Any) -> str:
@@ -125,7 +111,7 @@ class LayerCheckpoint:
             "hidden": hidden_name,
             "layers": [asdict(row) for row in rows],
         }
-        _write_atomically(self.state_path, lambda temporary: temporary.write_text(json.dumps(state)))
+        write_atomically(self.state_path, lambda temporary: temporary.write_text(json.dumps(state)))
         for stale in self.directory.glob("hidden-*.safetensors"):  # only now that nothing points to them
             if stale.name != hidden_name:
                 stale.unlink()

@@ -14,10 +14,15 @@ from llmprune.data.text import (
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import load
+from llmprune.inference.bench import BenchConfig, BenchResult, bench
+from llmprune.inference.kernels import AccelerateReport, accelerate
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
 
 __all__ = [
+    "AccelerateReport",
+    "BenchConfig",
+    "BenchResult",
     "EvalConfig",
     "LinearReport",
     "LlmpruneError",
@@ -27,6 +32,8 @@ __all__ = [
     "RunResult",
     "UsageError",
     "__version__",
+    "accelerate",
+    "bench",
     "calibration_data",
     "calibration_windows",
     "embedded_text",

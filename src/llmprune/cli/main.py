@@ -143,3 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
         sys.exit(code)
+
+
+cli.add_command(__import__("llmprune.cli.bench", fromlist=["bench"]).bench)

@@ -210,3 +210,12 @@ def select_mask(
     if pattern.is_nm:
         return n_m_mask(scores, pattern.n, pattern.m)
     return lowest_per_row(scores, sparsity) if per_row else lowest_in_matrix(scores, sparsity)
+
+
+def n_m_violations(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool ``[rows, cols // m]``: True where a group of ``m`` consecutive inputs of a row holds more than
+    ``n`` non-zeros (the groups ``n_m_mask`` prunes). ``cols`` must be divisible by ``m``."""
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"{cols} input columns are not divisible by M={m}")
+    return (weight.reshape(rows, cols // m, m) != 0).sum(dim=-1) > n

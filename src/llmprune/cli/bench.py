@@ -63,7 +63,12 @@ def bench(model: str | None, as_json: bool, **flags: Any) -> None:
     values = {**given(flags), **({"model": model} if model else {})}
     config = build(BenchConfig, values)  # bad options fail here, before anything is loaded
     options = config.model_dump(exclude={"model", "baseline"})
-    result = run_bench(config.model, config.baseline, **options)
+    with console.status("loading") as status:
+
+        def progress(done: int, total: int) -> None:
+            status.update(f"measuring: round {done + 1} of {total} (warm-up rounds included)")
+
+        result = run_bench(config.model, config.baseline, progress=progress, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

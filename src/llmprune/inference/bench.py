@@ -168,15 +168,21 @@ def measure_round(
 
 
 def alternate(
-    rounds: dict[str, Callable[[], dict[str, float]]], warmup: int, repeats: int
+    rounds: dict[str, Callable[[], dict[str, float]]],
+    warmup: int,
+    repeats: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
     """Run the rounds of every model in turn (A, B, A, B, ...), ``warmup`` untimed times then ``repeats``
     recorded times; the values each recorded round returned, per model and key, and the order of the
-    recorded rounds."""
+    recorded rounds. ``progress(done, total)`` is called before each round."""
     samples: dict[str, dict[str, list[float]]] = {label: {} for label in rounds}
     order = []
+    total = (warmup + repeats) * len(rounds)
     for index in range(warmup + repeats):
-        for label, run in rounds.items():
+        for number, (label, run) in enumerate(rounds.items()):
+            if progress is not None:
+                progress(index * len(rounds) + number, total)
             values = run()
             if index >= warmup:
                 order.append(label)
@@ -352,12 +358,17 @@ def _load(
 
 
 def bench(
-    model: str | nn.Module = "smollm2", baseline: str | nn.Module | None = None, **options: Any
+    model: str | nn.Module = "smollm2",
+    baseline: str | nn.Module | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> BenchResult:
     """Measure prefill and decode throughput, time to first token and peak memory of ``model`` (a name
     as ``llmprune bench`` takes, or a loaded causal LM), alternating with ``baseline`` when given.
 
-    ``options`` are the fields of ``BenchConfig`` (``prompt_len=``, ``batch=``, ``sparse_kernels=``...).
+    ``options`` are the fields of ``BenchConfig`` (``prompt_len=``, ``batch=``, ``sparse_kernels=``...);
+    ``progress(done, total)`` is called before each round.
     Bad input raises a one-line UsageError before any model is loaded where possible.
     """
     from llmprune.models.loading import check_model_name, resolve_device, resolve_dtype
@@ -399,7 +410,10 @@ def bench(
         return run
 
     samples, order = alternate(
-        {label: round_of(entry[1]) for label, entry in loaded.items()}, config.warmup, config.repeats
+        {label: round_of(entry[1]) for label, entry in loaded.items()},
+        config.warmup,
+        config.repeats,
+        progress,
     )
     figures = {
         label: _figures(entry[0], samples[label], config, model_bytes(entry[1]))

@@ -189,6 +189,7 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
+@torch.no_grad()
 def _matches(module: nn.Linear, dense: torch.Tensor, tokens: int = 16) -> str | None:
     """Compare the swapped layer with its dense weight on random inputs; the relative error if too large."""
     generator = torch.Generator(device=dense.device).manual_seed(0)

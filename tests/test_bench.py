@@ -188,8 +188,11 @@ def test_alternate_runs_models_in_turn_and_drops_warmup():
 
         return run
 
-    samples, order = alternate({"a": round_of("a"), "b": round_of("b")}, warmup=1, repeats=3)
+    seen = []
+    rounds = {"a": round_of("a"), "b": round_of("b")}
+    samples, order = alternate(rounds, warmup=1, repeats=3, progress=lambda *done: seen.append(done))
     assert calls == ["a", "b"] * 4
+    assert seen == [(k, 8) for k in range(8)]
     assert order == ["a", "b"] * 3
     assert samples == {"a": {"prefill": [1.0, 3.0, 2.0]}, "b": {"prefill": [4.0, 6.0, 5.0]}}
 

@@ -248,7 +248,11 @@ def test_bench_alternates_and_reports_every_figure():
 def test_bench_uses_the_clock_around_each_phase(monkeypatch):
     ticks = iter(range(0, 10_000, 2))  # every phase lasts 2 "seconds"
     monkeypatch.setattr(bench_module, "_clock", lambda: next(ticks))
-    result = llmprune.bench(tiny_model("llama"), prompt_len=8, batch=4, new_tokens=2, repeats=2, warmup=0)
+    threads = torch.get_num_threads()
+    result = llmprune.bench(
+        tiny_model("llama"), prompt_len=8, batch=4, new_tokens=2, repeats=2, warmup=0, threads=threads + 1
+    )
+    assert result.device.startswith(f"cpu ({threads + 1} threads") and torch.get_num_threads() == threads
     assert result.model.prefill_tokens_per_s == 4 * 8 / 2
     assert result.model.decode_tokens_per_s_batch == 4 * 2 / 2
     assert result.model.decode_tokens_per_s_batch1 == 2 / 2

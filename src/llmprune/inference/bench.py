@@ -51,6 +51,9 @@ class BenchConfig(StrictModel):
         "random", description="random token ids (seeded), or windows of the embedded evaluation text"
     )
     seed: int = Field(0, description="seed of the random prompt")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's own choice, usually the cores)"
+    )
     dtype: DType = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     sparse_kernels: bool = Field(
@@ -373,7 +376,7 @@ def bench(
     """
     from llmprune.models.loading import check_model_name, resolve_device, resolve_dtype
 
-    names = {"model": model if isinstance(model, str) else "smollm2"}
+    names = {"model": model if isinstance(model, str) else type(model).__name__}
     if isinstance(baseline, str):
         names["baseline"] = baseline
     config: BenchConfig = build(BenchConfig, {**options, **names})
@@ -394,6 +397,21 @@ def bench(
         model_config = source.config if isinstance(source, nn.Module) else _read_config(source)
         check_context(name, model_config, config.prompt_len, config.new_tokens)
 
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _measure(config, sources, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(
+    config: BenchConfig,
+    sources: dict[str, str | nn.Module],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> BenchResult:
     loaded = {label: _load(source, config, device) for label, source in sources.items()}
     kernels: AccelerateReport | None = None
     if config.sparse_kernels:

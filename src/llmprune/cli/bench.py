@@ -26,7 +26,7 @@ def _cell(figures: ModelFigures, attribute: str, fmt: str) -> str:
     value = getattr(figures, attribute)
     if fmt == "mib":
         weights, working = figures.weight_bytes / 2**20, figures.working_memory_bytes / 2**20
-        return f"{value / 2**20:,.0f} MiB ({weights:,.0f} + {working:,.0f})"
+        return f"{value / 2**20:,.1f} MiB ({weights:,.1f} + {working:,.1f})"
     return fmt.format(value)
 
 

@@ -328,3 +328,20 @@ def test_cli_bench_bad_baseline_path(capsys, saved, monkeypatch):
     no_loading(monkeypatch)
     result = invoke(capsys, "bench", saved / "a", "--baseline", saved / "missing")
     assert "model path not found" in result.error_line
+
+
+def test_embedded_prompt_windows_fill_the_batch():
+    tokenizer = llmprune.load_tokenizer("smollm2")
+    config = bench_module.BenchConfig(prompt="embedded", prompt_len=16, batch=3)
+    prompt = bench_module.make_prompt(config, len(tokenizer), tokenizer)
+    expected = llmprune.evaluation_data(tokenizer, "embedded", 16, 3)
+    assert torch.equal(prompt, expected)
+
+
+@pytest.mark.slow
+def test_bench_on_the_embedded_model():
+    result = llmprune.bench(
+        "smollm2", prompt="embedded", prompt_len=32, batch=2, new_tokens=2, repeats=1, warmup=0, device="cpu"
+    )
+    assert result.model.name == "smollm2" and result.dtype == "float32"
+    assert result.model.prefill_tokens_per_s > 0 and result.model.weight_bytes > 500 * 2**20

@@ -17,11 +17,16 @@ from llmprune.evaluation.tasks import evaluate_tasks
 from llmprune.export.compressed import compress, decompress
 from llmprune.export.inspection import inspect_checkpoint
 from llmprune.export.load import load
+from llmprune.inference.bench import BenchConfig, BenchResult, bench
+from llmprune.inference.kernels import AccelerateReport, accelerate
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.sweeps import SweepConfig, SweepResult, sweep
 
 __all__ = [
+    "AccelerateReport",
+    "BenchConfig",
+    "BenchResult",
     "EvalConfig",
     "LinearReport",
     "LlmpruneError",
@@ -33,6 +38,8 @@ __all__ = [
     "SweepResult",
     "UsageError",
     "__version__",
+    "accelerate",
+    "bench",
     "calibration_data",
     "calibration_windows",
     "compress",

@@ -204,3 +204,4 @@ cli.add_command(checkpoints.inspect)
 from llmprune.cli.sweep import sweep as sweep_command  # noqa: E402  (a command per module)
 
 cli.add_command(sweep_command)
+cli.add_command(__import__("llmprune.cli.bench", fromlist=["bench"]).bench)

@@ -143,3 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
         sys.exit(code)
+
+
+from llmprune.cli.finetune import finetune  # noqa: E402
+
+cli.add_command(finetune)

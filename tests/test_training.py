@@ -305,15 +305,16 @@ def test_cli_short_data_file(capsys, pruned, tmp_path, no_model_loading):
 
 def test_training_windows_come_from_the_calibration_part_only():
     """The embedded text's calibration part (first 70 %) and evaluation part (last 20 %) are disjoint."""
-    from llmprune.data.text import embedded_text, tokens_for
+    from llmprune.data.text import embedded_text, evaluation_windows, tokens_for
 
     tokenizer = llmprune.load_tokenizer("smollm2")
-    calibration = tokens_for(tokenizer, "embedded", "calibration")
-    evaluation = tokens_for(tokenizer, "embedded", "evaluation")
     whole = torch.tensor(tokenizer(embedded_text())["input_ids"])
+    calibration = tokens_for(tokenizer, "embedded", "calibration")
     assert torch.equal(calibration, whole[: len(calibration)])
-    assert torch.equal(evaluation, whole[len(whole) - len(evaluation) :])
-    assert len(calibration) + len(evaluation) < len(whole)
+    evaluation_starts = len(whole) - int(len(whole) * 0.2)  # where evaluation_data's windows begin
+    assert len(calibration) < evaluation_starts
+    first = evaluation_windows(whole[evaluation_starts:], 512, 1)[0]
+    assert torch.equal(first, llmprune.evaluation_data(tokenizer, "embedded", 512, 1)[0])
 
 
 @pytest.mark.slow

@@ -16,15 +16,31 @@ from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import load
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
+from llmprune.training import (
+    FinetuneConfig,
+    FinetuneResult,
+    GradualPruner,
+    PruningCallback,
+    Schedule,
+    SparsityMasks,
+    finetune,
+    finetune_model,
+)
 
 __all__ = [
     "EvalConfig",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "GradualPruner",
     "LinearReport",
     "LlmpruneError",
     "PruneOptions",
     "PruneReport",
+    "PruningCallback",
     "RunConfig",
     "RunResult",
+    "Schedule",
+    "SparsityMasks",
     "UsageError",
     "__version__",
     "calibration_data",
@@ -32,6 +48,8 @@ __all__ = [
     "embedded_text",
     "evaluation_data",
     "evaluation_windows",
+    "finetune",
+    "finetune_model",
     "load",
     "load_embedded_model",
     "load_model",

@@ -22,18 +22,34 @@ from llmprune.inference.kernels import AccelerateReport, accelerate
 from llmprune.models.loading import load_embedded_model, load_model, load_tokenizer
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.sweeps import SweepConfig, SweepResult, sweep
+from llmprune.training import (
+    FinetuneConfig,
+    FinetuneResult,
+    GradualPruner,
+    PruningCallback,
+    Schedule,
+    SparsityMasks,
+    finetune,
+    finetune_model,
+)
 
 __all__ = [
     "AccelerateReport",
     "BenchConfig",
     "BenchResult",
     "EvalConfig",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "GradualPruner",
     "LinearReport",
     "LlmpruneError",
     "PruneOptions",
     "PruneReport",
+    "PruningCallback",
     "RunConfig",
     "RunResult",
+    "Schedule",
+    "SparsityMasks",
     "SweepConfig",
     "SweepResult",
     "UsageError",
@@ -48,6 +64,8 @@ __all__ = [
     "evaluate_tasks",
     "evaluation_data",
     "evaluation_windows",
+    "finetune",
+    "finetune_model",
     "inspect_checkpoint",
     "load",
     "load_embedded_model",

@@ -205,3 +205,6 @@ from llmprune.cli.sweep import sweep as sweep_command  # noqa: E402  (a command 
 
 cli.add_command(sweep_command)
 cli.add_command(__import__("llmprune.cli.bench", fromlist=["bench"]).bench)
+from llmprune.cli.finetune import finetune  # noqa: E402
+
+cli.add_command(finetune)

@@ -1,0 +1,45 @@
+"""``llmprune finetune``: sparse fine-tuning (keeping the mask) or gradual pruning while training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from llmprune.config import build, read_recipe
+from llmprune.training.config import FinetuneConfig
+
+from .options import config_options, given
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
+@config_options(FinetuneConfig, skip=("model",))
+def finetune(model: str | None, recipe: str | None, **flags: Any) -> None:
+    """Fine-tune a pruned MODEL keeping its zeros exactly (LM loss, optionally distilled from the dense
+    model), or prune MODEL gradually while training (--gradual); save Hugging Face checkpoints."""
+    from llmprune.cli.main import out
+    from llmprune.training.finetuning import finetune as run_finetune
+
+    values = read_recipe(recipe, FinetuneConfig) if recipe else {}
+    values.update(given(flags))
+    if model:
+        values["model"] = model
+    config = build(FinetuneConfig, values)
+
+    def progress(step: int, loss: float, _model) -> None:
+        if step == 1 or step % 10 == 0 or step == config.steps:
+            out.print(f"step {step}/{config.steps}: loss {loss:.4f}", soft_wrap=True)
+
+    result = run_finetune(config, on_step=progress)
+    ppl = result.metadata["perplexity"]
+    if ppl["before"] is not None:
+        out.print(f"perplexity (embedded): {ppl['before']:.2f} → {ppl['after']:.2f}", soft_wrap=True)
+    out.print(
+        f"sparsity {result.overall_sparsity:.2%} ({result.pattern}); "
+        f"{result.seconds_per_step:.2f} s per step; "
+        f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}",
+        soft_wrap=True,
+    )
+    out.print(f"saved to {result.output}", soft_wrap=True)

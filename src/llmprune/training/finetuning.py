@@ -1,0 +1,249 @@
+"""Sparse fine-tuning: train a pruned model on a language-modelling loss (optionally distilling from the
+dense model) while its mask holds exactly; or prune gradually while training. Checkpoints are plain
+Hugging Face checkpoints with their sparsity recorded in ``llmprune.json``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.config import build
+from llmprune.data.text import calibration_windows, check_source, evaluation_data, tokens_for
+from llmprune.errors import UsageError
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.load import read_metadata
+from llmprune.export.save import check_output, library_versions, staged_directory, write_metadata
+from llmprune.methods.patterns import Pattern
+from llmprune.models.loading import check_model_name, load_model, load_skeleton, load_tokenizer
+from llmprune.training.config import FinetuneConfig, FinetuneOptions
+from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
+from llmprune.training.pruner import GradualPruner
+
+StepCallback = Callable[[int, float, nn.Module], None]
+"""Called after every optimizer step with the step number (1-based), its loss and the model."""
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over token positions (Hinton et al.,
+    arXiv 1503.02531: the T² keeps the gradient scale independent of T)."""
+    vocab = student.shape[-1]
+    student = F.log_softmax(student.reshape(-1, vocab).float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def training_windows(tokens: torch.Tensor, options: FinetuneOptions) -> torch.Tensor:
+    """``[steps * batch_size, seqlen]`` windows at seeded random positions of ``tokens``."""
+    if len(tokens) < options.seqlen:
+        raise UsageError(
+            f"fine-tuning data has {len(tokens)} tokens, shorter than one sequence of {options.seqlen}"
+        )
+    return calibration_windows(tokens, options.steps * options.batch_size, options.seqlen, options.seed)
+
+
+@dataclass
+class FinetuneResult:
+    """What training did: the loss of every step, wall and CPU (all threads) time per training step (hooks
+    in ``on_step`` excluded) and the sparsity it ended with."""
+
+    losses: list[float]
+    seconds_per_step: float
+    cpu_seconds_per_step: float
+    sparsity: dict[str, float]
+    overall_sparsity: float
+    pattern: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    output: Path | None = None
+
+
+def check_nm(masks: SparsityMasks, pattern: Pattern) -> None:
+    """Raise if any group of M weights holds more than N non-zeros."""
+    if not pattern.is_nm:
+        return
+    from llmprune.models.architecture import read_weight
+
+    for name, module in masks.targets.items():
+        weight = read_weight(module)
+        nonzeros = (weight != 0).reshape(weight.shape[0], -1, pattern.m).sum(dim=-1)
+        if int(nonzeros.max()) > pattern.n:
+            raise AssertionError(f"{name} breaks the {pattern} pattern")
+
+
+def finetune_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    options: FinetuneOptions | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    masks: SparsityMasks | None = None,
+    on_step: StepCallback | None = None,
+    **values: Any,
+) -> FinetuneResult:
+    """Train ``model`` in place on token ``windows`` (``[steps * batch_size, seqlen]``) with AdamW.
+
+    Without ``gradual`` the mask is the model's zeros (or ``masks``) and holds exactly; with ``gradual``
+    the model is pruned on the options' schedule. ``teacher`` is needed when ``distill`` is set.
+    """
+    options = options or build(FinetuneOptions, values)
+    if options.distill and teacher is None:
+        raise UsageError("distillation needs a teacher model")
+    schedule = options.schedule()
+    if schedule is None:
+        masks = masks or SparsityMasks.from_zeros(model)
+    torch.manual_seed(options.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    warmup = options.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    pruner = GradualPruner(
+        model, schedule, optimizer, pattern=options.pattern, score=options.score, masks=masks
+    )
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    wall = cpu = 0.0
+    try:
+        for step in range(1, options.steps + 1):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            batch = windows[(step - 1) * options.batch_size : step * options.batch_size].to(device)
+            output = model(input_ids=batch, labels=batch, use_cache=False)
+            loss = output.loss
+            if options.distill:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch, use_cache=False).logits
+                kl = distillation_loss(output.logits, target, options.temperature)
+                loss = (1 - options.distill_weight) * loss + options.distill_weight * kl
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pruner.step(step)
+            losses.append(loss.item())
+            wall += time.perf_counter() - started
+            cpu += time.process_time() - started_cpu
+            if on_step is not None:
+                model.eval()
+                on_step(step, losses[-1], model)
+                model.train()
+    finally:
+        pruner.remove()
+        model.train(was_training)
+    check_nm(pruner.masks, pruner.masks.pattern)
+    steps = max(1, len(losses))
+    return FinetuneResult(
+        losses,
+        wall / steps,
+        cpu / steps,
+        pruner.masks.sparsity(),
+        pruner.masks.overall(),
+        str(pruner.masks.pattern),
+    )
+
+
+def default_teacher(model: str) -> str | None:
+    """The dense model a pruned checkpoint came from, as its ``llmprune.json`` records it."""
+    if not Path(model).is_dir():
+        return None
+    recipe = read_metadata(model).get("recipe") or {}
+    return recipe.get("model")
+
+
+def recorded_pattern(model: str) -> Pattern:
+    """The N:M pattern a pruned checkpoint records (its mask is checked against it), else unstructured."""
+    recipe = (read_metadata(model).get("recipe") or {}) if Path(model).is_dir() else {}
+    pattern = Pattern.parse(str(recipe.get("pattern", "unstructured")))
+    return pattern if pattern.is_nm else Pattern()
+
+
+def sparsity_metadata(result: FinetuneResult) -> dict[str, Any]:
+    return {"overall": result.overall_sparsity, "pattern": result.pattern, "layers": result.sparsity}
+
+
+def save_checkpoint(model, tokenizer, output: Path, metadata: dict[str, Any], overwrite: bool) -> Path:
+    """An ordinary Hugging Face checkpoint plus ``llmprune.json``, written atomically."""
+    with staged_directory(output, overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_metadata(staging, metadata)
+    return output
+
+
+def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | None = None, **values: Any):
+    """``llmprune finetune``: load MODEL, fine-tune it keeping its sparsity (or prune it gradually), save.
+
+    Accepts a ``FinetuneConfig`` or its fields as keywords. Cheap checks (options, paths, data length, N:M
+    widths, teacher) come before any model is loaded. Returns a ``FinetuneResult`` with perplexities in
+    its metadata.
+    """
+    config = config or build(FinetuneConfig, values)
+    output = config.output_path()
+    check_output(output, config.overwrite)
+    for step in config.checkpoint_steps():
+        check_output(config.checkpoint_path(step), config.overwrite)
+    check_model_name(config.model)
+    check_source(config.data)
+    teacher_name = config.teacher or (default_teacher(config.model) if config.distill else None)
+    if config.distill and teacher_name is None:
+        raise UsageError(
+            f"--distill needs --teacher: {config.model} has no llmprune.json recording its dense model"
+        )
+    if teacher_name is not None:
+        check_model_name(teacher_name)
+    pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
+    check_pattern_fits(linear_targets(load_skeleton(config.model)), pattern)
+    tokenizer = load_tokenizer(config.model)
+    windows = training_windows(tokens_for(tokenizer, config.data, "calibration"), config)
+    evaluation = (
+        evaluation_data(tokenizer, "embedded", config.eval_seqlen, config.eval_nsamples)
+        if config.eval_nsamples
+        else None
+    )
+
+    model = load_model(config.model, config.dtype, config.device)
+    teacher = load_model(teacher_name, config.dtype, config.device) if config.distill else None
+    before = perplexity(model, evaluation) if evaluation is not None else None
+    source = read_metadata(config.model) if Path(config.model).is_dir() else {}
+
+    def metadata(result: FinetuneResult | None, steps: int, after: float | None = None) -> dict[str, Any]:
+        return {
+            "recipe": source.get("recipe"),
+            "finetune": {**config.model_dump(), "teacher": teacher_name, "steps_done": steps},
+            "sparsity": sparsity_metadata(result) if result else None,
+            "perplexity": {
+                "data": "embedded",
+                "seqlen": config.eval_seqlen,
+                "before": before,
+                "after": after,
+            },
+            "versions": library_versions(),
+        }
+
+    masks = None if config.gradual else SparsityMasks.from_zeros(model, pattern)
+    saves = set(config.checkpoint_steps())
+
+    def each_step(step: int, loss: float, trained: nn.Module) -> None:
+        if step in saves:
+            partial = FinetuneResult(
+                [], 0.0, 0.0, masks_now.sparsity(), masks_now.overall(), str(masks_now.pattern)
+            )
+            save_checkpoint(trained, tokenizer, config.checkpoint_path(step), metadata(partial, step), True)
+        if on_step is not None:
+            on_step(step, loss, trained)
+
+    masks_now = masks or SparsityMasks(model, pattern)
+    result = finetune_model(model, windows, config.options(), teacher=teacher, masks=masks, on_step=each_step)
+    after = perplexity(model, evaluation) if evaluation is not None else None
+    result.metadata = metadata(result, config.steps, after)
+    result.metadata["losses"] = {"first": result.losses[0], "last": result.losses[-1]}
+    result.output = save_checkpoint(model, tokenizer, output, result.metadata, config.overwrite)
+    return result

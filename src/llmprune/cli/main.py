@@ -94,14 +94,15 @@ def evaluate(model: str | None, **flags: Any) -> None:
     """Perplexity of MODEL (default: the embedded model) on the embedded text, a file, wikitext2 or c4."""
     from llmprune.data.text import check_source, evaluation_data
     from llmprune.evaluation.perplexity import perplexity
-    from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+    from llmprune.export.load import load
+    from llmprune.models.loading import check_model_name, load_tokenizer
 
     config = build(EvalConfig, {**given(flags), **({"model": model} if model else {})})
     check_model_name(config.model)
     check_source(config.data)
     tokenizer = load_tokenizer(config.model)
     windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
-    loaded = load_model(config.model, config.dtype, config.device)
+    loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
     started = time.perf_counter()
     value = perplexity(loaded, windows)
     out.print(

@@ -30,5 +30,9 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
     """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
     from llmprune.models.loading import load_model
+    from llmprune.structured.checkpoint import WIDTHS_KEY, load_with_widths
 
+    metadata = read_metadata(path)
+    if WIDTHS_KEY in metadata:  # adaptive structured pruning: each decoder layer has its own widths
+        return load_with_widths(path, metadata[WIDTHS_KEY], dtype, device)
     return load_model(str(path), dtype, device)

@@ -99,7 +99,13 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
 def save_pruned(
     model, tokenizer, output: str | Path, metadata: dict[str, Any], overwrite: bool = False
 ) -> Path:
-    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path."""
+    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path. Decoder
+    layers of differing widths (adaptive structured pruning) are recorded there for ``llmprune.load``."""
+    from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
+
+    widths = layer_widths(model)
+    if widths is not None:
+        metadata = {**metadata, WIDTHS_KEY: widths}
     with staged_directory(output, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:

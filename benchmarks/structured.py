@@ -9,6 +9,10 @@ pruned runs (medians of ``--repeats`` after a warm-up): prefill tokens/s for a 5
 cache).
 
     python benchmarks/structured.py --out benchmarks/out/structured.json
+
+``--widths adaptive`` prunes heads + channels at 20, 35 and 50 % with per-layer widths (FLAP's global
+ranking) instead; those models are saved with ``save_pruned`` and read back with ``llmprune.load``.
+``--skip-timing`` leaves throughput out (timings on a shared machine are not worth reporting).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import llmprune
+from llmprune.export.save import save_pruned
 from llmprune.structured import decoder_parameters
+from llmprune.structured.checkpoint import layer_widths
 
 PROMPT, DECODE = 512, 64
 
@@ -78,12 +83,15 @@ def main() -> None:
     parser.add_argument("--score", default="flap")
     parser.add_argument("--models", type=Path, default=Path("benchmarks/out/structured-models"))
     parser.add_argument("--time-only", action="store_true", help="only time the models saved by a run")
+    parser.add_argument("--widths", choices=["uniform", "adaptive"], default="uniform")
+    parser.add_argument("--sparsities", default="0.2,0.35,0.5", help="heads + channels cells")
+    parser.add_argument("--skip-timing", action="store_true", help="parameters and perplexity only")
     args = parser.parse_args()
     if args.time_only:
         dense, tokenizer = llmprune.load_embedded_model()
         prompt = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)[:1, :PROMPT]
         for number in range(len(list(args.models.glob("cell-*")))):
-            saved = AutoModelForCausalLM.from_pretrained(args.models / f"cell-{number}", dtype=torch.float32)
+            saved = llmprune.load(args.models / f"cell-{number}", dtype="float32", device="cpu")
             print(
                 json.dumps({"cell": number, **alternated(dense, saved.eval(), prompt, args.repeats)}),
                 flush=True,
@@ -95,13 +103,17 @@ def main() -> None:
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
     prompt = evaluation[:1, :PROMPT]
     layers = dense.config.num_hidden_layers
-    cells = [
-        {"units": ["heads", "channels"], "sparsity": s, "reconstruct": r}
-        for s in (0.2, 0.35, 0.5)
-        for r in (True, False)
-    ]
-    cells.insert(0, {"units": ["heads", "channels"], "sparsity": 0.25, "reconstruct": True})
-    cells += [{"units": ["layers"], "sparsity": k / layers, "reconstruct": True} for k in (2, 4, 8)]
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    if args.widths == "uniform":
+        cells = [
+            {"units": ["heads", "channels"], "sparsity": s, "reconstruct": r}
+            for s in sparsities
+            for r in (True, False)
+        ]
+        cells.insert(0, {"units": ["heads", "channels"], "sparsity": 0.25, "reconstruct": True})
+        cells += [{"units": ["layers"], "sparsity": k / layers, "reconstruct": True} for k in (2, 4, 8)]
+    else:  # the default score and re-fitting, against the uniform cells of the same sparsity
+        cells = [{"units": ["heads", "channels"], "sparsity": s, "reconstruct": True} for s in sparsities]
 
     rows = [
         {
@@ -112,15 +124,21 @@ def main() -> None:
         }
     ]
     print(json.dumps(rows[0]), flush=True)
-    # Phase 1: prune every cell and save it; phase 2: time every saved model (loaded with plain
-    # from_pretrained) against the dense model, so that timing runs back to back on a quiet machine.
+    # Phase 1: prune every cell and save it; phase 2: time every saved model (loaded with llmprune.load:
+    # plain from_pretrained for uniform widths) against the dense model, so that timing runs back to back
+    # on a quiet machine.
     for number, cell in enumerate(cells):
         pruned = copy.deepcopy(dense)
-        report = llmprune.prune(pruned, calibration, pattern="structured", score=args.score, **cell)
-        pruned.save_pretrained(args.models / f"cell-{number}")
+        report = llmprune.prune(
+            pruned, calibration, pattern="structured", score=args.score, widths=args.widths, **cell
+        )
+        save_pruned(pruned, None, args.models / f"cell-{number}", {}, overwrite=True)
+        widths = layer_widths(pruned)
         row = {
             **cell,
             "score": args.score,
+            "widths": args.widths,
+            "layer_widths": widths,
             "seconds": report.seconds,
             "parameters": sum(p.numel() for p in pruned.parameters()),
             "decoder_parameters": report.parameters_after,
@@ -134,10 +152,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del pruned
-    for number, row in enumerate(rows[1:]):
-        saved = AutoModelForCausalLM.from_pretrained(
-            args.models / f"cell-{number}", dtype=torch.float32
-        ).eval()
+    for number, row in enumerate([] if args.skip_timing else rows[1:]):
+        saved = llmprune.load(args.models / f"cell-{number}", dtype="float32", device="cpu")
         row.update(alternated(dense, saved, prompt, args.repeats))
         print(json.dumps({"cell": number, **{k: v for k, v in row.items() if "tps" in k or "speedup" in k}}))
 
@@ -157,13 +173,23 @@ def main() -> None:
         what = (
             f"{len(r['removed_layers'])} layers"
             if r["units"] == ["layers"]
-            else f"{r['removed_fraction']:.0%}"
+            else f"{r['removed_fraction']:.1%}"
+        )
+        shapes = f"{r['heads']} / {r['kv_heads']} / {r['intermediate']}"
+        if r["layer_widths"]:  # per layer: the range over layers
+            shapes = " / ".join(
+                f"{min(w[k] for w in r['layer_widths'])}–{max(w[k] for w in r['layer_widths'])}"
+                for k in ("heads", "kv_heads", "intermediate")
+            )
+        timing = (
+            f"{r['pruned_prefill_tps']:.0f} ({r['prefill_speedup']:.2f}×) | "
+            f"{r['pruned_decode_tps']:.1f} ({r['decode_speedup']:.2f}×)"
+            if "prefill_speedup" in r
+            else "not measured | not measured"
         )
         print(
-            f"| {what} | {'yes' if r['reconstruct'] else 'no'} | {r['heads']} / {r['kv_heads']} / "
-            f"{r['intermediate']} | {r['parameters'] / 1e6:.1f} M | {r['perplexity']:.2f} | "
-            f"{r['pruned_prefill_tps']:.0f} ({r['prefill_speedup']:.2f}×) | "
-            f"{r['pruned_decode_tps']:.1f} ({r['decode_speedup']:.2f}×) |"
+            f"| {what} | {'yes' if r['reconstruct'] else 'no'} | {shapes} | "
+            f"{r['parameters'] / 1e6:.1f} M | {r['perplexity']:.2f} | {timing} |"
         )
 
 

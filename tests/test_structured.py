@@ -135,13 +135,13 @@ def test_scores_follow_their_definitions():
     torch.manual_seed(0)
     x = torch.randn(300, 5) * torch.tensor([1.0, 2.0, 0.1, 3.0, 1.0]) + 4
     weight = torch.randn(3, 5)
-    gram, sums = x.t() @ x, x.sum(0)
-    wanda = column_scores("wanda", weight, gram, sums, len(x))
+    energy, sums = x.square().sum(0), x.sum(0)
+    wanda = column_scores("wanda", weight, energy, sums, len(x))
     torch.testing.assert_close(wanda, x.norm(dim=0) * weight.abs().sum(0), rtol=1e-4, atol=1e-4)
-    flap = column_scores("flap", weight, gram, sums, len(x))
+    flap = column_scores("flap", weight, energy, sums, len(x))
     torch.testing.assert_close(flap, x.var(dim=0) * weight.square().sum(0), rtol=1e-3, atol=1e-3)
     producer = torch.randn(5, 7)
-    magnitude = column_scores("magnitude", weight, gram, sums, len(x), [producer])
+    magnitude = column_scores("magnitude", weight, energy, sums, len(x), [producer])
     torch.testing.assert_close(magnitude, weight.square().sum(0) + producer.square().sum(1))
     assert keep_highest(torch.tensor([3.0, 1.0, 2.0, 1.0]), 2).tolist() == [0, 2]
 

@@ -94,6 +94,11 @@ class PruneOptions(StrictModel):
         description="structured, grouped-query attention: remove query heads within each key/value group, "
         "or whole groups",
     )
+    widths: Literal["uniform", "adaptive"] = Field(
+        "uniform",
+        description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
+        "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
+    )
     batch_size: int = Field(
         4, ge=1, description="calibration samples per forward pass (true-sequential: all of one length)"
     )
@@ -155,6 +160,10 @@ class PruneOptions(StrictModel):
                 )
             if not self.units:
                 raise ValueError("structured pruning needs --units: heads, channels and/or layers")
+            if self.widths == "adaptive" and self.units == ["layers"]:
+                raise ValueError("--widths adaptive needs --units heads and/or channels")
+        elif self.widths != "uniform":
+            raise ValueError("--widths applies to structured pruning (--pattern structured)")
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.implied_sparsity) > 1e-9:
                 raise ValueError(

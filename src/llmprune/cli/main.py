@@ -99,7 +99,8 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
     with --tasks, also lm-eval tasks (zero-shot by default) on the same loaded model."""
     from llmprune.data.text import check_source, evaluation_data
     from llmprune.evaluation.perplexity import perplexity
-    from llmprune.models.loading import check_model_name, load_model, load_tokenizer
+    from llmprune.export.load import load
+    from llmprune.models.loading import check_model_name, load_tokenizer
 
     config = build(EvalConfig, {**given(flags), **({"model": model} if model else {})})
     if list_tasks:
@@ -160,6 +161,15 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
             out.print(task_table(scores))
     if as_json:
         click.echo(json.dumps(result, indent=2))
+    windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
+    loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
+    started = time.perf_counter()
+    value = perplexity(loaded, windows)
+    out.print(
+        f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
+        f"{time.perf_counter() - started:.1f} s)",
+        soft_wrap=True,
+    )
 
 
 def _error(message: str, code: int) -> None:

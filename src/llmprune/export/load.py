@@ -31,7 +31,11 @@ def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
     """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
     from llmprune.export.compressed import is_compressed, load_compressed
     from llmprune.models.loading import load_model
+    from llmprune.structured.checkpoint import WIDTHS_KEY, load_with_widths
 
     if is_compressed(path):  # packed sparse weights (export/compressed.py)
         return load_compressed(path, dtype, device)
+    metadata = read_metadata(path)
+    if WIDTHS_KEY in metadata:  # adaptive structured pruning: each decoder layer has its own widths
+        return load_with_widths(path, metadata[WIDTHS_KEY], dtype, device)
     return load_model(str(path), dtype, device)

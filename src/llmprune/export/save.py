@@ -120,6 +120,13 @@ def save_pruned(
 ) -> Path:
     """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path.
     ``save_format="compressed"`` packs the sparse weights (``export/compressed.py``)."""
+    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path. Decoder
+    layers of differing widths (adaptive structured pruning) are recorded there for ``llmprune.load``."""
+    from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
+
+    widths = layer_widths(model)
+    if widths is not None:
+        metadata = {**metadata, WIDTHS_KEY: widths}
     with staged_directory(output, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:

@@ -103,7 +103,7 @@ def structured_targets(model: nn.Module, blocks: StructuredBlocks | None) -> lis
         return [[] for _ in layers]
     task = LayerTask(0.0, Pattern(structured=True))
     return [
-        [Target(f"{path}.{i}.{name}", i, layer.get_submodule(name), task) for name in blocks.consumers()]
+        [Target(f"{path}.{i}.{name}", i, layer.get_submodule(name), task) for name in blocks.consumers(i)]
         for i, layer in enumerate(layers)
     ]
 
@@ -355,7 +355,7 @@ def _prune_from_dense_pass(
     if run.blocks is not None:
         stats = _dense_statistics(layer, hidden, calls, targets, "hessian", run)
         index = targets[0].block
-        prefix = targets[0].name.removesuffix(run.blocks.consumers()[0]).rstrip(".")
+        prefix = targets[0].name.removesuffix(run.blocks.consumers(index)[0]).rstrip(".")
         smaller, rows = run.blocks(index, prefix, layer, stats)
         run.report.layers.extend(rows)
         return smaller

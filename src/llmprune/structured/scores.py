@@ -1,8 +1,9 @@
 """Importance of removable units, as pure functions of weights and input statistics.
 
 A unit (an attention head, an MLP channel) owns some input columns of the projection that consumes it
-(o_proj / down_proj); every score is a sum over those columns. ``gram`` is Σ_t x_t x_tᵀ (any positive
-scale), ``sums`` Σ_t x_t, ``tokens`` N, all over the calibration tokens entering the consumer.
+(o_proj / down_proj); every score is a sum over those columns. ``energy`` is Σ_t x_t² per input feature
+(the diagonal of the Gram matrix), ``sums`` Σ_t x_t, ``tokens`` N, all over the calibration tokens entering
+the consumer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 def column_scores(
     method: str,
     consumer: torch.Tensor,
-    gram: torch.Tensor,
+    energy: torch.Tensor,
     sums: torch.Tensor,
     tokens: int,
     producers: list[torch.Tensor] = (),
@@ -25,7 +26,7 @@ def column_scores(
     - ``flap``: Var(X_c) · ||W[:, c]||² (FLAP's fluctuation metric, arXiv 2312.11983 eq. 4).
     """
     weight = consumer.float()
-    energy = gram.diagonal().float()
+    energy = energy.float()
     if method == "magnitude":
         score = weight.square().sum(dim=0)
         for producer in producers:
@@ -50,3 +51,19 @@ def keep_highest(scores: torch.Tensor, remove: int) -> torch.Tensor:
     earlier unit."""
     order = torch.argsort(scores, descending=True, stable=True)
     return order[: len(scores) - remove].sort().values
+
+
+class ColumnStatistics:
+    """Σ x², Σ x and the token count of one projection's inputs, per input column: what the scores need
+    (``--widths adaptive`` collects them for every layer in one dense pass, without Gram matrices)."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.energy = torch.zeros(width, device=device)
+        self.sums = torch.zeros(width, device=device)
+        self.tokens = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.energy += x.square().sum(dim=0)
+        self.sums += x.sum(dim=0)
+        self.tokens += x.shape[0]

@@ -338,8 +338,6 @@ _RecipeLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text)
 
 def read_recipe(path: str | Path, config_class: type[BaseModel] = RunConfig) -> dict[str, Any]:
     """Load a YAML recipe (a mapping of option names, with - or _) for ``config_class``."""
-def read_recipe(path: str | Path, model_class: type[StrictModel] | None = None) -> dict[str, Any]:
-    """Load a YAML recipe (a mapping of option names, with - or _) for ``RunConfig`` (or ``model_class``)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
@@ -350,8 +348,6 @@ def read_recipe(path: str | Path, model_class: type[StrictModel] | None = None) 
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
     unknown = [str(key) for key in data if str(key).replace("-", "_") not in config_class.model_fields]
-    fields = (model_class or RunConfig).model_fields
-    unknown = [str(key) for key in data if str(key).replace("-", "_") not in fields]
     if unknown:
         raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
     return {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -1,4 +1,4 @@
-"""The ``llmprune`` command line: ``prune`` and ``eval``."""
+"""The ``llmprune`` command line: ``prune`` and ``eval`` here; the other commands in their own modules."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
     windows = None
     if config.perplexity:
         windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
-    loaded = load_model(config.model, config.dtype, config.device)
+    loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
     if windows is not None:
         started = time.perf_counter()
         value = perplexity(loaded, windows)
@@ -161,15 +161,6 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
             out.print(task_table(scores))
     if as_json:
         click.echo(json.dumps(result, indent=2))
-    windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
-    loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
-    started = time.perf_counter()
-    value = perplexity(loaded, windows)
-    out.print(
-        f"perplexity {value:.3f} on {config.data} ({len(windows)}×{config.seqlen} tokens, "
-        f"{time.perf_counter() - started:.1f} s)",
-        soft_wrap=True,
-    )
 
 
 def _error(message: str, code: int) -> None:
@@ -206,15 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
+# One module per further command; imported last because they use ``cli``'s helpers above.
 from llmprune.cli import checkpoints  # noqa: E402
-
-cli.add_command(checkpoints.compress)
-cli.add_command(checkpoints.decompress)
-cli.add_command(checkpoints.inspect)
-from llmprune.cli.sweep import sweep as sweep_command  # noqa: E402  (a command per module)
-
-cli.add_command(sweep_command)
-cli.add_command(__import__("llmprune.cli.bench", fromlist=["bench"]).bench)
+from llmprune.cli.bench import bench  # noqa: E402
 from llmprune.cli.finetune import finetune  # noqa: E402
+from llmprune.cli.sweep import sweep  # noqa: E402
 
-cli.add_command(finetune)
+for command in (checkpoints.compress, checkpoints.decompress, checkpoints.inspect, sweep, bench, finetune):
+    cli.add_command(command)

@@ -119,9 +119,8 @@ def save_pruned(
     save_format: str = "dense",
 ) -> Path:
     """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path.
-    ``save_format="compressed"`` packs the sparse weights (``export/compressed.py``)."""
-    """Write weights, tokenizer and ``llmprune.json`` to ``output`` atomically; returns the path. Decoder
-    layers of differing widths (adaptive structured pruning) are recorded there for ``llmprune.load``."""
+    ``save_format="compressed"`` packs the sparse weights (``export/compressed.py``); decoder layers of
+    differing widths (adaptive structured pruning) are recorded in ``llmprune.json`` for ``llmprune.load``."""
     from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
 
     widths = layer_widths(model)

@@ -223,6 +223,7 @@ def max_per_group(nonzero: torch.Tensor, m: int, dim: int = 1) -> int | None:
     counts = grouped.sum(dim=2 if dim == 1 else 1, dtype=torch.uint8 if m < 256 else torch.int32)
     return int(counts.max())
 
+
 def n_m_violations(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool ``[rows, cols // m]``: True where a group of ``m`` consecutive inputs of a row holds more than
     ``n`` non-zeros (the groups ``n_m_mask`` prunes). ``cols`` must be divisible by ``m``."""

@@ -31,6 +31,7 @@ NON_DEFAULTS = {
     "score": "wanda",
     "reconstruct": False,
     "head_mode": "groups",
+    "widths": "adaptive",
     "batch_size": 2,
     "error_tokens": 64,
 }

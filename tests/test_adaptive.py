@@ -186,11 +186,16 @@ def test_widths_that_do_not_match_the_weights_are_refused(tmp_path):
         llmprune.load(tmp_path / "out")
 
 
-def test_adaptive_widths_need_heads_or_channels():
-    with pytest.raises(UsageError, match="--widths adaptive needs --units heads and/or channels"):
-        llmprune.prune(
-            tiny_model("llama"), tiny_calibration(), pattern="structured", units="layers", widths="adaptive"
-        )
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pattern": "unstructured"}, "--widths applies to structured pruning"),
+        ({"pattern": "structured", "units": ["layers"]}, "--widths adaptive needs --units heads and/or"),
+    ],
+)
+def test_bad_requests_are_usage_errors(options, message):
+    with pytest.raises(UsageError, match=message):
+        llmprune.prune(tiny_model("llama"), tiny_calibration(), widths="adaptive", **options)
 
 
 def test_allocation_takes_the_lowest_scores_within_the_budget():

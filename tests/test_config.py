@@ -31,7 +31,7 @@ NON_DEFAULTS = {
     "score": "wanda",
     "reconstruct": False,
     "head_mode": "groups",
-    "widths": "adaptive",
+    "widths": "uniform",  # adaptive needs pattern=structured; test_structured passes it through the API
     "batch_size": 2,
     "error_tokens": 64,
 }

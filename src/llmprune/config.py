@@ -162,6 +162,8 @@ class PruneOptions(StrictModel):
                 raise ValueError("structured pruning needs --units: heads, channels and/or layers")
             if self.widths == "adaptive" and self.units == ["layers"]:
                 raise ValueError("--widths adaptive needs --units heads and/or channels")
+        elif self.widths != "uniform":
+            raise ValueError("--widths applies to structured pruning (--pattern structured)")
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.implied_sparsity) > 1e-9:
                 raise ValueError(

@@ -73,7 +73,6 @@ class StreamedLayers(LayerSource):
         self.shards.load_into(self.model, names, self.device, self.dtype)
         if tied:
             self.model.tie_weights()
-
     def release_outside(self) -> None:
         inside = f"{self.layers_path}."  # tied names count too: release frees every reference
         release(self.model, [name for name in checkpoint_names(self.model) if not name.startswith(inside)])

@@ -222,4 +222,3 @@ def max_per_group(nonzero: torch.Tensor, m: int, dim: int = 1) -> int | None:
     grouped = ones.view(rows, cols // m, m) if dim == 1 else ones.view(rows // m, m, cols)
     counts = grouped.sum(dim=2 if dim == 1 else 1, dtype=torch.uint8 if m < 256 else torch.int32)
     return int(counts.max())
-

@@ -61,7 +61,7 @@ def test_reports_the_recorded_sparsity(capsys, checkpoints, key):
         assert tensor["sparsity"] == pytest.approx(row["achieved_sparsity"], abs=1e-12)
     assert info["linear"]["sparsity"] == pytest.approx(report["achieved_sparsity"], abs=1e-12)
     assert info["report"] == report
-    assert [row["layer"] for row in info["layers"]] == [0, 1, 2]
+    assert [row["layer"] for row in info["layers"]] == [0, 1, 2]  # by index (the file is alphabetical)
 
 
 def test_nm_compliance(capsys, checkpoints):
@@ -136,3 +136,15 @@ def test_damaged_compressed_checkpoint(capsys, checkpoints, tmp_path):
     assert "is truncated or damaged" in invoke(capsys, "inspect", copy).error_line
     (copy / METADATA_FILE).unlink()
     assert "holds compressed weights but no llmprune.json" in invoke(capsys, "inspect", copy).error_line
+
+
+def test_layers_in_numeric_order(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TINY_CONFIGS
+
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = 11  # the checkpoint lists layers 0, 1, 10, 2, ...
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "deep")
+    info = llmprune.inspect_checkpoint(tmp_path / "deep")
+    assert [row["layer"] for row in info["layers"]] == list(range(11))

@@ -154,7 +154,7 @@ def inspect_checkpoint(directory: str | Path, progress=None) -> dict[str, Any]:
         "parameters": sum(t.parameters for t in tensors),
         "nonzeros": sum(t.nonzeros for t in tensors),
         "linear": _summary(linear),
-        "layers": [_summary(group, layer) for layer, group in _by_layer(linear).items()],
+        "layers": [_summary(group, layer) for layer, group in sorted(_by_layer(linear).items())],
         "tensors": [t.to_dict() for t in tensors],
         "recipe": metadata.get("recipe"),
         "report": metadata.get("report"),

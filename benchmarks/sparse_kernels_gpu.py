@@ -145,7 +145,7 @@ def end_to_end(device: torch.device, check: bool, work: Path) -> dict:
         "--device", device.type, *samples,
     )  # fmt: skip
     matched = logits_match(pruned, device, check)
-    size = {"--prompt-len": 32, "--batch": 2, "--new-tokens": 4, "--repeats": 2}
+    size = {"--prompt-len": 32, "--batch": 2, "--new-tokens": 4, "--repeats": 2, "--threads": 1}
     if not check:
         size = {"--prompt-len": 512, "--batch": 8, "--new-tokens": 64, "--repeats": 5}
     size = [str(part) for pair in size.items() for part in pair]

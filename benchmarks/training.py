@@ -72,7 +72,7 @@ def run(name: str, steps: int, args, results: dict, save) -> None:
         steps=steps, lr=args.lr, batch_size=args.batch_size, seqlen=args.seqlen, warmup=10, **extra
     )
     windows = training_windows(tokens_for(tokenizer, "embedded", "calibration"), options)
-    milestones = {50, 200, 500, steps}
+    milestones = {25, 50, 200, 500, steps}
     timer = {"last": time.perf_counter()}
 
     def on_step(step: int, loss: float, trained) -> None:
@@ -121,7 +121,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense model")
     args = parser.parse_args()
+    if args.threads:  # on an oversubscribed machine one thread per process wastes less in spin-waits
+        torch.set_num_threads(args.threads)
     results = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
         "torch": torch.__version__,
@@ -135,13 +139,14 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
-    model, tokenizer = llmprune.load_embedded_model()
-    results["dense_perplexity"] = llmprune.perplexity(
-        model, llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
-    )
-    print(f"dense ppl {results['dense_perplexity']:.2f}", flush=True)
-    del model
-    save()
+    if not args.skip_dense:
+        model, tokenizer = llmprune.load_embedded_model()
+        results["dense_perplexity"] = llmprune.perplexity(
+            model, llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
+        )
+        print(f"dense ppl {results['dense_perplexity']:.2f}", flush=True)
+        del model
+        save()
     for spec in args.runs.split(","):
         name, _, steps = spec.partition(":")
         run(name, int(steps), args, results, save)

@@ -76,8 +76,8 @@ class SparsityMasks:
     """Per-layer pruning masks over a model's decoder linear layers, held through training.
 
     ``attach()`` registers the gradient hooks (and, for ``score="wanda"``, forward hooks accumulating each
-    layer's input norms ‖x_j‖² over the tokens seen, as Wanda's |W_ij|·‖X_j‖ needs); ``detach()`` removes
-    them. Call ``enforce(optimizer)`` after every optimizer step.
+    layer's input norms ‖x_j‖² over the training tokens seen, in train mode only, as Wanda's |W_ij|·‖X_j‖
+    needs); ``detach()`` removes them. Call ``enforce(optimizer)`` after every optimizer step.
     """
 
     def __init__(
@@ -130,6 +130,8 @@ class SparsityMasks:
 
     def _norm_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not module.training:  # evaluation passes in between must not steer the masks
+                return
             x = args[0].detach()
             squares = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
             previous = self._norms.get(name)

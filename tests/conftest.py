@@ -106,6 +106,22 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
 
 
+def tiny_llama_for(tokenizer, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama (hidden 32, GQA) whose vocabulary matches a real ``tokenizer``, for tests that
+    run the command line or lm-eval on text."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_calibration(nsamples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (nsamples, seqlen), generator=generator)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
+from conftest import tiny_llama_for
 from llmprune.cli.main import main
 from llmprune.config import EvalConfig, RunConfig
 from llmprune.data.text import embedded_text
@@ -60,17 +61,7 @@ def invoke(capsys, *args: str) -> Result:
 
 def save_tiny_llama(directory: Path, tokenizer, nan_in: str | None = None) -> Path:
     """A 2-layer Llama (hidden 32) whose vocabulary matches the tokenizer, saved with it."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama_for(tokenizer)
     if nan_in is not None:
         with torch.no_grad():
             model.get_submodule(nan_in).weight[0, 0] = float("nan")

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import tiny_calibration, tiny_llama_for, tiny_model
 from llmprune.cli.main import main
 from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import embedded_text
@@ -135,17 +134,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """An 8-layer tiny Llama with the embedded model's tokenizer, and calibration text."""
     root = tmp_path_factory.mktemp("resume")
     tokenizer = llmprune.load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tiny_llama_for(tokenizer, layers=LAYERS).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     text = root / "text.txt"
     text.write_text(embedded_text()[:20_000], encoding="utf-8")

@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import llmprune
+from conftest import tiny_llama_for
 from llmprune.cli.main import main
 from llmprune.data.text import embedded_text
 from llmprune.errors import UsageError
@@ -33,17 +33,7 @@ FILES = (
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sweep")
     tokenizer = llmprune.load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama_for(tokenizer)
     model.save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     text = root / "text.txt"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import llmprune
 from llmprune.cli.main import main
@@ -16,6 +15,7 @@ from llmprune.errors import DataUnavailableError, UsageError
 from llmprune.models import loading
 
 pytest.importorskip("lm_eval")
+from conftest import tiny_llama_for
 from llmprune.evaluation import tasks
 
 QUESTIONS = [f"Question {i}: which word fits?" for i in range(4)]
@@ -60,17 +60,7 @@ def tokenizer():
 
 
 def tiny_llama(tokenizer) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama_for(tokenizer)
 
 
 @pytest.fixture(scope="module")

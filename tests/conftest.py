@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 # The tests never need the network: fail fast and quietly on any hub access.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,6 +105,39 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` in eval mode (deterministic for a seed)."""
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
+
+
+ERROR = "llmprune: error: "
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_line(self) -> str:
+        """The single stderr line of a failed run (asserting it is the only one)."""
+        assert self.code == 2, self
+        assert "Traceback" not in self.err, self.err
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, self.err
+        assert lines[0].startswith(ERROR), self.err
+        return lines[0]
+
+
+def invoke(capsys, *args) -> CliResult:
+    """Run ``llmprune ARGS`` in this process; exit code, stdout and stderr."""
+    from llmprune.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
 
 
 def tiny_llama_for(tokenizer, layers: int = 2, seed: int = 0) -> torch.nn.Module:

@@ -15,13 +15,12 @@ import pytest
 import torch
 
 import llmprune
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, invoke, tiny_model
 from llmprune.errors import UsageError
 from llmprune.inference import bench as bench_module
 from llmprune.inference.bench import alternate, decode, peak_working_memory, prefill, speedups
 from llmprune.inference.kernels import classify, ineligibility, shape_limits
 from llmprune.methods.patterns import n_m_violations
-from test_cli import invoke
 
 # ---- eligibility ----------------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,43 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from conftest import tiny_llama_for
-from llmprune.cli.main import main
+from conftest import ERROR, invoke, tiny_llama_for
 from llmprune.config import EvalConfig, RunConfig
 from llmprune.data.text import embedded_text
 from llmprune.export.save import METADATA_FILE
 from llmprune.models import loading
-
-ERROR = "llmprune: error: "
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_line(self) -> str:
-        """The single stderr line of a failed run (asserting it is the only one)."""
-        assert self.code == 2, self
-        assert "Traceback" not in self.err, self.err
-        lines = self.err.strip().splitlines()
-        assert len(lines) == 1, self.err
-        assert lines[0].startswith(ERROR), self.err
-        return lines[0]
-
-
-def invoke(capsys, *args: str) -> Result:
-    """Run ``llmprune ARGS`` in this process."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
 
 
 def save_tiny_llama(directory: Path, tokenizer, nan_in: str | None = None) -> Path:

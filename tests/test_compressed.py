@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import invoke, tiny_calibration, tiny_model
 from llmprune.errors import UsageError
 from llmprune.export.compressed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
 from llmprune.export.packing import choose_layout, nonzero_bits, pack, pack_uints, unpack, unpack_uints
 from llmprune.export.save import METADATA_FILE
 from llmprune.methods.patterns import n_m_mask
-from test_cli import invoke, prune_args
+from test_cli import prune_args
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PATTERNS = {"unstructured": ("unstructured", 0.5), "2:4": ("2:4", None), "4:8": ("4:8", None)}

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import llmprune
+from conftest import invoke as invoke_cli
 from conftest import tiny_calibration, tiny_llama_for, tiny_model
-from llmprune.cli.main import main
 from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import embedded_text
 from llmprune.export.save import METADATA_FILE
@@ -152,13 +152,8 @@ def prune_args(files, output: Path, *extra: str) -> list[str]:
 
 def invoke(capsys, *args: str) -> tuple[int, str]:
     """Run ``llmprune ARGS`` in this process; returns the exit code and stderr."""
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    result = invoke_cli(capsys, *args)
+    return result.code, result.err
 
 
 def error_line(code: int, err: str) -> str:

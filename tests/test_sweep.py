@@ -11,8 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from conftest import tiny_llama_for
-from llmprune.cli.main import main
+from conftest import invoke, tiny_llama_for
 from llmprune.data.text import embedded_text
 from llmprune.errors import UsageError
 from llmprune.models import loading
@@ -63,17 +62,6 @@ def flags(values: dict) -> list[str]:
             ",".join(map(str, value)) if isinstance(value, list) else str(value),
         ]
     return args
-
-
-def invoke(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_path):

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import llmprune
-from llmprune.cli.main import main
 from llmprune.errors import DataUnavailableError, UsageError
 from llmprune.models import loading
 
 pytest.importorskip("lm_eval")
-from conftest import tiny_llama_for
+from conftest import invoke, tiny_llama_for
 from llmprune.evaluation import tasks
 
 QUESTIONS = [f"Question {i}: which word fits?" for i in range(4)]
@@ -94,17 +93,6 @@ def test_unknown_task_lists_the_valid_ones(manager):
         UsageError, match=r"unknown task 'toy_shrt'; valid tasks: toy_letters, toy_long, toy_short"
     ):
         tasks.check_task_names(["toy_short", "toy_shrt"], manager)
-
-
-def invoke(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,12 @@ cache).
 ``--widths adaptive`` prunes heads + channels at 20, 35 and 50 % with per-layer widths (FLAP's global
 ranking) instead; those models are saved with ``save_pruned`` and read back with ``llmprune.load``.
 ``--skip-timing`` leaves throughput out (timings on a shared machine are not worth reporting).
+``--time-only`` re-times the models a run saved; ``--plot PNG --logs LOG...`` draws perplexity against
+prefill speedup from the JSON lines such runs print (the last timing of a cell wins):
+
+    python benchmarks/structured.py --time-only > benchmarks/out/structured-timing.log
+    python benchmarks/structured.py --plot docs/structured_tradeoff.png \
+        --logs benchmarks/out/structured.log benchmarks/out/structured-timing.log
 """
 
 from __future__ import annotations
@@ -76,6 +82,58 @@ def alternated(dense: torch.nn.Module, pruned: torch.nn.Module, prompt: torch.Te
     }
 
 
+def read_logs(logs: list[Path]) -> tuple[list[dict], dict[int, dict]]:
+    """The cell rows (dense first, in cell order) and the latest timing of each cell, from printed logs."""
+    rows: list[dict] = []
+    timings: dict[int, dict] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "perplexity" in record:
+                rows = [record] if record.get("cell") == "dense" else [*rows, record]
+            elif isinstance(record.get("cell"), int):
+                timings[record["cell"]] = record
+    return rows, timings
+
+
+def plot(rows: list[dict], timings: dict[int, dict], path: Path) -> None:
+    """Perplexity (log scale) against prefill speedup over dense, one point per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.scatter([1.0], [rows[0]["perplexity"]], color="black", marker="*", s=120, label="dense")
+    styles = {
+        (False, True): ("tab:blue", "o", "heads + channels, re-fitted"),
+        (False, False): ("tab:orange", "s", "heads + channels, not re-fitted"),
+        (True, True): ("tab:green", "^", "whole layers (block influence)"),
+    }
+    seen = set()
+    for number, row in enumerate(rows[1:]):
+        if number not in timings:
+            continue
+        key = (row["units"] == ["layers"], bool(row["reconstruct"]))
+        color, marker, label = styles[key]
+        x, y = timings[number]["prefill_speedup"], row["perplexity"]
+        axes.scatter([x], [y], color=color, marker=marker, label=None if key in seen else label)
+        seen.add(key)
+        text = f"{len(row['removed_layers'])} layers" if key[0] else f"{row['removed_fraction']:.0%}"
+        axes.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_yscale("log")
+    axes.set_xlabel("prefill speedup over dense (512-token prompt, CPU)")
+    axes.set_ylabel("perplexity (embedded text)")
+    axes.set_title("Structured pruning of SmolLM2-135M: quality against speed")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/structured.json"))
@@ -86,7 +144,12 @@ def main() -> None:
     parser.add_argument("--widths", choices=["uniform", "adaptive"], default="uniform")
     parser.add_argument("--sparsities", default="0.2,0.35,0.5", help="heads + channels cells")
     parser.add_argument("--skip-timing", action="store_true", help="parameters and perplexity only")
+    parser.add_argument("--plot", type=Path, help="draw perplexity against speedup from --logs to this PNG")
+    parser.add_argument("--logs", type=Path, nargs="*", default=[], help="JSON-lines output of earlier runs")
     args = parser.parse_args()
+    if args.plot:
+        plot(*read_logs(args.logs), args.plot)
+        return
     if args.time_only:
         dense, tokenizer = llmprune.load_embedded_model()
         prompt = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)[:1, :PROMPT]

@@ -169,6 +169,23 @@ def test_nan_weight_names_the_layer(capsys, files, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_json_prints_the_run_record_and_quiet_drops_the_table(capsys, files, tmp_path):
+    result = invoke(capsys, *prune_args(files, "--output", tmp_path / "a", "--json"))
+    assert result.code == 0, result.err
+    record = json.loads(result.out)  # stdout is the JSON and nothing else
+    assert record["output"] == str(tmp_path / "a")
+    assert record == {**json.loads((tmp_path / "a" / METADATA_FILE).read_text()), **record}
+    assert len(record["report"]["layers"]) == 14
+    assert "pruning decoder layers" not in result.err  # no progress bar either
+
+    quiet = invoke(capsys, *prune_args(files, "--output", tmp_path / "b", "--quiet"))
+    assert quiet.code == 0, quiet.err
+    assert "per-layer result" not in quiet.out and "pruning decoder layers" not in quiet.err
+    assert f"saved to {tmp_path / 'b'}" in quiet.out
+    loud = invoke(capsys, *prune_args(files, "--output", tmp_path / "c"))
+    assert "per-layer result" in loud.out and "pruning decoder layers" in loud.err
+
+
 def test_full_run_writes_a_loadable_checkpoint(capsys, files, tmp_path):
     output = tmp_path / "out"
     result = invoke(capsys, *prune_args(files, "--output", output))

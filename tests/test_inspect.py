@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import invoke, tiny_calibration, tiny_model
 from llmprune.export.compressed import SUFFIX
 from llmprune.export.inspection import tensor_info
 from llmprune.export.save import METADATA_FILE, save_pruned
-from test_cli import invoke
 
 
 @pytest.fixture(scope="module")

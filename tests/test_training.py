@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmprune
-from conftest import VOCAB, tiny_model
+from conftest import ERROR, VOCAB, invoke, tiny_model
 from llmprune.export.save import METADATA_FILE
 from llmprune.models import loading
 from llmprune.models.architecture import read_weight
@@ -24,7 +24,7 @@ from llmprune.training import (
 )
 from llmprune.training.finetuning import distillation_loss
 from llmprune.training.masks import linear_targets
-from test_cli import ERROR, invoke, save_tiny_llama
+from test_cli import save_tiny_llama
 
 
 def repeating_windows(count: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -20,18 +18,7 @@ class CopyOptions(StrictModel):
 
     output: str = Field(description="output directory (required)")
     overwrite: bool = Field(False, description="replace --output if it exists")
-
-
-@contextmanager
-def tensor_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A transient progress bar (on stderr) over a checkpoint's tensors; yields ``advance(done, total)``."""
-    from rich.progress import Progress
-
-    from llmprune.cli.main import console
-
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    quiet: bool = Field(False, description="no progress bar")
 
 
 def _size(size: int) -> str:
@@ -55,12 +42,13 @@ def _print_sizes(manifest: dict[str, Any]) -> None:
 def compress(directory: str, **flags: Any) -> None:
     """Store the checkpoint DIRECTORY with its sparse weights packed (non-zeros plus a bitmask or N:M
     positions); llmprune.load reads it, llmprune decompress restores the plain checkpoint."""
-    from llmprune.cli.main import out
+    from llmprune.cli.main import console, out
+    from llmprune.cli.render import counted_progress
     from llmprune.export.compressed import MANIFEST_KEY, compress
     from llmprune.export.load import read_metadata
 
     options = build(CopyOptions, given(flags))
-    with tensor_progress("compressing tensors") as advance:
+    with counted_progress(console, "compressing tensors", options.quiet) as advance:
         saved = compress(directory, options.output, options.overwrite, advance)
     _print_sizes(read_metadata(saved)[MANIFEST_KEY])
     out.print(f"saved to {saved}", soft_wrap=True)
@@ -72,11 +60,12 @@ def compress(directory: str, **flags: Any) -> None:
 def decompress(directory: str, **flags: Any) -> None:
     """Write the plain checkpoint (dense safetensors, loadable by transformers) that the compressed
     checkpoint DIRECTORY holds, every checksum verified."""
-    from llmprune.cli.main import out
+    from llmprune.cli.main import console, out
+    from llmprune.cli.render import counted_progress
     from llmprune.export.compressed import decompress
 
     options = build(CopyOptions, given(flags))
-    with tensor_progress("decompressing tensors") as advance:
+    with counted_progress(console, "decompressing tensors", options.quiet) as advance:
         saved = decompress(directory, options.output, options.overwrite, advance)
     out.print(f"saved to {saved}", soft_wrap=True)
 
@@ -88,11 +77,12 @@ def decompress(directory: str, **flags: Any) -> None:
 def inspect(model_dir: str, as_json: bool, tensors: bool) -> None:
     """Per-layer sparsity, N:M compliance, parameter counts, file sizes and the recorded recipe of the
     checkpoint MODEL_DIR (plain, pruned or compressed), read one tensor at a time."""
-    from llmprune.cli.main import out
+    from llmprune.cli.main import console, out
+    from llmprune.cli.render import counted_progress
     from llmprune.export.inspection import check_checkpoint, inspect_checkpoint
 
     check_checkpoint(model_dir)
-    with tensor_progress("reading tensors") as advance:
+    with counted_progress(console, "reading tensors", as_json) as advance:
         info = inspect_checkpoint(model_dir, advance)
     if as_json:
         click.echo(json.dumps(info, indent=2))

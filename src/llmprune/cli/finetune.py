@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
@@ -15,11 +16,14 @@ from .options import config_options, given
 @click.command()
 @click.argument("model", required=False)
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_options(FinetuneConfig, skip=("model",))
-def finetune(model: str | None, recipe: str | None, **flags: Any) -> None:
+def finetune(model: str | None, recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """Fine-tune a pruned MODEL keeping its zeros exactly (LM loss, optionally distilled from the dense
     model), or prune MODEL gradually while training (--gradual); save Hugging Face checkpoints."""
-    from llmprune.cli.main import out
+    from llmprune.cli.main import console, out
+    from llmprune.cli.render import counted_progress
     from llmprune.training.finetuning import finetune as run_finetune
 
     values = read_recipe(recipe, FinetuneConfig) if recipe else {}
@@ -28,11 +32,18 @@ def finetune(model: str | None, recipe: str | None, **flags: Any) -> None:
         values["model"] = model
     config = build(FinetuneConfig, values)
 
-    def progress(step: int, loss: float, _model) -> None:
-        if step == 1 or step % 10 == 0 or step == config.steps:
-            out.print(f"step {step}/{config.steps}: loss {loss:.4f}", soft_wrap=True)
+    with counted_progress(console, "training steps", quiet or as_json) as advance:
 
-    result = run_finetune(config, on_step=progress)
+        def progress(step: int, loss: float, _model) -> None:
+            advance(step, config.steps)
+            if not (quiet or as_json) and (step == 1 or step % 10 == 0 or step == config.steps):
+                console.print(f"step {step}/{config.steps}: loss {loss:.4f}", soft_wrap=True)
+
+        result = run_finetune(config, on_step=progress)
+    if as_json:
+        record = {"output": str(result.output), "losses": result.losses, **result.metadata}
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
     ppl = result.metadata["perplexity"]
     if ppl["before"] is not None:
         out.print(f"perplexity (embedded): {ppl['before']:.2f} → {ppl['after']:.2f}", soft_wrap=True)

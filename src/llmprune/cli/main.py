@@ -30,8 +30,10 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file of options (flags override it)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-layer table")
+@click.option("--json", "as_json", is_flag=True, help="print the run's record (llmprune.json) as JSON")
 @config_options(RunConfig)
-def prune(recipe: str | None, **flags: Any) -> None:
+def prune(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """Prune a model (default: the embedded SmolLM2-135M-Instruct, Wanda 50 %) and save it.
 
     Under torchrun every process prunes with its share of the calibration samples; rank 0 reports and saves.
@@ -51,14 +53,22 @@ def prune(recipe: str | None, **flags: Any) -> None:
     )
     comm = communicator_from_environment(resolve_device(config.device))
     try:
-        with layer_progress(console, header) if comm.rank == 0 else contextlib.nullcontext() as advance:
+        shown = comm.rank == 0 and not (quiet or as_json)
+        with layer_progress(console, header) if shown else contextlib.nullcontext() as advance:
             result = run(config, progress=advance, comm=comm)
     finally:
         comm.close()
     if comm.rank != 0:
         return
+    if as_json:
+        from llmprune.export.load import read_metadata
+
+        record = {"output": str(result.output), "streamed": result.streamed, **read_metadata(result.output)}
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
     report = result.report
-    out.print(layer_table(report))
+    if not quiet:
+        out.print(layer_table(report))
     if result.dense_perplexity is not None:
         out.print(
             f"perplexity ({config.eval_data}, {config.eval_nsamples}×{config.eval_seqlen}): "

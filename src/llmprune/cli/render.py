@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -9,6 +10,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmprune.pipeline.report import PruneReport
+
+
+@contextmanager
+def counted_progress(
+    console: Console, description: str, quiet: bool = False
+) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar (on ``console``) for a loop of known or unknown length; yields
+    ``advance(done, total)``. Shows nothing when ``quiet``."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @contextmanager

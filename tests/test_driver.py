@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -422,3 +423,17 @@ def test_lockstep_meets_in_turn_and_detects_divergent_paths():
     diverging = Lockstep()
     with pytest.raises(LlmpruneError, match="different paths"):
         diverging.run([lambda: diverging.meet("x", lambda: None), lambda: diverging.meet("y", lambda: None)])
+
+
+def test_perplexity_reports_progress_and_equals_the_mean_token_loss():
+    model = tiny_model("llama")
+    windows = tiny_calibration(5, 16, seed=3)
+    calls: list[tuple[int, int]] = []
+    value = llmprune.perplexity(
+        model, windows, batch_size=2, progress=lambda done, total: calls.append((done, total))
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # 5 windows in batches of 2
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert value == pytest.approx(math.exp(loss.item()), rel=1e-4)

@@ -135,8 +135,11 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
         windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
     loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
     if windows is not None:
+        from llmprune.cli.render import counted_progress
+
         started = time.perf_counter()
-        value = perplexity(loaded, windows)
+        with counted_progress(console, "perplexity windows", quiet or as_json) as advance:
+            value = perplexity(loaded, windows, progress=advance)
         seconds = time.perf_counter() - started
         result["perplexity"] = {
             "value": value,

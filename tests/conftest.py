@@ -20,6 +20,7 @@ from transformers import (
     MistralConfig,
     OPTConfig,
     Phi3Config,
+    PreTrainedModel,
     Qwen2Config,
 )
 
@@ -138,6 +139,24 @@ def invoke(capsys, *args) -> CliResult:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if any model is loaded: the transformers loaders and every llmprune module that loads
+    one are refused (for checks that must come before any expensive work)."""
+    import llmprune.api
+    import llmprune.sweeps.runner
+    import llmprune.training.finetuning
+    from llmprune.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for model_class in (PreTrainedModel, AutoModelForCausalLM):
+        monkeypatch.setattr(model_class, "from_pretrained", refuse)
+    for module in (loading, llmprune.api, llmprune.sweeps.runner, llmprune.training.finetuning):
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def tiny_llama_for(tokenizer, layers: int = 2, seed: int = 0) -> torch.nn.Module:

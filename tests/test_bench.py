@@ -277,13 +277,6 @@ def saved(tmp_path_factory):
     return root
 
 
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr("llmprune.models.loading.load_model", refuse)
-
-
 def test_cli_bench_json(capsys, saved):
     result = invoke(
         capsys, "bench", saved / "a", "--baseline", saved / "b", "--prompt-len", "16", "--batch", "2",
@@ -317,14 +310,12 @@ def test_cli_bench_table(capsys, saved):
         (["--sparse-kernels", "--device", "cpu", "--dtype", "float16"], "this run is on cpu"),
     ],
 )
-def test_cli_bench_bad_input_exits_2_before_loading(capsys, saved, monkeypatch, args, message):
-    no_loading(monkeypatch)
+def test_cli_bench_bad_input_exits_2_before_loading(capsys, saved, no_model_loading, args, message):
     result = invoke(capsys, "bench", saved / "a", *args)
     assert message in result.error_line
 
 
-def test_cli_bench_bad_baseline_path(capsys, saved, monkeypatch):
-    no_loading(monkeypatch)
+def test_cli_bench_bad_baseline_path(capsys, saved, no_model_loading):
     result = invoke(capsys, "bench", saved / "a", "--baseline", saved / "missing")
     assert "model path not found" in result.error_line
 

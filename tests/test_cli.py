@@ -63,18 +63,6 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if any weights are loaded."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(llmprune.api, "load_model", refuse)
-
-
 def prune_args(files, *extra: str) -> list[str]:
     return [
         "prune",

@@ -8,13 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 import llmprune
 from conftest import invoke, tiny_llama_for
 from llmprune.data.text import embedded_text
 from llmprune.errors import UsageError
-from llmprune.models import loading
 from llmprune.sweeps import runner
 
 ERROR = "llmprune: error: "
@@ -158,16 +156,6 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(files, tmp_pat
 
     with pytest.raises(UsageError, match=r"holds a sweep with other options \(nsamples, sparsities differ\)"):
         llmprune.sweep(**{**config, "sparsities": [0.6], "nsamples": 5})
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(runner, "load_model", refuse)
 
 
 @pytest.mark.parametrize(

@@ -152,9 +152,8 @@ def test_cli_eval_tasks_table(capsys, saved_model, task_dir, local_tasks_only):
     ],
 )
 def test_cli_bad_task_input_exit_2_before_loading(
-    capsys, monkeypatch, saved_model, task_dir, local_tasks_only, args, message
+    capsys, saved_model, task_dir, local_tasks_only, no_model_loading, args, message
 ):
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     if "--task-dir" not in args:
         args += ["--task-dir", str(task_dir)]
     code, out, err = invoke(capsys, "eval", saved_model, *args)

@@ -12,7 +12,6 @@ import torch
 import llmprune
 from conftest import ERROR, VOCAB, invoke, tiny_model
 from llmprune.export.save import METADATA_FILE
-from llmprune.models import loading
 from llmprune.models.architecture import read_weight
 from llmprune.training import (
     GradualPruner,
@@ -265,15 +264,6 @@ def test_cli_finetune_with_distillation_writes_checkpoints(capsys, pruned, tmp_p
         assert set(group_nonzeros(weight, 4)) <= {0, 1, 2}
         assert metadata["finetune"]["steps_done"] == steps
     assert math.isfinite(json.loads((output / METADATA_FILE).read_text())["perplexity"]["after"])
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr("llmprune.training.finetuning.load_model", refuse)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import read_metadata
 from llmprune.export.save import check_output, library_versions, staged_directory, write_metadata
-from llmprune.methods.patterns import Pattern
+from llmprune.methods.patterns import Pattern, n_m_violations
 from llmprune.models.loading import check_model_name, load_model, load_skeleton, load_tokenizer
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
 from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
@@ -70,9 +70,7 @@ def check_nm(masks: SparsityMasks, pattern: Pattern) -> None:
     from llmprune.models.architecture import read_weight
 
     for name, module in masks.targets.items():
-        weight = read_weight(module)
-        nonzeros = (weight != 0).reshape(weight.shape[0], -1, pattern.m).sum(dim=-1)
-        if int(nonzeros.max()) > pattern.n:
+        if n_m_violations(read_weight(module), pattern.n, pattern.m).any():
             raise AssertionError(f"{name} breaks the {pattern} pattern")
 
 

@@ -1,13 +1,16 @@
 """How much do single figures move with the calibration draw and with tie-breaking? (Run by hand.)
 
-Wanda 2:4 perplexity for calibration seeds 0-3, and magnitude 2:4 under three tie-breaking rules: the
-embedded model is dequantized from Q4_1 (16 levels per block of 32 weights), so |W| has many exact ties
-and N:M magnitude pruning must break them somehow.
+Wanda 2:4 and 50 % perplexity for calibration seeds 0 to N-1 (mean and standard deviation), and
+magnitude 2:4 under three tie-breaking rules: the embedded model is dequantized from Q4_1 (16 levels per
+block of 32 weights), so |W| has many exact ties and N:M magnitude pruning must break them somehow.
 
-    python benchmarks/sensitivity.py
+    python benchmarks/sensitivity.py --seeds 8
 """
 
 from __future__ import annotations
+
+import argparse
+import statistics
 
 import torch
 
@@ -17,18 +20,30 @@ from llmprune.methods.patterns import n_m_mask
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=8, help="calibration seeds 0..N-1 for Wanda")
+    args = parser.parse_args()
     model, tokenizer = llmprune.load_embedded_model()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
 
-    def perplexity_after(method: str, seed: int = 0, **options) -> float:
+    def perplexity_after(method: str, seed: int = 0, pattern: str = "2:4") -> float:
         model.load_state_dict(dense)
         calibration = llmprune.calibration_data(tokenizer, "embedded", 32, 256, seed)
-        llmprune.prune(model, calibration, method=method, pattern="2:4", **options)
+        llmprune.prune(model, calibration, method=method, pattern=pattern)
         return llmprune.perplexity(model, evaluation)
 
-    for seed in range(4):
-        print(f"wanda 2:4, calibration seed {seed}: {perplexity_after('wanda', seed):.2f}", flush=True)
+    for pattern in ("2:4", "unstructured"):
+        values = []
+        for seed in range(args.seeds):
+            values.append(perplexity_after("wanda", seed, pattern))
+            print(f"wanda {pattern}, calibration seed {seed}: {values[-1]:.2f}", flush=True)
+        if len(values) > 1:
+            print(
+                f"wanda {pattern}: mean {statistics.mean(values):.2f}, sd {statistics.stdev(values):.2f}, "
+                f"range {min(values):.2f}-{max(values):.2f}",
+                flush=True,
+            )
 
     groups_with_ties = 0
     for name, module in model.named_modules():

@@ -77,7 +77,7 @@ def record_layer_inputs(model: nn.Module) -> tuple[list[list[torch.Tensor]], lis
     [
         ("wanda", {"batch_size": 3}, [3, 3, 2]),
         ("sparsegpt", {"batch_size": 8}, [8]),
-        ("sparsegpt", {"true_sequential": True, "batch_size": 3}, [8]),  # true-sequential: one batch
+        ("sparsegpt", {"true_sequential": True, "batch_size": 3}, [3, 3, 2]),  # batches in lockstep
     ],
 )
 def test_each_layer_is_fed_the_outputs_of_the_pruned_layers_before_it(method, options, batch_sizes):
@@ -255,8 +255,8 @@ def test_bad_calibration_is_a_usage_error(calibration):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_true_sequential_runs_every_batch_through_already_pruned_weights(method):
-    """Batches (one per sequence length) run in lockstep: each linear layer is pruned once, from every
-    batch's statistics, before any batch runs it."""
+    """Batches run in lockstep: each linear layer is pruned once, from every batch's statistics, before
+    any batch runs it."""
     model = tiny_model("llama")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
     zeros_seen: dict[str, list[float]] = {name: [] for name in linears}
@@ -274,8 +274,8 @@ def test_true_sequential_runs_every_batch_through_already_pruned_weights(method)
         handle.remove()
     assert len(report.layers) == len(linears)
     for name, seen in zeros_seen.items():
-        # 2 batches (5 rows of length 16, 3 of length 8): every call saw the pruned weight.
-        assert len(seen) == 2, name
+        # 5 batches (5 rows of length 16 in 2, 2, 1; 3 of length 8 in 2, 1): every call saw the pruned weight.
+        assert len(seen) == 5, name
         assert all(abs(fraction - 0.5) < 1e-6 for fraction in seen), (name, seen)
 
 
@@ -417,12 +417,28 @@ def test_lockstep_meets_in_turn_and_detects_divergent_paths():
         return run
 
     assert lockstep.run([task("a"), task("b"), task("c")]) == ["a", "b", "c"]
-    # Everyone arrives before the action runs once; the last to arrive goes on first, then the others in turn.
-    assert log == ["a before", "b before", "c before", "action", "c after", "a after", "b after"]
+    # Everyone arrives before the action runs once; then all go on, in order.
+    assert log == ["a before", "b before", "c before", "action", "a after", "b after", "c after"]
 
     diverging = Lockstep()
     with pytest.raises(LlmpruneError, match="different paths"):
         diverging.run([lambda: diverging.meet("x", lambda: None), lambda: diverging.meet("y", lambda: None)])
+
+    # A task that fails stops the run with its own error; the tasks paused at a meeting point are unwound.
+    failing, unwound = Lockstep(), []
+
+    def paused() -> None:
+        try:
+            failing.meet("point", lambda: None)
+        finally:
+            unwound.append(True)
+
+    def fails() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        failing.run([paused, fails])
+    assert unwound == [True]
 
 
 def test_perplexity_reports_progress_and_equals_the_mean_token_loss():

@@ -243,3 +243,23 @@ def test_order_keys_and_kth_key(kind: str) -> None:
         key, below, up_to = _kth_key(keys, k)
         assert key == int(keys[order[k - 1]])
         assert (below, up_to) == (int((keys < key).sum()), int((keys <= key).sum()))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16, 32])  # 32: the kthvalue path; up to 16: pairwise ranks
+@pytest.mark.parametrize("kind", ["uniform", "ties", "equal", "signed"])
+def test_n_m_mask_is_a_stable_selection_in_every_group(m: int, kind: str) -> None:
+    scores = _scores(kind, (5, 6 * m), seed=m + 1)
+    for n in sorted({1, m // 2, m - 1}):
+        mask = n_m_mask(scores, n, m).reshape(5, 6, m)
+        expected = torch.stack([_stable_lowest(group, m - n) for group in scores.reshape(-1, m)])
+        assert torch.equal(mask.reshape(-1, m), expected), n
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "equal", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lowest_per_row_is_a_stable_selection(kind: str, dtype: torch.dtype) -> None:
+    scores = _scores(kind, (7, 50), seed=12).to(dtype)
+    for sparsity in (0.1, 0.5, 0.9):
+        k = round(50 * sparsity)
+        expected = torch.stack([_stable_lowest(row, k) for row in scores])
+        assert torch.equal(lowest_per_row(scores, sparsity), expected), sparsity

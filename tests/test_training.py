@@ -300,7 +300,7 @@ def test_training_windows_come_from_the_calibration_part_only():
     whole = torch.tensor(tokenizer(embedded_text())["input_ids"])
     calibration = tokens_for(tokenizer, "embedded", "calibration")
     assert torch.equal(calibration, whole[: len(calibration)])
-    evaluation_starts = len(whole) - int(len(whole) * 0.2)  # where evaluation_data's windows begin
+    evaluation_starts = int(len(whole) * 0.8)  # where evaluation_data's windows begin
     assert len(calibration) < evaluation_starts
     first = evaluation_windows(whole[evaluation_starts:], 512, 1)[0]
     assert torch.equal(first, llmprune.evaluation_data(tokenizer, "embedded", 512, 1)[0])

@@ -99,9 +99,7 @@ class PruneOptions(StrictModel):
         description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
         "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
     )
-    batch_size: int = Field(
-        4, ge=1, description="calibration samples per forward pass (true-sequential: all of one length)"
-    )
+    batch_size: int = Field(4, ge=1, description="calibration samples per forward pass")
     error_tokens: int = Field(
         256, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
     )

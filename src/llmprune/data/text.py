@@ -83,7 +83,7 @@ def tokens_for(tokenizer, source: str, split: str) -> torch.Tensor:
         ids = torch.tensor(tokenizer(embedded_text())["input_ids"], dtype=torch.long)
         if split == "calibration":
             return ids[: int(len(ids) * CALIBRATION_FRACTION)]
-        return ids[len(ids) - int(len(ids) * EVALUATION_FRACTION) :]
+        return ids[int(len(ids) * (1 - EVALUATION_FRACTION)) :]  # as the public protocol cuts it
     if source in HUB_DATASETS:
         text = _hub_text(source, split)
     else:

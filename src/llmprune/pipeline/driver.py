@@ -289,7 +289,7 @@ def prune_groups(
                         block=target.block,
                         shape=tuple(weight.shape),
                         target_sparsity=target.task.sparsity,
-                        achieved_sparsity=float((stored == 0).float().mean()),
+                        achieved_sparsity=1.0 - int(torch.count_nonzero(stored)) / stored.numel(),
                         relative_error=0.0,  # below, once every process's terms are summed
                         damp=None if math.isnan(damp) else damp,
                         damp_raised=not math.isnan(damp) and damp > target.task.damp * (1 + 1e-9),
@@ -443,10 +443,7 @@ def prune_model(
     total_tokens = sum(row.numel() for row in rows)
     share = comm.rows(len(rows))
     offset = sum(row.numel() for row in rows[: share.start])  # index of this process's first token
-    # True-sequential runs all sequences of one length as one batch: measured faster and leaner on CPU
-    # than lockstepped small batches (threads), which it still uses when lengths differ.
-    batch_size = 1 << 30 if options.true_sequential else options.batch_size
-    batches = calibration_batches(rows[share], batch_size)
+    batches = calibration_batches(rows[share], options.batch_size)
     stride = max(1, total_tokens // options.error_tokens)
     was_training = model.training
     model.eval()

@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from speed import floor_seconds  # benchmarks/speed.py, next to this script
 
 import llmprune
-from llmprune.models.architecture import decoder_layers
-from llmprune.pipeline.capture import capture_layer_inputs, run_layer
-from llmprune.pipeline.driver import calibration_batches
 
 NSAMPLES, SEQLEN, SEED, EVAL_WINDOWS, EVAL_SEQLEN = 32, 256, 0, 16, 512
 GRID = [
@@ -47,19 +45,10 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@torch.no_grad()
 def floor() -> dict:
     """Two passes of each decoder layer over the calibration tokens at batch 1: no statistics, no pruning."""
     model, calibration, _ = _data()
-    _, layers = decoder_layers(model)
-    captured = capture_layer_inputs(model, layers, calibration_batches(calibration, 1))
-    hidden = captured.hidden
-    start = time.perf_counter()
-    for layer, calls in zip(layers, captured.calls, strict=True):
-        for h, c in zip(hidden, calls, strict=True):
-            run_layer(layer, h, c)
-        hidden = [run_layer(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
-    return {"floor_seconds": time.perf_counter() - start}
+    return {"floor_seconds": floor_seconds(model, calibration)}
 
 
 def cell(method: str, pattern: str, true_sequential: bool) -> dict:

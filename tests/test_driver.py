@@ -453,3 +453,23 @@ def test_perplexity_reports_progress_and_equals_the_mean_token_loss():
         logits = model(windows).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     assert value == pytest.approx(math.exp(loss.item()), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear (weights replaced), Conv1D (overwritten)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_reported_errors_compare_with_the_dense_weights_and_weights_own_their_memory(family, dtype, method):
+    """The error of each layer is measured against its dense weights (kept, not overwritten), and the
+    pruned weights written back own their memory (SparseGPT solves q/k/v as one matrix)."""
+    model = tiny_model(family).to(dtype)
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = llmprune.prune(model, tiny_calibration(), method=method)
+    assert all(row.relative_error > 0 for row in report.layers)
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages), "parameters share memory"
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == dtype
+        if name.endswith("weight") and any(name.startswith(row.name) for row in report.layers):
+            assert not torch.equal(parameter, dense[name]), name
+    unchanged = llmprune.prune(tiny_model(family).to(dtype), tiny_calibration(), method=method, sparsity=0.0)
+    assert all(row.relative_error == 0 for row in unchanged.layers)

@@ -91,7 +91,8 @@ def test_calibration_windows_may_span_the_whole_stream():
     windows = calibration_windows(tokens, 200, 40)
     assert torch.equal(windows, tokens.expand(200, 40))
     starts = calibration_windows(torch.arange(50), 500, 10, seed=5)[:, 0]
-    assert int(starts.min()) == 0 and int(starts.max()) == 40  # both ends reachable, never past them
+    # Starts cover [0, len - seqlen): as the Wanda/SparseGPT repos' randint(0, len - seqlen - 1).
+    assert int(starts.min()) == 0 and int(starts.max()) == 39
 
 
 def test_calibration_shorter_than_a_window_is_a_usage_error():

@@ -458,9 +458,11 @@ def test_perplexity_reports_progress_and_equals_the_mean_token_loss():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear (weights replaced), Conv1D (overwritten)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_reported_errors_compare_with_the_dense_weights_and_weights_own_their_memory(family, dtype, method):
+def test_reported_errors_compare_with_the_dense_weights_and_weights_do_not_share_memory(
+    family, dtype, method
+):
     """The error of each layer is measured against its dense weights (kept, not overwritten), and the
-    pruned weights written back own their memory (SparseGPT solves q/k/v as one matrix)."""
+    pruned weights written back share no memory (SparseGPT solves q/k/v as one matrix)."""
     model = tiny_model(family).to(dtype)
     dense = {name: p.detach().clone() for name, p in model.named_parameters()}
     report = llmprune.prune(model, tiny_calibration(), method=method)

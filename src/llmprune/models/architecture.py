@@ -83,32 +83,10 @@ def read_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
 
 
-def _replaced_on_write(module: nn.Module) -> bool:
-    return not isinstance(module, Conv1D) and module.weight.dtype == torch.float32
-
-
-def read_float32_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as float32 ``[out, in]``, still the old weight after ``write_weight``: the module's own
-    tensor where ``write_weight`` replaces it (no copy), a copy where it overwrites it."""
-    weight = read_weight(module)
-    return weight if _replaced_on_write(module) else weight.to(torch.float32, copy=True)
-
-
 def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Store an ``[out, in]`` weight in the module's own layout and dtype.
-
-    A float32 ``nn.Linear`` gets the new tensor itself (a copy only if it is a view of a larger one, which
-    a checkpoint would save as shared memory); other modules are overwritten in place.
-    """
+    """Store an ``[out, in]`` weight back in the module's own layout and dtype."""
     target = module.weight.data
-    if not _replaced_on_write(module):
-        target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
-        return
-    if weight.shape != target.shape:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} for a {tuple(target.shape)} layer")
-    new = weight.to(device=target.device, dtype=torch.float32, memory_format=torch.contiguous_format)
-    whole = new.storage_offset() == 0 and new.untyped_storage().nbytes() == new.numel() * 4
-    module.weight.data = new if whole else new.clone()
+    target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
 
 
 def base_model(model: nn.Module) -> nn.Module:

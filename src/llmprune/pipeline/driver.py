@@ -32,7 +32,6 @@ from llmprune.models.architecture import (
     decoder_layers,
     input_width,
     prunable_modules,
-    read_float32_weight,
     read_weight,
     write_weight,
 )
@@ -233,7 +232,7 @@ def _solve(
     targets: list[Target], method: Method, stats: InputStatistics
 ) -> tuple[list[torch.Tensor], list[PruneOutcome]]:
     """The dense fp32 weights of linear layers sharing one input, and the method's outcomes for them."""
-    dense = [read_float32_weight(t.module) for t in targets]
+    dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
     for target, weight in zip(targets, dense, strict=True):
         _check_finite(weight, f"weights of {target.name}")
     key = (method.name, targets[0].task.damp)  # damping is the only task field a preparation reads

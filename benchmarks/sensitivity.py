@@ -53,21 +53,24 @@ def main() -> None:
             groups_with_ties += int((ordered[:, 1] == ordered[:, 2]).sum())
     print(f"groups of 4 whose 2nd and 3rd smallest |W| tie (the 2:4 cut is ambiguous): {groups_with_ties}")
 
-    def earliest(scores, _sparsity, pattern, per_row=True):
-        return n_m_mask(scores, pattern.n, pattern.m)
-
-    def latest(scores, _sparsity, pattern, per_row=True):
-        return n_m_mask(scores.flip(1), pattern.n, pattern.m).flip(1)
-
-    def torch_topk(scores, _sparsity, pattern, per_row=True):
+    def stable(scores, pattern):  # ties: the earlier position is pruned (the first k of a stable sort)
         rows, cols = scores.shape
         groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-        index = torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices
+        index = torch.sort(groups, dim=2, stable=True).indices[..., : pattern.m - pattern.n]
         return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, index, True).reshape(rows, cols)
 
+    def earliest(scores, _sparsity, pattern, per_row=True):
+        return stable(scores, pattern)
+
+    def latest(scores, _sparsity, pattern, per_row=True):
+        return stable(scores.flip(1), pattern).flip(1)
+
+    def torch_topk(scores, _sparsity, pattern, per_row=True):
+        return n_m_mask(scores, pattern.n, pattern.m)
+
     for label, rule in [
-        ("earliest pruned (llmprune)", earliest),
-        ("torch.topk order", torch_topk),
+        ("earliest pruned", earliest),
+        ("torch.topk order (llmprune)", torch_topk),
         ("latest pruned", latest),
     ]:
         magnitude.select_mask = rule

@@ -4,7 +4,7 @@ benchmarks/core.py times each cell once, in its own process, between two floor m
 virtual machine a single cell can run 20 % slow. Here one process loads the embedded model once and runs
 several rounds; each round measures the floor (two passes of the decoder layers over the calibration
 tokens at batch 1, dense weights) and then prunes with every listed configuration from the dense weights.
-Interference only ever adds time, so the figure reported is the fastest floor over the fastest prune
+Interference only ever adds time, so the figure reported is the fastest prune over the fastest floor
 (the convention of ``timeit``); the median of the per-round ratios is printed next to it.
 
     python benchmarks/speed.py --rounds 3 --out benchmarks/out/speed.json

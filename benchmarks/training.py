@@ -32,6 +32,8 @@ RUNS = {  # name: (start, extra fine-tuning options); gradual pruning ends at 3/
     "wanda50-lm": ("unstructured", {}),
     "wanda50-distill": ("unstructured", {"distill": True}),
     "wanda24-lm": ("2:4", {}),
+    "wanda24-distill": ("2:4", {"distill": True}),
+    "dense-lm": ("dense", {}),  # the in-domain gain a sparse model's fine-tuning also gets
     "gradual50-lm": ("dense", {"gradual": True, "final": 0.5, "start": 0, "score": "wanda"}),
 }
 _PRUNED: dict[str, tuple[dict, float, float]] = {}  # start -> (weights, report sparsity, perplexity)

@@ -170,7 +170,8 @@ def mark_lowest_per_column(scores: torch.Tensor, k: int, out: torch.Tensor) -> t
     """Set ``out`` to 1 at the ``k`` lowest scores of every column and 0 elsewhere; ties by row.
 
     For the few rows of an N:M group (SparseGPT selects one group at a time) the ranks come from all
-    pairwise comparisons and one small matmul: a handful of float ops and no host synchronisation.
+    pairwise comparisons and one small matmul: a handful of float ops and no host synchronisation, 1.2-5x
+    faster than ``topk`` at this size. SparseGPT's scores are continuous, so its ties are rare.
     """
     m = scores.shape[0]
     if m > 16:
@@ -200,18 +201,19 @@ def _rank_weights(
 def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every group of ``m`` consecutive columns of each row, mask the ``m - n`` lowest scores.
 
-    Ties are broken by position. Small groups are ranked by all pairwise comparisons and one small
-    matmul (as in ``mark_lowest_per_column``): about twice as fast on the CPU as a ``kthvalue`` per group.
+    Selected with ``torch.topk``, the operator of both reference implementations, so that ties fall as
+    they do there: quantized checkpoints hold many equal magnitudes, and on the embedded model (Q4_1) the
+    tie order alone moves magnitude 2:4 perplexity between 1206 (topk) and 1253 or 1727 (ties to the
+    first or the last position). The order is fixed for a given device and build, not across devices.
+    ``topk`` is also faster on the CPU than ranking each group by pairwise comparisons (1.2-2x).
     """
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"{cols} input columns are not divisible by M={m}")
-    if m > 16:
-        return _lowest_k(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
-    groups = scores.float().reshape(-1, m)
-    weights, thresholds = _rank_weights(m, m - n, torch.float32, scores.device)
-    less = torch.lt(groups.unsqueeze(2), groups.unsqueeze(1), out=groups.new_empty(len(groups), m, m))
-    return torch.lt(less.view(-1, m * m) @ weights.t(), thresholds.t()).view(rows, cols)
+    groups = scores.reshape(-1, m)
+    lowest = torch.topk(groups, m - n, dim=1, largest=False, sorted=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    return mask.scatter_(1, lowest, True).view(rows, cols)
 
 
 def select_mask(

@@ -74,6 +74,14 @@ def check_nm(masks: SparsityMasks, pattern: Pattern) -> None:
             raise AssertionError(f"{name} breaks the {pattern} pattern")
 
 
+def adamw(model: nn.Module, options: FinetuneOptions) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with torch's fused kernel where it exists: one pass per tensor
+    instead of a dozen, ~5x faster on the CPU (where sqrt of a pruned weight's zero moment is also slow)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=fused or None)
+
+
 def finetune_model(
     model: nn.Module,
     windows: torch.Tensor,
@@ -96,7 +104,7 @@ def finetune_model(
     if schedule is None:
         masks = masks or SparsityMasks.from_zeros(model)
     torch.manual_seed(options.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = adamw(model, options)
     warmup = options.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     pruner = GradualPruner(

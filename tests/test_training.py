@@ -14,6 +14,7 @@ from conftest import ERROR, VOCAB, invoke, tiny_model
 from llmprune.export.save import METADATA_FILE
 from llmprune.models.architecture import read_weight
 from llmprune.training import (
+    FinetuneOptions,
     GradualPruner,
     PruningCallback,
     Schedule,
@@ -21,7 +22,7 @@ from llmprune.training import (
     finetune_model,
     sparsity_at,
 )
-from llmprune.training.finetuning import distillation_loss
+from llmprune.training.finetuning import adamw, distillation_loss
 from llmprune.training.masks import linear_targets
 from test_cli import save_tiny_llama
 
@@ -223,6 +224,16 @@ def test_finetuning_lowers_loss_and_keeps_the_mask(distill):
         assert torch.equal(read_weight(module) == 0, zeros[name]), name
 
 
+def test_adamw_takes_the_fused_kernel_where_torch_has_one():
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    optimizer = adamw(model, FinetuneOptions(lr=1e-3, weight_decay=0.1))
+    assert optimizer.defaults["fused"] and optimizer.defaults["weight_decay"] == 0.1
+    trained = optimizer.param_groups[0]["params"]
+    assert len(trained) == sum(p.requires_grad for p in model.parameters()) < len(list(model.parameters()))
+    assert adamw(model.to(torch.float64), FinetuneOptions()).defaults["fused"]  # any float dtype on CPU
+
+
 # llmprune finetune ------------------------------------------------------------------------------------
 
 
@@ -309,7 +320,6 @@ def test_training_windows_come_from_the_calibration_part_only():
 @pytest.mark.slow
 def test_finetuning_the_embedded_model_lowers_training_loss():
     from llmprune.data.text import tokens_for
-    from llmprune.training import FinetuneOptions
     from llmprune.training.finetuning import training_windows
 
     model, tokenizer = llmprune.load_embedded_model()

@@ -455,7 +455,7 @@ def test_perplexity_reports_progress_and_equals_the_mean_token_loss():
     assert value == pytest.approx(math.exp(loss.item()), rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear (weights replaced), Conv1D (overwritten)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear, and GPT-2's transposed Conv1D
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_reported_errors_compare_with_the_dense_weights_and_weights_do_not_share_memory(

@@ -134,6 +134,7 @@ def test_model_path_that_is_a_file(capsys, files, no_model_loading):
 def test_existing_output_needs_overwrite(capsys, files, tmp_path, monkeypatch):
     output = tmp_path / "out"
     output.mkdir()
+    (output / METADATA_FILE).write_text("{}")  # an earlier llmprune output (others: test_hostile_outputs.py)
     (output / "stale.txt").write_text("from an earlier run")
     with monkeypatch.context() as patch:
         patch.setattr(llmprune.api, "load_model", lambda *a, **k: pytest.fail("model loaded"))

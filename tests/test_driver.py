@@ -335,6 +335,7 @@ def test_save_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 def _existing_output(tmp_path):
     output = tmp_path / "out"
     output.mkdir()
+    (output / METADATA_FILE).write_text("{}")  # an llmprune output: --overwrite replaces only those
     (output / "previous.txt").write_text("previous run")
     return output
 
@@ -345,7 +346,7 @@ def test_save_failure_keeps_the_previous_output(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "save_pretrained", _broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_pruned(model, None, output, {"a": 1}, overwrite=True)
-    assert [p.name for p in output.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in output.iterdir()) == [METADATA_FILE, "previous.txt"]
     assert list(tmp_path.iterdir()) == [output]
 
 
@@ -362,7 +363,7 @@ def test_failed_final_rename_keeps_the_previous_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         save_pruned(tiny_model("llama"), None, output, {"a": 1}, overwrite=True)
     monkeypatch.undo()
-    assert [p.name for p in output.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in output.iterdir()) == [METADATA_FILE, "previous.txt"]
     assert list(tmp_path.iterdir()) == [output]
 
 
@@ -371,7 +372,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(UsageError, match="exists"):
         save_pruned(model, None, output, {"a": 1})
-    assert [p.name for p in output.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in output.iterdir()) == [METADATA_FILE, "previous.txt"]
 
     assert save_pruned(model, None, output, {"a": 1}, overwrite=True) == output
     names = {p.name for p in output.iterdir()}

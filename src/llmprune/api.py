@@ -20,8 +20,8 @@ from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.compressed import MANIFEST_KEY, compress_weights
 from llmprune.export.save import (
-    check_output,
     library_versions,
+    prepare_output,
     save_pruned,
     staged_directory,
     write_metadata,
@@ -98,7 +98,8 @@ def run(
     progress: ProgressCallback | None = None,
     comm: Communicator | None = None,
 ) -> RunResult:
-    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first.
+    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first, and
+    the output is checked and held (``prepare_output``: locked against other runs) for the whole run.
 
     Progress is checkpointed after every decoder layer (when saving), so that a run killed midway can be
     continued with ``resume``; the checkpoint is deleted once the output is saved. Under ``torchrun`` (or
@@ -113,6 +114,12 @@ def run(
             return run(config, save=save, progress=progress, comm=comm)
         finally:
             comm.close()
+    save = save and comm.rank == 0  # the output (and its lock) is rank 0's
+    with prepare_output(config.output_path(), config.overwrite) if save else contextlib.nullcontext():
+        return _run(config, save, progress, comm)
+
+
+def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm: Communicator) -> RunResult:
     main = comm.rank == 0
     if config.resume and comm.world_size > 1:
         raise UsageError("--resume is not supported with several processes yet; resume in one process")
@@ -121,8 +128,6 @@ def run(
     save = save and main
     comm.rows(config.nsamples)  # enough samples for every process?
     output = config.output_path()
-    if save:
-        check_output(output, config.overwrite)
     if config.resume:
         if not save:
             raise UsageError("resume needs a run that saves its output")

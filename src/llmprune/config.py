@@ -205,7 +205,7 @@ class RunConfig(PruneOptions):
     output: str | None = Field(
         None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
     )
-    overwrite: bool = Field(False, description="replace --output if it exists")
+    overwrite: bool = Field(False, description="replace --output if it is an llmprune output (or empty)")
     save_format: Literal["dense", "compressed"] = Field(
         "dense",
         description="dense: a plain checkpoint; compressed: sparse weights packed (non-zeros plus a bitmask "
@@ -259,7 +259,7 @@ class RunConfig(PruneOptions):
         return recipe
 
     def output_path(self) -> Path:
-        if self.output:
+        if self.output is not None:  # an empty --output is refused, not the default
             return Path(self.output)
         stem = Path(self.model.rstrip("/")).name.removesuffix(".gguf")
         pattern = self.pattern.replace(":", "of")

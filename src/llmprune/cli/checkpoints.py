@@ -17,7 +17,7 @@ class CopyOptions(StrictModel):
     """``llmprune compress`` / ``decompress``: where the converted checkpoint goes."""
 
     output: str = Field(description="output directory (required)")
-    overwrite: bool = Field(False, description="replace --output if it exists")
+    overwrite: bool = Field(False, description="replace --output if it is an llmprune output (or empty)")
     quiet: bool = Field(False, description="no progress bar")
 
 

@@ -27,7 +27,7 @@ from llmprune.config import build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.export.save import library_versions, save_pruned, write_atomically
+from llmprune.export.save import is_own_output, library_versions, output_lock, save_pruned, write_atomically
 from llmprune.models.loading import (
     check_model_name,
     fits_in_memory,
@@ -85,10 +85,12 @@ def existing_state(config: SweepConfig) -> dict[str, Any] | None:
         return None
     if not output.is_dir():
         raise UsageError(f"sweep output {output} exists and is not a directory")
+    if not is_own_output(output, SWEEP_FILE):
+        raise UsageError(f"sweep output {output} exists and is not a sweep (no {SWEEP_FILE})")
     state = _read_json(output / SWEEP_FILE)
     if state is None:
         if any(output.iterdir()):
-            raise UsageError(f"sweep output {output} exists and is not a sweep (no {SWEEP_FILE})")
+            raise UsageError(f"sweep output {output}: {SWEEP_FILE} cannot be read")
         return None
     changed = _differences(state.get("config", {}), config.identity())
     if changed:
@@ -166,8 +168,16 @@ def run_sweep(
     """Run every cell not already finished in ``config.output``, then write the results and the report.
 
     ``on_cell(index, total, cell, skipped)`` is called as each cell starts; ``progress(done, total)`` over
-    the decoder layers of the cell being pruned.
+    the decoder layers of the cell being pruned. The output is held (``output_lock``: locked against other
+    runs, its parent proved writable) from before anything is read to the report.
     """
+    with output_lock(config.output):
+        return _run_sweep(config, on_cell, progress)
+
+
+def _run_sweep(
+    config: SweepConfig, on_cell: CellCallback | None, progress: ProgressCallback | None
+) -> SweepResult:
     output = Path(config.output)
     state = existing_state(config)
     cells = config.cells()

@@ -118,7 +118,7 @@ class FinetuneConfig(FinetuneOptions):
         return FinetuneOptions(**{name: getattr(self, name) for name in chosen})
 
     def output_path(self) -> Path:
-        if self.output:
+        if self.output is not None:  # an empty --output is refused, not the default
             return Path(self.output)
         return Path(f"finetuned-{Path(self.model.rstrip('/')).name.removesuffix('.gguf')}")
 

@@ -19,7 +19,13 @@ from llmprune.data.text import calibration_windows, check_source, evaluation_dat
 from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import read_metadata
-from llmprune.export.save import check_output, library_versions, staged_directory, write_metadata
+from llmprune.export.save import (
+    check_output,
+    library_versions,
+    prepare_output,
+    staged_directory,
+    write_metadata,
+)
 from llmprune.methods.patterns import Pattern, n_m_violations
 from llmprune.models.loading import check_model_name, load_model, load_skeleton, load_tokenizer
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
@@ -188,12 +194,16 @@ def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | No
     """``llmprune finetune``: load MODEL, fine-tune it keeping its sparsity (or prune it gradually), save.
 
     Accepts a ``FinetuneConfig`` or its fields as keywords. Cheap checks (options, paths, data length, N:M
-    widths, teacher) come before any model is loaded. Returns a ``FinetuneResult`` with perplexities in
-    its metadata.
+    widths, teacher) come before any model is loaded, and the output is held (``prepare_output``) until
+    the last save. Returns a ``FinetuneResult`` with perplexities in its metadata.
     """
     config = config or build(FinetuneConfig, values)
+    with prepare_output(config.output_path(), config.overwrite):  # held until the last save
+        return _finetune(config, on_step)
+
+
+def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneResult:
     output = config.output_path()
-    check_output(output, config.overwrite)
     for step in config.checkpoint_steps():
         check_output(config.checkpoint_path(step), config.overwrite)
     check_model_name(config.model)

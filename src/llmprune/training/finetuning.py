@@ -21,7 +21,14 @@ from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import read_metadata
 from llmprune.export.save import check_output, library_versions, staged_directory, write_metadata
 from llmprune.methods.patterns import Pattern, n_m_violations
-from llmprune.models.loading import check_model_name, load_model, load_skeleton, load_tokenizer
+from llmprune.models.architecture import check_windows
+from llmprune.models.loading import (
+    check_model_name,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve_device,
+)
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
 from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
 from llmprune.training.pruner import GradualPruner
@@ -196,6 +203,7 @@ def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | No
     check_output(output, config.overwrite)
     for step in config.checkpoint_steps():
         check_output(config.checkpoint_path(step), config.overwrite)
+    resolve_device(config.device)
     check_model_name(config.model)
     check_source(config.data)
     teacher_name = config.teacher or (default_teacher(config.model) if config.distill else None)
@@ -205,8 +213,12 @@ def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | No
         )
     if teacher_name is not None:
         check_model_name(teacher_name)
+    skeleton = load_skeleton(config.model)
     pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
-    check_pattern_fits(linear_targets(load_skeleton(config.model)), pattern)
+    check_pattern_fits(linear_targets(skeleton), pattern)
+    check_windows(config.model, skeleton.config, config.windows())
+    if config.distill:
+        check_windows(teacher_name, load_skeleton(teacher_name).config, {"--seqlen": config.seqlen})
     tokenizer = load_tokenizer(config.model)
     windows = training_windows(tokens_for(tokenizer, config.data, "calibration"), config)
     evaluation = (

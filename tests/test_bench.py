@@ -260,9 +260,9 @@ def test_bench_uses_the_clock_around_each_phase(monkeypatch):
 
 
 def test_bench_refuses_a_prompt_longer_than_the_context():
-    with pytest.raises(UsageError, match=r"--prompt-len 129 exceeds the 128-token context"):
+    with pytest.raises(UsageError, match=r"--prompt-len 129 is longer than the context .* \(128 positions"):
         llmprune.bench(tiny_model("llama"), prompt_len=129)
-    with pytest.raises(UsageError, match=r"--prompt-len 100 \+ --new-tokens 64 exceeds the 128-token"):
+    with pytest.raises(UsageError, match=r"--prompt-len 100 \+ --new-tokens 64 \(164 tokens\) is longer"):
         llmprune.bench(tiny_model("llama"), prompt_len=100)
 
 
@@ -304,8 +304,8 @@ def test_cli_bench_table(capsys, saved):
     ("args", "message"),
     [
         (["--batch", "0"], "batch: Input should be greater than or equal to 1"),
-        (["--prompt-len", "200"], "--prompt-len 200 exceeds the 128-token context (max_position_embeddings)"),
-        (["--prompt-len", "100"], "--prompt-len 100 + --new-tokens 64 exceeds the 128-token context"),
+        (["--prompt-len", "200"], "--prompt-len 200 is longer than the context of"),
+        (["--prompt-len", "100"], "--prompt-len 100 + --new-tokens 64 (164 tokens) is longer than"),
         (["--sparse-kernels"], "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 or newer"),
         (["--sparse-kernels", "--device", "cpu", "--dtype", "float16"], "this run is on cpu"),
     ],

@@ -110,7 +110,7 @@ BAD_PRUNE_FLAGS = [
     (["--calibration", "missing.txt"], "data source 'missing.txt' is neither a text file"),
     (["--eval-data", "missing.txt"], "data source 'missing.txt'"),
     (["--pattern", "3:7"], "model.layers.0.self_attn.q_proj: input width 32 is not divisible by M=7"),
-    (["--include", "*.nothing"], "no linear layer matches --include/--exclude"),
+    (["--include", "*.nothing"], "--include '*.nothing' matches no linear layer"),
 ]
 
 
@@ -389,6 +389,8 @@ def test_subprocess_exit_codes(files, tmp_path):
         files["model"],
         "--data",
         "wikitext2",
+        "--seqlen",
+        "16",
         env={
             "HF_HUB_OFFLINE": "1",
             "HF_HOME": str(tmp_path / "hf"),

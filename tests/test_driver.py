@@ -183,8 +183,10 @@ def test_include_and_exclude_globs(selection, pruned):
 def test_selection_matching_nothing_is_an_error():
     model = tiny_model("llama")
     dense = weights(model)
-    with pytest.raises(UsageError, match="nothing to prune"):
+    with pytest.raises(UsageError, match=r"'\*\.no_such_layer' matches no linear layer"):
         llmprune.prune(model, tiny_calibration(), include=["*.no_such_layer"])
+    with pytest.raises(UsageError, match="nothing to prune"):
+        llmprune.prune(model, tiny_calibration(), include=["*.mlp.*"], exclude=["*_proj"])
     assert_unchanged(model, dense)
 
 

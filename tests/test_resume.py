@@ -195,7 +195,8 @@ def test_resume_with_other_options_is_refused(capsys, files, tmp_path, monkeypat
         assert "sparsity: 0.5 → 0.6" in line
 
     # Evaluation options are not part of the recipe; the checkpoint goes once the output is saved.
-    code, err = invoke(capsys, *prune_args(files, output, "--resume", "--eval-nsamples", "1"))
+    evaluated = ("--eval-nsamples", "1", "--eval-seqlen", "16")
+    code, err = invoke(capsys, *prune_args(files, output, "--resume", *evaluated))
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

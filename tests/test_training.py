@@ -286,7 +286,7 @@ def test_cli_finetune_with_distillation_writes_checkpoints(capsys, pruned, tmp_p
         (["--gradual", "--pattern", "2:3"], "not divisible by M=3"),
         (["--gradual", "--end", "50"], "past the last step"),
         (["--final", "0.5"], "final applies with --gradual"),
-        (["--seqlen", "100000"], "shorter than one sequence of 100000"),
+        (["--seqlen", "100000"], "--seqlen 100000 is longer than the context of"),
         (["--distill"], "--distill needs --teacher"),
     ],
 )
@@ -299,7 +299,8 @@ def test_cli_bad_input_is_one_line_before_loading(capsys, pruned, tmp_path, no_m
 def test_cli_short_data_file(capsys, pruned, tmp_path, no_model_loading):
     short = tmp_path / "short.txt"
     short.write_text("only a few words", encoding="utf-8")
-    result = invoke(capsys, "finetune", pruned / "pruned", "--data", short, "--output", tmp_path / "o")
+    args = ["--data", short, "--seqlen", "32", "--eval-nsamples", "0", "--output", tmp_path / "o"]
+    result = invoke(capsys, "finetune", pruned / "pruned", *args)
     assert result.error_line.startswith(ERROR + "fine-tuning data has")
 
 

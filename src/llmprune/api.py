@@ -27,7 +27,7 @@ from llmprune.export.save import (
     write_metadata,
 )
 from llmprune.export.sharded import ShardWriter
-from llmprune.models.architecture import decoder_layers
+from llmprune.models.architecture import check_windows, decoder_layers
 from llmprune.models.loading import (
     check_model_name,
     fits_in_memory,
@@ -138,6 +138,7 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
         check_source(config.eval_data)
     # The layers to prune (N:M widths, --include/--exclude), checked on a weightless skeleton.
     skeleton = load_skeleton(config.model)
+    check_windows(config.model, skeleton.config, config.windows())
     options = config.prune_options()
     plan_targets(skeleton, options)
     dtype = resolve_dtype(config.dtype, comm.device)

@@ -6,6 +6,8 @@ needs (model, data, output). The CLI builds one flag per field from these defini
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,7 +27,17 @@ ModelName = Annotated[
     str, Field(description="hub id, local directory, .gguf file, or 'smollm2' (the embedded default)")
 ]
 DataSource = Annotated[str, Field(description="'embedded' (Python's docs), a text file, 'wikitext2' or 'c4'")]
-EvalSeqlen = Annotated[int, Field(ge=2, description="tokens per evaluation window")]
+
+# Integers of each kind, bounded above so that an absurd number is refused here, not by an overflow deep
+# in torch. Lower bounds (0 or 1) are the fields' own.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(le=MAX_COUNT)]
+"""How many of something (samples, steps, rows per batch, tokens): at most what an int32 holds."""
+WindowLength = Annotated[int, Field(ge=2, le=MAX_COUNT)]
+"""Tokens in one window of text (also checked against the model's context before it is loaded)."""
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+"""A seed for ``torch.Generator.manual_seed``, which takes 0 .. 2**64 - 1."""
+EvalSeqlen = Annotated[WindowLength, Field(description="tokens per evaluation window")]
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -44,8 +56,33 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def names_list(value: Any) -> list[str]:
+    """A list of names or globs, given as a list of strings or one comma-separated string (a mapping, a
+    number or a list of anything else is refused rather than read as something else)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"expected a list of strings or a comma-separated string, got {value!r}")
+    return [part.strip() for item in value for part in item.split(",") if part.strip()]
+
+
+def _fraction(value: Any, what: str) -> float:
+    """A number in [0, 1) (a sparsity), from a number or its text."""
+    number = math.nan
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if math.isnan(number):
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {number:g}")
+    return number
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PruneOptions(StrictModel):
@@ -73,7 +110,7 @@ class PruneOptions(StrictModel):
     true_sequential: bool = Field(
         False, description="prune each sublayer from inputs that went through the pruned sublayers before it"
     )
-    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
+    blocksize: Count = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
     damp: float = Field(0.01, gt=0.0, description="SparseGPT: damping as a fraction of mean(diag H)")
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
@@ -99,8 +136,8 @@ class PruneOptions(StrictModel):
         description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
         "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
     )
-    batch_size: int = Field(4, ge=1, description="calibration samples per forward pass")
-    error_tokens: int = Field(
+    batch_size: Count = Field(4, ge=1, description="calibration samples per forward pass")
+    error_tokens: Count = Field(
         256, ge=1, description="calibration tokens sampled to measure each layer's reconstruction error"
     )
 
@@ -112,9 +149,7 @@ class PruneOptions(StrictModel):
     @field_validator("include", "exclude", "units", mode="before")
     @classmethod
     def _globs(cls, value: Any) -> list[str]:
-        if isinstance(value, str):
-            value = [value]
-        return [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
+        return names_list(value)
 
     @field_validator("units")
     @classmethod
@@ -130,20 +165,20 @@ class PruneOptions(StrictModel):
             pairs = {}
             for item in value:
                 regex, sep, number = str(item).rpartition("=")
-                if not sep or not regex:
+                if not isinstance(item, str) or not sep or not regex:
                     raise ValueError(f"expected REGEX=SPARSITY, got {item!r}")
                 pairs[regex] = number
             value = pairs
+        if not isinstance(value, dict):
+            raise ValueError(f"expected REGEX=SPARSITY items or a mapping of regex: sparsity, got {value!r}")
         result = {}
-        for regex, number in dict(value).items():
+        for regex, number in value.items():
+            regex = str(regex)
             try:
                 re.compile(regex)
             except re.error as exc:
                 raise ValueError(f"bad regex {regex!r}: {exc}") from None
-            number = float(number)
-            if not 0.0 <= number < 1.0:
-                raise ValueError(f"sparsity for {regex!r} must be in [0, 1), got {number}")
-            result[regex] = number
+            result[regex] = _fraction(number, f"sparsity for {regex!r}")
         return result
 
     @model_validator(mode="after")
@@ -197,9 +232,9 @@ class RunConfig(PruneOptions):
 
     model: ModelName = "smollm2"
     calibration: DataSource = "embedded"
-    nsamples: int = Field(32, ge=1, description="calibration windows")
-    seqlen: int = Field(256, ge=2, description="tokens per calibration window")
-    seed: int = Field(0, description="seed for drawing calibration windows")
+    nsamples: Count = Field(32, ge=1, description="calibration windows")
+    seqlen: WindowLength = Field(256, description="tokens per calibration window")
+    seed: Seed = Field(0, description="seed for drawing calibration windows")
     dtype: DType = "auto"
     device: Device = "auto"
     output: str | None = Field(
@@ -222,7 +257,7 @@ class RunConfig(PruneOptions):
         description="RAM for calibration activations, e.g. 4GiB or 500MB; past it they are kept on disk",
     )
     eval_data: DataSource = "embedded"
-    eval_nsamples: int = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
+    eval_nsamples: Count = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
     eval_seqlen: EvalSeqlen = 512
 
     @field_validator("device")
@@ -238,6 +273,14 @@ class RunConfig(PruneOptions):
         if value is not None:
             parse_size(value)
         return value
+
+    def windows(self) -> dict[str, int]:
+        """The token windows the run feeds the model, by the flag that sets them (each must fit in the
+        model's context)."""
+        windows = {"--seqlen": self.seqlen}
+        if self.eval_nsamples:
+            windows["--eval-seqlen"] = self.eval_seqlen
+        return windows
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -272,7 +315,7 @@ class EvalConfig(StrictModel):
 
     model: ModelName = "smollm2"
     data: DataSource = "embedded"
-    nsamples: int = Field(16, ge=0, description="evaluation windows (0 = every window of the data)")
+    nsamples: Count = Field(16, ge=0, description="evaluation windows (0 = every window of the data)")
     seqlen: EvalSeqlen = 512
     dtype: DType = "auto"
     device: Device = "auto"
@@ -281,15 +324,19 @@ class EvalConfig(StrictModel):
         description="lm-eval tasks, e.g. arc_easy,hellaswag (needs: pip install 'llmprune[eval]')",
     )
     task_dir: list[str] = Field(default_factory=list, description="directories of extra lm-eval task YAMLs")
-    num_fewshot: int | None = Field(None, ge=0, description="examples in each prompt (default: the task's)")
-    limit: int | None = Field(None, ge=1, description="examples per task (a quick look, not comparable)")
-    batch_size: int = Field(1, ge=1, description="task requests per forward pass")
+    num_fewshot: Count | None = Field(None, ge=0, description="examples in each prompt (default: the task's)")
+    limit: Count | None = Field(None, ge=1, description="examples per task (a quick look, not comparable)")
+    batch_size: Count = Field(1, ge=1, description="task requests per forward pass")
     perplexity: bool = Field(True, description="measure perplexity on --data (--no-perplexity: tasks only)")
 
     @field_validator("tasks", "task_dir", mode="before")
     @classmethod
     def _names(cls, value: Any) -> list[str]:
-        return PruneOptions._globs(value)
+        return names_list(value)
+
+    def windows(self) -> dict[str, int]:
+        """The token windows fed to the model for perplexity, by flag (lm-eval tasks bring their own)."""
+        return {"--seqlen": self.seqlen} if self.perplexity else {}
 
     @model_validator(mode="after")
     def _something(self) -> EvalConfig:
@@ -319,7 +366,19 @@ def build(model_class: type[StrictModel], values: dict[str, Any]) -> Any:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``2:4`` as the base-60 integer 124; a recipe means the N:M pattern, so keep it text."""
+    """A recipe's YAML: ``2:4`` stays text (YAML 1.1 would read the base-60 integer 124), and a key given
+    twice in one mapping is refused (plain YAML keeps the last value without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep)
 
 
 def _number_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
@@ -340,12 +399,30 @@ def read_recipe(path: str | Path, config_class: type[BaseModel] = RunConfig) -> 
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {path} is not UTF-8 text (a YAML file is expected)") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
     unknown = [str(key) for key in data if str(key).replace("-", "_") not in config_class.model_fields]
     if unknown:
         raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise UsageError(f"recipe {path}: option {name} is given twice (as {spelled[name]} and {key})")
+        values[name], spelled[name] = value, str(key)
+    return values
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where (line N, column M), in one line."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{error.problem}{where}"
+    return str(error).splitlines()[0]

@@ -110,7 +110,8 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
     from llmprune.data.text import check_source, evaluation_data
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.export.load import load
-    from llmprune.models.loading import check_model_name, load_tokenizer
+    from llmprune.models.architecture import check_windows
+    from llmprune.models.loading import check_model_name, load_skeleton, load_tokenizer, resolve_device
 
     config = build(EvalConfig, {**given(flags), **({"model": model} if model else {})})
     if list_tasks:
@@ -118,6 +119,7 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
 
         click.echo("\n".join(task_manager(config.task_dir).all_tasks))
         return
+    resolve_device(config.device)
     check_model_name(config.model)
     if config.perplexity:
         check_source(config.data)
@@ -127,6 +129,8 @@ def evaluate(model: str | None, list_tasks: bool, quiet: bool, as_json: bool, **
 
         manager = task_manager(config.task_dir)
         check_task_names(config.tasks, manager)
+    check_windows(config.model, load_skeleton(config.model).config, config.windows())
+    if manager is not None:
         load_tasks(config.tasks, manager)
     result: dict[str, Any] = {"model": config.model, "perplexity": None, "tasks": None}
     tokenizer = load_tokenizer(config.model)

@@ -102,9 +102,23 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     """
     if len(tokens) < seqlen:
         raise UsageError(f"calibration text has {len(tokens)} tokens, shorter than one window of {seqlen}")
+    _check_memory(nsamples * seqlen * tokens.element_size(), f"{nsamples:,} windows of {seqlen} tokens")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, max(1, len(tokens) - seqlen), (nsamples,), generator=generator).tolist()
     return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def _check_memory(size: int, what: str) -> None:
+    """Refuse to build ``size`` bytes of token ids past half the free memory (an absurd count would
+    otherwise run for minutes, then be killed)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if size > free / 2:
+        raise UsageError(
+            f"{what} take {size / 2**30:,.1f} GiB as token ids alone, more than half the free memory "
+            f"({free / 2**30:,.1f} GiB); ask for fewer windows"
+        )
 
 
 def evaluation_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
@@ -120,8 +134,19 @@ def evaluation_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None =
 def calibration_data(
     tokenizer, source: str = EMBEDDED, nsamples: int = 32, seqlen: int = 256, seed: int = 0
 ) -> torch.Tensor:
-    """Calibration token ids ``[nsamples, seqlen]`` from a source."""
-    return calibration_windows(tokens_for(tokenizer, source, "calibration"), nsamples, seqlen, seed)
+    """Calibration token ids ``[nsamples, seqlen]`` from a source.
+
+    More samples than the text has distinct windows are refused: they could only repeat windows, and an
+    absurd count would otherwise fill the memory with copies before failing.
+    """
+    tokens = tokens_for(tokenizer, source, "calibration")
+    starts = max(1, len(tokens) - seqlen)  # the starts calibration_windows draws from
+    if len(tokens) >= seqlen and nsamples > starts:
+        raise UsageError(
+            f"--nsamples {nsamples} is more than the {starts:,} distinct windows of {seqlen} tokens in the "
+            f"calibration text ({len(tokens):,} tokens); use fewer samples or a longer text"
+        )
+    return calibration_windows(tokens, nsamples, seqlen, seed)
 
 
 def evaluation_data(

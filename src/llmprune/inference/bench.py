@@ -30,9 +30,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from llmprune.config import DType, ModelName, RunConfig, StrictModel, build
+from llmprune.config import Count, DType, ModelName, RunConfig, Seed, StrictModel, build
 from llmprune.errors import UsageError
 from llmprune.inference.kernels import AccelerateReport, accelerate, model_bytes, require_sparse_kernels
+from llmprune.models.architecture import check_window, context_length
 
 METRICS = ("prefill", "ttft", "decode_1", "decode_batch")
 
@@ -42,16 +43,16 @@ class BenchConfig(StrictModel):
 
     model: ModelName = "smollm2"
     baseline: str | None = Field(None, description="a second model, measured alternately with MODEL")
-    prompt_len: int = Field(512, ge=1, description="prompt tokens")
-    batch: int = Field(8, ge=1, description="prompts per batch for prefill and batched decode")
-    new_tokens: int = Field(64, ge=1, description="greedy tokens decoded after the prompt (no early stop)")
-    repeats: int = Field(5, ge=1, description="timed rounds per model (figures are medians)")
-    warmup: int = Field(1, ge=0, description="untimed rounds per model first")
+    prompt_len: Count = Field(512, ge=1, description="prompt tokens")
+    batch: Count = Field(8, ge=1, description="prompts per batch for prefill and batched decode")
+    new_tokens: Count = Field(64, ge=1, description="greedy tokens decoded after the prompt (no early stop)")
+    repeats: Count = Field(5, ge=1, description="timed rounds per model (figures are medians)")
+    warmup: Count = Field(1, ge=0, description="untimed rounds per model first")
     prompt: Literal["random", "embedded"] = Field(
         "random", description="random token ids (seeded), or windows of the embedded evaluation text"
     )
-    seed: int = Field(0, description="seed of the random prompt")
-    threads: int | None = Field(
+    seed: Seed = Field(0, description="seed of the random prompt")
+    threads: Count | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's own choice, usually the cores)"
     )
     dtype: DType = "auto"
@@ -269,18 +270,14 @@ def peak_working_memory(device: torch.device) -> Iterator[list[int]]:
 # ---- inputs and checks --------------------------------------------------------------------------------
 
 
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a model's config allows (None when it states none)."""
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
-
-
 def check_context(name: str, config: Any, prompt_len: int, new_tokens: int) -> None:
     """A prompt and its decoded tokens must fit in the model's context."""
-    limit = max_positions(config)
-    if limit is not None and prompt_len + new_tokens > limit:
-        what = f"--prompt-len {prompt_len}" + (f" + --new-tokens {new_tokens}" if prompt_len <= limit else "")
-        raise UsageError(f"{what} exceeds the {limit}-token context (max_position_embeddings) of {name}")
+    limit = context_length(config)
+    if limit is not None and prompt_len <= limit:
+        what = f"--prompt-len {prompt_len} + --new-tokens {new_tokens} ({prompt_len + new_tokens} tokens)"
+    else:
+        what = f"--prompt-len {prompt_len}"
+    check_window(name, config, prompt_len + new_tokens, what)
 
 
 def _read_config(name: str) -> Any:

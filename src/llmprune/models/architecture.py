@@ -7,6 +7,7 @@ the final norm live. Unknown families fall back to the largest ``ModuleList`` of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +42,37 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+# Config fields that state the longest sequence a model takes, by family (GPT-2's n_positions is also
+# reachable as max_position_embeddings through its attribute map; older configs name it n_ctx).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config allows, in tokens (None when it states none)."""
+    if hasattr(config, "get_text_config"):  # a multimodal config keeps the language model's apart
+        config = config.get_text_config()
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_window(name: str, config: Any, tokens: int, what: str) -> None:
+    """A window of ``tokens`` (``what`` sets it, e.g. ``--seqlen 512``) must fit in the context of the
+    model ``name``, checked on its config before the model is loaded. Past its learned positions GPT-2
+    fails with an IndexError, and a RoPE model runs without a word on positions it was never trained on:
+    both are refused."""
+    limit = context_length(config)
+    if limit is not None and tokens > limit:
+        raise UsageError(f"{what} is longer than the context of {name} ({limit} positions)")
+
+
+def check_windows(name: str, config: Any, windows: dict[str, int]) -> None:
+    """``check_window`` for each of ``windows`` (``{"--seqlen": 512, ...}``: the flag, its tokens)."""
+    for flag, tokens in windows.items():
+        check_window(name, config, tokens, f"{flag} {tokens}")
 
 
 def describe(model: nn.Module) -> Architecture:

@@ -138,11 +138,24 @@ def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``--device`` (auto: CUDA when there is a GPU, else the CPU), refused in one
+    line when this machine does not have it: every command resolves its device before loading anything."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} requested but no CUDA GPU is available")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device} is not a torch device") from None
+    if target.type == "cpu":
+        return target
+    backend = torch.backends.mps if target.type == "mps" else getattr(torch, target.type, None)
+    kind = target.type.upper()
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {device} requested but this machine has no {kind} device")
+    count = getattr(getattr(torch, target.type, None), "device_count", lambda: 1)()
+    if target.index is not None and target.index >= count:
+        raise UsageError(f"--device {device} requested but this machine has {count} {kind} device(s)")
+    return target
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

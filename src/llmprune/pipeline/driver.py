@@ -74,13 +74,13 @@ def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
     pattern = options.pattern_spec
     sparsities = layer_sparsities(options, len(layers))
     overrides = [(re.compile(regex), value) for regex, value in options.layer_sparsity.items()]
+    candidates = [prunable_modules(layer, f"{path}.{index}") for index, layer in enumerate(layers)]
+    _check_selection([name for modules in candidates for name in modules], options)
     plan = []
-    for index, layer in enumerate(layers):
+    for index, modules in enumerate(candidates):
         targets = []
-        for name, module in prunable_modules(layer, f"{path}.{index}").items():
-            if options.include and not any(fnmatch.fnmatchcase(name, g) for g in options.include):
-                continue
-            if any(fnmatch.fnmatchcase(name, g) for g in options.exclude):
+        for name, module in modules.items():
+            if not _selected(name, options):
                 continue
             if pattern.is_nm and input_width(module) % pattern.m:
                 raise UsageError(
@@ -91,9 +91,38 @@ def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
             task = LayerTask(sparsity, pattern, options.blocksize, options.damp, options.magnitude_scope)
             targets.append(Target(name, index, module, task))
         plan.append(targets)
-    if not any(plan):
-        raise UsageError("no linear layer matches --include/--exclude: nothing to prune")
     return plan
+
+
+def _selected(name: str, options: PruneOptions) -> bool:
+    """Whether --include/--exclude leave the linear layer ``name`` to be pruned."""
+    if options.include and not any(fnmatch.fnmatchcase(name, glob) for glob in options.include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, glob) for glob in options.exclude)
+
+
+def _check_selection(names: list[str], options: PruneOptions) -> None:
+    """Every --include/--exclude glob and --layer-sparsity regex must select some of the linear layers
+    ``names``: a typo would otherwise be ignored without a word, and the wrong layers pruned, or pruned at
+    the wrong sparsity."""
+    example = f" (their names look like {names[0]})" if names else ""
+    for flag, globs in (("--include", options.include), ("--exclude", options.exclude)):
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+                raise UsageError(f"{flag} {glob!r} matches no linear layer{example}")
+    pruned = [name for name in names if _selected(name, options)]
+    if not pruned:
+        raise UsageError("no linear layer matches --include/--exclude: nothing to prune")
+    regexes = [re.compile(regex) for regex in options.layer_sparsity]
+    applied = {next((r for r in regexes if r.search(name)), None) for name in pruned}
+    for regex in regexes:
+        if not any(regex.search(name) for name in names):
+            raise UsageError(f"--layer-sparsity {regex.pattern!r} matches no linear layer{example}")
+        if regex not in applied:
+            raise UsageError(
+                f"--layer-sparsity {regex.pattern!r} sets no layer: the layers it matches are excluded or "
+                "set by an earlier pattern (the first match wins)"
+            )
 
 
 def structured_targets(model: nn.Module, blocks: StructuredBlocks | None) -> list[list[Target]]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from llmprune.config import RunConfig, StrictModel, describe_validation_error
+from llmprune.config import Count, RunConfig, StrictModel, describe_validation_error
 from llmprune.methods.patterns import Pattern
 
 # RunConfig fields every cell shares. Left out: the cell's own method/sparsity/pattern; where one run's
@@ -51,14 +51,16 @@ class _Grid(StrictModel):
     )
     output: str = Field("sweep", description="directory of the sweep's results (rerun it to resume)")
     save_models: bool = Field(False, description="also save every cell's pruned model under OUTPUT/models")
-    eval_nsamples: int = Field(16, ge=1, description="evaluation windows for perplexity")
+    eval_nsamples: Count = Field(16, ge=1, description="evaluation windows for perplexity")
 
     @field_validator("methods", "patterns", "sparsities", mode="before")
     @classmethod
     def _split(cls, value: Any) -> list[str]:
         if isinstance(value, str | float | int):
             value = [value]
-        items = [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str | float | int) for v in value):
+            raise ValueError(f"expected a list or a comma-separated string, got {value!r}")
+        items = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         if not items:
             raise ValueError("give at least one value")
         return list(dict.fromkeys(items))
@@ -135,6 +137,10 @@ class SweepConfig(create_model("_SweepBase", __base__=_Grid, **_shared_fields())
             return RunConfig.model_validate(values)
         except ValidationError as exc:
             raise ValueError(f"cell {cell.key}: {describe_validation_error(exc)}") from None
+
+    def windows(self) -> dict[str, int]:
+        """The token windows fed to the model, by flag; each must fit in its context."""
+        return {"--seqlen": self.seqlen, "--eval-seqlen": self.eval_seqlen}
 
     def _shared_values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SHARED_FIELDS if name in self.model_fields_set}

@@ -28,6 +28,7 @@ from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import is_own_output, library_versions, output_lock, save_pruned, write_atomically
+from llmprune.models.architecture import check_windows
 from llmprune.models.loading import (
     check_model_name,
     fits_in_memory,
@@ -122,13 +123,15 @@ def finished_cells(config: SweepConfig) -> dict[str, dict[str, Any]]:
 
 def _check_cheaply(config: SweepConfig) -> None:
     """Every cell's layer plan (N:M widths, --include/--exclude) on a weightless skeleton, before loading."""
+    device = resolve_device(config.device)
     check_model_name(config.model)
     check_source(config.calibration)
     check_source(config.eval_data)
     skeleton = load_skeleton(config.model)
+    check_windows(config.model, skeleton.config, config.windows())
     for cell in config.cells():
         plan_targets(skeleton, config.cell_config(cell).prune_options())
-    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, device)
     model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     if not fits_in_memory(model_bytes + model_bytes, torch.device("cpu")):
         raise UsageError("a sweep keeps the model and a CPU copy of its dense weights in memory; too large")

@@ -7,7 +7,17 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmprune.config import DataSource, Device, DType, EvalSeqlen, ModelName, StrictModel
+from llmprune.config import (
+    Count,
+    DataSource,
+    Device,
+    DType,
+    EvalSeqlen,
+    ModelName,
+    Seed,
+    StrictModel,
+    WindowLength,
+)
 from llmprune.methods.patterns import Pattern
 from llmprune.training.schedule import Schedule, schedule_problem
 
@@ -17,14 +27,14 @@ GRADUAL_ONLY = ("initial", "final", "start", "end", "frequency", "curve", "score
 class FinetuneOptions(StrictModel):
     """The training itself: what ``finetune_model`` accepts."""
 
-    steps: int = Field(100, ge=1, description="optimizer steps")
+    steps: Count = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(2e-5, gt=0.0, description="AdamW learning rate (constant after warm-up)")
-    warmup: int = Field(10, ge=0, description="steps of linear learning-rate warm-up")
+    warmup: Count = Field(10, ge=0, description="steps of linear learning-rate warm-up")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    batch_size: int = Field(4, ge=1, description="token windows per step")
-    seqlen: int = Field(128, ge=2, description="tokens per training window")
+    batch_size: Count = Field(4, ge=1, description="token windows per step")
+    seqlen: WindowLength = Field(128, description="tokens per training window")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
-    seed: int = Field(0, description="seed for drawing training windows")
+    seed: Seed = Field(0, description="seed for drawing training windows")
     distill: bool = Field(False, description="add distillation from the dense teacher: KL on logits")
     temperature: float = Field(1.0, gt=0.0, description="distillation softmax temperature")
     distill_weight: float = Field(
@@ -37,11 +47,11 @@ class FinetuneOptions(StrictModel):
     final: float | None = Field(
         None, ge=0.0, lt=1.0, description="gradual: sparsity at the end step (default 0.5, or 1-N/M)"
     )
-    start: int = Field(0, ge=0, description="gradual: first pruning step")
-    end: int | None = Field(
+    start: Count = Field(0, ge=0, description="gradual: first pruning step")
+    end: Count | None = Field(
         None, ge=0, description="gradual: step reaching the final sparsity [default: steps]"
     )
-    frequency: int = Field(10, ge=1, description="gradual: steps between mask updates")
+    frequency: Count = Field(10, ge=1, description="gradual: steps between mask updates")
     curve: Literal["cubic", "linear"] = Field("cubic", description="gradual: sparsity schedule")
     score: Literal["magnitude", "wanda"] = Field(
         "magnitude", description="gradual: |W|, or |W|·‖X‖ from running input norms"
@@ -105,13 +115,20 @@ class FinetuneConfig(FinetuneOptions):
     )
     output: str | None = Field(None, description="output directory (default: ./finetuned-<model>)")
     overwrite: bool = Field(False, description="replace --output (and its step checkpoints) if they exist")
-    save_every: int = Field(
+    save_every: Count = Field(
         0, ge=0, description="also save a checkpoint OUTPUT-stepN every N steps (0: only at the end)"
     )
     dtype: DType = "auto"
     device: Device = "auto"
-    eval_nsamples: int = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
+    eval_nsamples: Count = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
     eval_seqlen: EvalSeqlen = 512
+
+    def windows(self) -> dict[str, int]:
+        """The token windows fed to the model, by flag; each must fit in its context."""
+        windows = {"--seqlen": self.seqlen}
+        if self.eval_nsamples:
+            windows["--eval-seqlen"] = self.eval_seqlen
+        return windows
 
     def options(self) -> FinetuneOptions:
         chosen = self.model_fields_set & set(FinetuneOptions.model_fields)

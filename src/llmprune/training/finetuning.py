@@ -27,7 +27,14 @@ from llmprune.export.save import (
     write_metadata,
 )
 from llmprune.methods.patterns import Pattern, n_m_violations
-from llmprune.models.loading import check_model_name, load_model, load_skeleton, load_tokenizer
+from llmprune.models.architecture import check_windows
+from llmprune.models.loading import (
+    check_model_name,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve_device,
+)
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
 from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
 from llmprune.training.pruner import GradualPruner
@@ -206,6 +213,7 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
     output = config.output_path()
     for step in config.checkpoint_steps():
         check_output(config.checkpoint_path(step), config.overwrite)
+    resolve_device(config.device)
     check_model_name(config.model)
     check_source(config.data)
     teacher_name = config.teacher or (default_teacher(config.model) if config.distill else None)
@@ -215,8 +223,12 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
         )
     if teacher_name is not None:
         check_model_name(teacher_name)
+    skeleton = load_skeleton(config.model)
     pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
-    check_pattern_fits(linear_targets(load_skeleton(config.model)), pattern)
+    check_pattern_fits(linear_targets(skeleton), pattern)
+    check_windows(config.model, skeleton.config, config.windows())
+    if config.distill:
+        check_windows(teacher_name, load_skeleton(teacher_name).config, {"--seqlen": config.seqlen})
     tokenizer = load_tokenizer(config.model)
     windows = training_windows(tokens_for(tokenizer, config.data, "calibration"), config)
     evaluation = (

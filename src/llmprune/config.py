@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PruneOptions(StrictModel):

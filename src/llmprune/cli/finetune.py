@@ -22,7 +22,7 @@ from .options import config_options, given
 def finetune(model: str | None, recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """Fine-tune a pruned MODEL keeping its zeros exactly (LM loss, optionally distilled from the dense
     model), or prune MODEL gradually while training (--gradual); save Hugging Face checkpoints."""
-    from llmprune.cli.main import console, out
+    from llmprune.cli.main import Interrupted, console, out
     from llmprune.cli.render import counted_progress
     from llmprune.training.finetuning import finetune as run_finetune
 
@@ -31,15 +31,26 @@ def finetune(model: str | None, recipe: str | None, quiet: bool, as_json: bool, 
     if model:
         values["model"] = model
     config = build(FinetuneConfig, values)
+    done = 0  # steps finished (their checkpoint saved, if they have one)
 
-    with counted_progress(console, "training steps", quiet or as_json) as advance:
+    try:
+        with counted_progress(console, "training steps", quiet or as_json) as advance:
 
-        def progress(step: int, loss: float, _model) -> None:
-            advance(step, config.steps)
-            if not (quiet or as_json) and (step == 1 or step % 10 == 0 or step == config.steps):
-                console.print(f"step {step}/{config.steps}: loss {loss:.4f}", soft_wrap=True)
+            def progress(step: int, loss: float, _model) -> None:
+                nonlocal done
+                done = step
+                advance(step, config.steps)
+                if not (quiet or as_json) and (step == 1 or step % 10 == 0 or step == config.steps):
+                    console.print(f"step {step}/{config.steps}: loss {loss:.4f}", soft_wrap=True)
 
-        result = run_finetune(config, on_step=progress)
+            result = run_finetune(config, on_step=progress)
+    except KeyboardInterrupt:
+        kept = [str(config.checkpoint_path(step)) for step in config.checkpoint_steps() if step <= done]
+        raise Interrupted(
+            f"{config.output_path()} was not written; kept the step checkpoint(s) {', '.join(kept)}"
+            if kept
+            else "no output was written"
+        ) from None
     if as_json:
         record = {"output": str(result.output), "losses": result.losses, **result.metadata}
         click.echo(json.dumps(record, indent=2, default=str))

@@ -56,6 +56,8 @@ def prune(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
         shown = comm.rank == 0 and not (quiet or as_json)
         with layer_progress(console, header) if shown else contextlib.nullcontext() as advance:
             result = run(config, progress=advance, comm=comm)
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_note(config)) from None
     finally:
         comm.close()
     if comm.rank != 0:
@@ -187,20 +189,43 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _interrupted() -> None:
-    console.print("llmprune: interrupted; no output was written (add --resume to continue)", soft_wrap=True)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept and how to go on; ``main`` prints it in one line (exit 130)."""
+
+    def __init__(self, note: str = "no output was written") -> None:
+        super().__init__(note)
+        self.note = note
+
+
+def _resume_note(config: RunConfig) -> str:
+    """What an interrupted prune kept: its finished layers, if ``--resume`` can continue from them."""
+    from llmprune.api import resume_checkpoint
+
+    checkpoint = resume_checkpoint(config)
+    layers = checkpoint.finished_layers()
+    if not layers:
+        return "no output was written"
+    return (
+        f"no output was written; {layers} finished decoder layer(s) are kept in {checkpoint.directory}: "
+        "add --resume to continue"
+    )
+
+
+def _interrupted(exc: BaseException | None) -> None:
+    note = exc.note if isinstance(exc, Interrupted) else "no output was written"
+    console.print(f"llmprune: interrupted; {note}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for usage errors, 130 on Ctrl-C."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # ours is the one over decoder layers
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # ours is the one over decoder layers
         code = cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
-    except click.exceptions.Abort:
-        _interrupted()
+    except click.exceptions.Abort as exc:  # click's wrapper of KeyboardInterrupt
+        _interrupted(exc.__cause__)
     except NoArgsIsHelp as exc:  # plain `llmprune`: the help, not an error line
         exc.show()
         sys.exit(exc.exit_code)
@@ -208,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         _error(exc.format_message(), exc.exit_code)
     except LlmpruneError as exc:
         _error(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if isinstance(code, int) and code:  # click's ctx.exit(code) in non-standalone mode
         sys.exit(code)
 

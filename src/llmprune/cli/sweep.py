@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -87,7 +86,7 @@ def sweep(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """
     from llmprune.sweeps.runner import run_sweep
 
-    from .main import console, out
+    from .main import Interrupted, console, out
 
     values = read_recipe(recipe, SweepConfig) if recipe else {}
     values.update(given(flags))
@@ -96,12 +95,9 @@ def sweep(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
         with sweep_progress(console, quiet or as_json) as (on_cell, progress):
             result = run_sweep(config, on_cell=on_cell, progress=progress)
     except KeyboardInterrupt:
-        console.print(
-            f"llmprune: interrupted; finished cells are kept in {config.output}; rerun the same command to "
-            "resume",
-            soft_wrap=True,
-        )
-        sys.exit(130)
+        raise Interrupted(
+            f"finished cells are kept in {config.output}: rerun the same command to continue (it skips them)"
+        ) from None
     if as_json:
         click.echo(result.files["results.json"].read_text(), nl=False)
         return

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -36,6 +37,73 @@ MANIFEST_KEY = "compressed"
 """Key of the manifest in ``llmprune.json``; its presence is what marks a checkpoint as compressed."""
 HEADER_KEY = "llmprune.tensors"
 Progress = Callable[[int, int], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True)  # extra keys are ignored: a newer llmprune may add some
+
+
+def _plain_name(name: str, suffix: str) -> str:
+    """A file name inside the checkpoint directory: no folders (nothing is read or written outside it)."""
+    if Path(name).name != name or not name.endswith(suffix) or name == suffix:
+        raise ValueError(f"{name!r} is not a *{suffix} file name")
+    return name
+
+
+class _ManifestFile(_Strict):
+    bytes: int = Field(ge=0)
+    dense_name: str
+
+    @field_validator("dense_name")
+    @classmethod
+    def _dense_name(cls, value: str) -> str:
+        return _plain_name(value, ".safetensors")
+
+
+class _LayoutCounts(_Strict):
+    tensors: int = Field(ge=0)
+    dense_bytes: int = Field(ge=0)
+    stored_bytes: int = Field(ge=0)
+
+
+class _Manifest(_Strict):
+    """What ``compress_weights`` writes under ``MANIFEST_KEY``: every weight file with its size."""
+
+    files: dict[str, _ManifestFile]
+    layouts: dict[str, _LayoutCounts]
+
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, value: dict[str, _ManifestFile]) -> dict[str, _ManifestFile]:
+        for name in value:
+            _plain_name(name, SUFFIX)
+        return value
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a compressed checkpoint, its format, version and structure checked."""
+    manifest = read_metadata(directory).get(MANIFEST_KEY)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UsageError(f"{directory} is not a compressed llmprune checkpoint")
+    if manifest.get("version") != VERSION:
+        raise UsageError(
+            f"{directory}: compressed format version {manifest.get('version')} is not supported "
+            f"(this llmprune reads version {VERSION}); upgrade llmprune"
+        )
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        item = exc.errors()[0]
+        *entry, last = [str(part) for part in item["loc"]] or ["manifest"]
+        if item["type"] != "missing":
+            message = item["msg"].removeprefix("Value error, ")
+            problem = f"manifest entry {'.'.join([*entry, last])}: {message}"
+        elif entry:
+            problem = f"manifest entry {'.'.join(entry)} lacks {last!r}"
+        else:
+            problem = f"the manifest lacks {last!r}"
+        raise UsageError(f"damaged compressed checkpoint {directory}: {problem}") from None
+    return manifest
 
 
 def is_compressed(directory: str | Path) -> bool:
@@ -101,15 +169,7 @@ class CompressedCheckpoint:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        manifest = read_metadata(self.directory).get(MANIFEST_KEY)
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise UsageError(f"{self.directory} is not a compressed llmprune checkpoint")
-        if manifest.get("version") != VERSION:
-            raise UsageError(
-                f"{self.directory}: compressed format version {manifest.get('version')} is not supported "
-                f"(this llmprune reads version {VERSION}); upgrade llmprune"
-            )
-        self.manifest = manifest
+        self.manifest = manifest = read_manifest(self.directory)
         self.entries: dict[str, dict[str, Any]] = {}
         self.files: dict[str, str] = {}
         for file, info in manifest["files"].items():

@@ -22,9 +22,12 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        metadata = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise UsageError(f"{path} is damaged: not a JSON object")
+    return metadata
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "auto"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -65,13 +66,37 @@ class LayerCheckpoint:
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
+    def _damaged(self, problem: str) -> UsageError:
+        return UsageError(
+            f"--resume: the checkpoint in {self.directory} is damaged ({problem}); rerun without --resume "
+            "to start over"
+        )
+
     def _state(self) -> dict[str, Any] | None:
         if not self.state_path.is_file():
             return None
         try:
-            return json.loads(self.state_path.read_text())
-        except ValueError:
-            raise UsageError(f"{self.state_path} is not valid JSON; drop --resume to start over") from None
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise self._damaged(f"{STATE_FILE}: {exc}") from None
+        if not isinstance(state, dict):
+            raise self._damaged(f"{STATE_FILE} is not a JSON object")
+        return state
+
+    def _read(self, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The tensors of one of the checkpoint's files; any failure to read them means it is damaged."""
+        try:
+            return load_file(str(self.directory / name), device=device)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise self._damaged(f"{name}: {exc}") from None
+
+    def finished_layers(self) -> int:
+        """How many decoder layers ``--resume`` would skip (0 without a usable checkpoint of this run)."""
+        try:
+            self.check()
+            return int(self._state()["next_layer"])
+        except (UsageError, KeyError, TypeError, ValueError):
+            return 0
 
     def check(self) -> None:
         """Refuse to resume without a checkpoint, or from one written with other options."""
@@ -128,16 +153,23 @@ class LayerCheckpoint:
         if state is None:
             return None
         self.check()
-        next_layer = state["next_layer"]
+        try:  # the structure of state.json (report rows first: nothing is loaded from a bad one)
+            next_layer, hidden_name = int(state["next_layer"]), str(state["hidden"])
+            rows = [LinearReport(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
+        except KeyError as exc:
+            raise self._damaged(f"{STATE_FILE} lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise self._damaged(f"{STATE_FILE} is malformed: {exc}") from None
         if next_layer > len(layers):
             raise UsageError(f"--resume: the checkpoint in {self.directory} has more layers than the model")
         for index in range(next_layer):
-            weights = load_file(str(self.directory / f"layer-{index:05d}.safetensors"))
+            weights = self._read(f"layer-{index:05d}.safetensors")
             if receive is None:
                 layers[index].load_state_dict(weights, strict=True)
             else:
                 receive(index, weights)
-        saved = load_file(str(self.directory / state["hidden"]), device=str(device))
+        saved = self._read(hidden_name, str(device))
+        if sorted(saved) != sorted(map(str, range(len(saved)))):
+            raise self._damaged(f"{hidden_name} does not hold one tensor per calibration batch")
         hidden = [saved[str(i)] for i in range(len(saved))]
-        rows = [LinearReport(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
         return next_layer, hidden, rows

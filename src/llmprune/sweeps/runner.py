@@ -68,10 +68,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None if there is no such file; ValueError if it cannot be read or parsed."""
+    if not path.exists():
+        return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise ValueError(str(exc) or type(exc).__name__) from None
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -88,10 +91,16 @@ def existing_state(config: SweepConfig) -> dict[str, Any] | None:
         raise UsageError(f"sweep output {output} exists and is not a directory")
     if not is_own_output(output, SWEEP_FILE):
         raise UsageError(f"sweep output {output} exists and is not a sweep (no {SWEEP_FILE})")
-    state = _read_json(output / SWEEP_FILE)
-    if state is None:
-        if any(output.iterdir()):
-            raise UsageError(f"sweep output {output}: {SWEEP_FILE} cannot be read")
+    path = output / SWEEP_FILE
+    try:
+        state = _read_json(path)
+        if state is not None and not (isinstance(state, dict) and isinstance(state.get("config", {}), dict)):
+            raise ValueError("not the object a sweep writes")
+    except ValueError as exc:
+        raise UsageError(
+            f"{path} is damaged ({exc}); delete {output} to start the sweep over, or choose another --output"
+        ) from None
+    if state is None:  # an empty directory
         return None
     changed = _differences(state.get("config", {}), config.identity())
     if changed:
@@ -115,8 +124,11 @@ def finished_cells(config: SweepConfig) -> dict[str, dict[str, Any]]:
     directory = Path(config.output) / CELLS_DIR
     records = {}
     for cell in config.cells():
-        record = _read_json(directory / f"{cell.key}.json")
-        if record is not None and record.get("key") == cell.key:
+        try:
+            record = _read_json(directory / f"{cell.key}.json")
+        except ValueError:  # not written by a sweep (each record is written atomically): run the cell again
+            record = None
+        if isinstance(record, dict) and record.get("key") == cell.key:
             records[cell.key] = record
     return records
 

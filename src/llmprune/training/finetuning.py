@@ -4,6 +4,7 @@ Hugging Face checkpoints with their sparsity recorded in ``llmprune.json``."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from torch import nn
 
 from llmprune.config import build
 from llmprune.data.text import calibration_windows, check_source, evaluation_data, tokens_for
-from llmprune.errors import UsageError
+from llmprune.errors import LlmpruneError, NonFiniteError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.load import read_metadata
 from llmprune.export.save import (
@@ -76,15 +77,44 @@ class FinetuneResult:
     output: Path | None = None
 
 
+class DivergedError(NonFiniteError):
+    """Training produced a non-finite loss or non-finite weights at ``step``; nothing was saved from it.
+    ``updated``: whether an optimizer step came before (only then can a lower learning rate help)."""
+
+    def __init__(self, step: int, problem: str, updated: bool = True) -> None:
+        super().__init__(f"fine-tuning diverged at step {step}: {problem}")
+        self.step, self.problem, self.updated = step, problem, updated
+
+
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or Inf, or None (one device sync when all are finite)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return None
+    device = named[0][1].device
+    sums = torch.stack([p.detach().sum(dtype=torch.float32).to(device) for _, p in named])
+    if bool(torch.isfinite(sums).all()):  # a sum is NaN/Inf if any element is (or if it overflows)
+        return None
+    return next((name for name, p in named if not bool(torch.isfinite(p.detach()).all())), None)
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Raise ``DivergedError`` if the weights after ``step`` hold NaN or Inf: never save such a model."""
+    name = nonfinite_parameter(model)
+    if name is not None:
+        raise DivergedError(step, f"the weights of {name} are not finite")
+
+
 def check_nm(masks: SparsityMasks, pattern: Pattern) -> None:
-    """Raise if any group of M weights holds more than N non-zeros."""
+    """Raise if any group of M weights holds more than N non-zeros (the masks guarantee it never does for
+    finite weights, so this is an internal error)."""
     if not pattern.is_nm:
         return
     from llmprune.models.architecture import read_weight
 
     for name, module in masks.targets.items():
         if n_m_violations(read_weight(module), pattern.n, pattern.m).any():
-            raise AssertionError(f"{name} breaks the {pattern} pattern")
+            raise LlmpruneError(f"internal error: {name} breaks the {pattern} pattern after training")
 
 
 def adamw(model: nn.Module, options: FinetuneOptions) -> torch.optim.AdamW:
@@ -109,10 +139,14 @@ def finetune_model(
 
     Without ``gradual`` the mask is the model's zeros (or ``masks``) and holds exactly; with ``gradual``
     the model is pruned on the options' schedule. ``teacher`` is needed when ``distill`` is set.
+    A non-finite loss (checked every step) or non-finite weights at the end raise ``DivergedError``.
     """
     options = options or build(FinetuneOptions, values)
     if options.distill and teacher is None:
         raise UsageError("distillation needs a teacher model")
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise NonFiniteError(f"NaN or Inf in the weights of {bad} before fine-tuning")
     schedule = options.schedule()
     if schedule is None:
         masks = masks or SparsityMasks.from_zeros(model)
@@ -146,8 +180,11 @@ def finetune_model(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DivergedError(step, f"the loss is {value}", updated=step > 1)
             pruner.step(step)
-            losses.append(loss.item())
+            losses.append(value)
             wall += time.perf_counter() - started
             cpu += time.process_time() - started_cpu
             if on_step is not None:
@@ -157,6 +194,7 @@ def finetune_model(
     finally:
         pruner.remove()
         model.train(was_training)
+    check_finite_weights(model, options.steps)
     check_nm(pruner.masks, pruner.masks.pattern)
     steps = max(1, len(losses))
     return FinetuneResult(
@@ -258,18 +296,28 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
 
     masks = None if config.gradual else SparsityMasks.from_zeros(model, pattern)
     saves = set(config.checkpoint_steps())
+    saved: list[Path] = []
 
     def each_step(step: int, loss: float, trained: nn.Module) -> None:
         if step in saves:
+            check_finite_weights(trained, step)
             partial = FinetuneResult(
                 [], 0.0, 0.0, masks_now.sparsity(), masks_now.overall(), str(masks_now.pattern)
             )
-            save_checkpoint(trained, tokenizer, config.checkpoint_path(step), metadata(partial, step), True)
+            path = config.checkpoint_path(step)
+            saved.append(save_checkpoint(trained, tokenizer, path, metadata(partial, step), True))
         if on_step is not None:
             on_step(step, loss, trained)
 
     masks_now = masks or SparsityMasks(model, pattern)
-    result = finetune_model(model, windows, config.options(), teacher=teacher, masks=masks, on_step=each_step)
+    try:
+        result = finetune_model(
+            model, windows, config.options(), teacher=teacher, masks=masks, on_step=each_step
+        )
+    except DivergedError as exc:
+        kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        hint = " (lower --lr)" if exc.updated else ""
+        raise DivergedError(exc.step, f"{exc.problem}; {kept}{hint}", exc.updated) from None
     after = perplexity(model, evaluation) if evaluation is not None else None
     result.metadata = metadata(result, config.steps, after)
     result.metadata["losses"] = {"first": result.losses[0], "last": result.losses[-1]}

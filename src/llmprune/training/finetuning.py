@@ -204,7 +204,7 @@ def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | No
             f"--distill needs --teacher: {config.model} has no llmprune.json recording its dense model"
         )
     if teacher_name is not None:
-        check_model_name(teacher_name)
+        check_model_name(teacher_name, tokenizer=False)  # the student's tokenizer serves both
     pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
     check_pattern_fits(linear_targets(load_skeleton(config.model)), pattern)
     tokenizer = load_tokenizer(config.model)

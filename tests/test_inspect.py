@@ -121,7 +121,7 @@ def test_not_a_checkpoint(capsys, checkpoints, tmp_path):
         tmp_path / "nothere": "checkpoint directory not found",
         tmp_path / "empty": "is not a Hugging Face checkpoint directory (no config.json)",
         tmp_path / "file.txt": "is a file, not a checkpoint directory",
-        tmp_path / "bin": "has no safetensors weights",
+        tmp_path / "bin": "holds only pickle weights (pytorch_model.bin), which llmprune does not load",
     }
     for path, message in cases.items():
         assert message in invoke(capsys, "inspect", path, "--json").error_line

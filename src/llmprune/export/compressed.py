@@ -249,7 +249,7 @@ def compress(
         raise UsageError(f"{directory} is compressed already")
     if not directory.is_dir():
         raise UsageError(f"checkpoint directory not found: {directory}")
-    check_model_name(str(directory))
+    check_model_name(str(directory), tokenizer=False)
     shards = CheckpointShards(directory)
     metadata = read_metadata(directory)
     with staged_directory(output, overwrite) as staging:
@@ -303,6 +303,6 @@ def load_compressed(directory: str | Path, dtype: str = "auto", device: str = "a
     config = AutoConfig.from_pretrained(directory)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not tensors
     model = model_class.from_pretrained(
-        None, config=config, state_dict=state, dtype=resolve_dtype(dtype, target)
+        None, config=config, state_dict=state, dtype=resolve_dtype(dtype, target), use_safetensors=True
     )
     return model.to(target).eval()

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from llmprune.errors import UsageError
-from llmprune.export.compressed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
+from llmprune.export.compressed import MANIFEST_KEY, CompressedCheckpoint
 from llmprune.export.load import read_metadata
-from llmprune.export.save import METADATA_FILE
 from llmprune.methods.patterns import max_per_group
 
 GROUP_SIZES = (4, 8, 16)
@@ -96,26 +95,17 @@ def tensor_info(
 
 
 def check_checkpoint(directory: str | Path) -> Path:
-    """Fail in one line unless ``directory`` is a checkpoint directory with safetensors weights."""
-    from llmprune.models.shards import INDEX_FILE, SINGLE_FILE, check_shards
+    """Fail in one line unless ``directory`` is a checkpoint directory with whole safetensors weights (plain
+    or compressed); its architecture may be one transformers does not know (tensors are then classified by
+    name and shape) and it needs no tokenizer."""
+    from llmprune.models.loading import check_checkpoint_dir
 
     path = Path(directory)
     if not path.exists():
         raise UsageError(f"checkpoint directory not found: {directory}")
     if not path.is_dir():
         raise UsageError(f"{directory} is a file, not a checkpoint directory")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
-    if MANIFEST_KEY in read_metadata(path):
-        return path
-    if any(path.glob(f"*{SUFFIX}")):
-        raise UsageError(f"{directory} holds compressed weights but no {METADATA_FILE} manifest")
-    if not (path / SINGLE_FILE).is_file() and not (path / INDEX_FILE).is_file():
-        raise UsageError(
-            f"{directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
-            "inspect reads safetensors checkpoints only"
-        )
-    check_shards(path)
+    check_checkpoint_dir(path, architecture=False, tokenizer=False)
     return path
 
 

@@ -33,9 +33,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
     """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
     from llmprune.export.compressed import is_compressed, load_compressed
-    from llmprune.models.loading import load_model
+    from llmprune.models.loading import check_model_name, load_model
     from llmprune.structured.checkpoint import WIDTHS_KEY, load_with_widths
 
+    check_model_name(str(path), tokenizer=False)  # a damaged or pickle checkpoint fails here, in one line
     if is_compressed(path):  # packed sparse weights (export/compressed.py)
         return load_compressed(path, dtype, device)
     metadata = read_metadata(path)

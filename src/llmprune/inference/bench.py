@@ -350,9 +350,10 @@ def _load(
     """(name, model, its config, its tokenizer or None)."""
     if isinstance(source, nn.Module):
         return type(source).__name__, source.eval(), source.config, None
-    from llmprune.models.loading import load_model, load_tokenizer
+    from llmprune.export.load import load
+    from llmprune.models.loading import load_tokenizer
 
-    model = load_model(source, config.dtype, str(device))
+    model = load(source, config.dtype, str(device))  # the one loader: compressed and adaptive ones too
     tokenizer = load_tokenizer(source) if config.prompt == "embedded" else None
     return source, model, model.config, tokenizer
 
@@ -388,7 +389,7 @@ def bench(
         sources["baseline"] = baseline
     for source in sources.values():  # every name first: a typo in the second fails before any conversion
         if isinstance(source, str):
-            check_model_name(source)
+            check_model_name(source, tokenizer=config.prompt == "embedded")
     for label, source in sources.items():  # before loading anything
         name = source if isinstance(source, str) else f"the {label}"
         model_config = source.config if isinstance(source, nn.Module) else _read_config(source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def cache_root() -> Path:
     """Where converted models are cached: ``$LLMPRUNE_CACHE`` or ``~/.cache/llmprune``."""
-    return Path(os.environ.get("LLMPRUNE_CACHE", Path.home() / ".cache" / "llmprune"))
+    return Path(os.environ.get("LLMPRUNE_CACHE") or Path.home() / ".cache" / "llmprune")
 
 
 def embedded_gguf_path() -> Path:
@@ -46,8 +47,14 @@ def embedded_gguf_path() -> Path:
 
 def convert_gguf(gguf: Path, destination: Path) -> Path:
     """Dequantize a GGUF model into a float32 safetensors checkpoint at ``destination`` (atomically)."""
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # the gguf reader raises many types on a damaged or unsupported file
+        first = (str(exc).splitlines() or [""])[0]
+        raise UsageError(f"{gguf} cannot be read as a GGUF model ({type(exc).__name__}: {first})") from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -73,35 +80,139 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / f"{gguf.stem}-{key}"
 
 
-def check_model_name(name: str) -> None:
-    """Fail fast on a model that cannot exist, without loading anything."""
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""A tokenizer's vocabulary is in one of these (or a ``*.tiktoken`` file)."""
+
+
+def check_model_name(name: str, tokenizer: bool = True) -> None:
+    """Fail fast, in one line, on a model that cannot exist or is damaged, without loading anything: a
+    local directory is validated (``check_checkpoint_dir``), a GGUF file must be one, and its conversion
+    must be cached already or writable to the cache. ``tokenizer``: the command needs the model's."""
     if name == EMBEDDED_ALIAS:
-        embedded_gguf_path()
+        _check_gguf_source(embedded_gguf_path())
         return
     path = Path(name).expanduser()
     if name.endswith(".gguf") and not path.is_file():
         raise UsageError(f"model file not found: {name}")
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UsageError(f"model path not found: {name}")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UsageError(f"{name} is not a Hugging Face checkpoint directory (no config.json)")
     if path.is_dir():
-        from llmprune.models.shards import check_shards
-
-        check_shards(path)
-    if path.is_file() and not name.endswith(".gguf"):
+        check_checkpoint_dir(path, tokenizer=tokenizer)
+    elif path.is_file() and name.endswith(".gguf"):
+        _check_gguf_source(path)
+    elif path.is_file():
         raise UsageError(f"model {name} is a file: pass a checkpoint directory, a .gguf file or a hub id")
 
 
-def resolve_checkpoint(name: str) -> str:
-    """A directory or hub id that ``from_pretrained`` can read; GGUF sources are converted and cached."""
-    check_model_name(name)
+def check_checkpoint_dir(directory: Path, *, architecture: bool = True, tokenizer: bool = True) -> None:
+    """Fail in one line, naming the file and what is wrong, unless ``directory`` is a whole checkpoint:
+    ``config.json`` a JSON object whose ``model_type`` is a causal LM transformers knows (``architecture``),
+    weights in safetensors (plain or llmprune-compressed; pickle refused), each file complete by its
+    header, and tokenizer files (``tokenizer``). Reads the config and file headers only."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_path} holds a JSON {type(config).__name__}, not an object (a config)")
+    if architecture:
+        _check_model_type(config_path, config.get("model_type"))
+    _check_weight_files(directory)
+    has_tiktoken = any(directory.glob("*.tiktoken"))
+    if tokenizer and not has_tiktoken and not any((directory / file).is_file() for file in TOKENIZER_FILES):
+        raise UsageError(
+            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}...); save that of the "
+            "model it was made from into it: AutoTokenizer.from_pretrained(SOURCE).save_pretrained(DIR)"
+        )
+
+
+def _check_model_type(config_path: Path, model_type: object) -> None:
+    from transformers import CONFIG_MAPPING, __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or not model_type:
+        raise UsageError(f"{config_path} has no model_type (which architecture the model is)")
+    if model_type not in CONFIG_MAPPING:
+        raise UsageError(
+            f"{config_path}: model_type {model_type!r} is unknown to transformers {__version__} "
+            "(misspelt, or an architecture newer than this transformers: upgrade it)"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"{config_path}: model_type {model_type!r} is not a causal language model")
+
+
+def _check_weight_files(directory: Path) -> None:
+    """Safetensors weights, whole; an llmprune-compressed checkpoint is checked by its own reader (imported
+    here, as export/ builds on this module)."""
+    from llmprune.export.compressed import SUFFIX, CompressedCheckpoint, is_compressed
+    from llmprune.export.save import METADATA_FILE
+    from llmprune.models.shards import INDEX_FILE, SINGLE_FILE, check_weights
+
+    if is_compressed(directory):
+        CompressedCheckpoint(directory)  # the manifest, every file's size and header
+        return
+    if not (directory / SINGLE_FILE).is_file() and not (directory / INDEX_FILE).is_file():
+        compressed = sorted(p.name for p in directory.glob(f"*{SUFFIX}"))
+        if compressed:
+            raise UsageError(
+                f"{directory} holds compressed weights but no {METADATA_FILE} manifest to read "
+                f"{compressed[0]} with"
+            )
+    check_weights(directory)
+
+
+def _check_gguf_source(gguf: Path) -> None:
+    """A GGUF file (by its magic bytes), converted in the cache already or convertible into it."""
+    with gguf.open("rb") as handle:
+        if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise UsageError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    cached = _gguf_cache_dir(gguf)
+    if not _conversion_usable(cached):
+        _check_writable_cache(cached.parent)
+
+
+def _conversion_usable(cached: Path) -> bool:
+    """Whether the cached conversion ``cached`` is there and whole (a damaged one is converted again)."""
+    try:
+        check_checkpoint_dir(cached)
+    except UsageError:
+        return False
+    return True
+
+
+def _check_writable_cache(directory: Path) -> None:
+    """The cache directory must be one, or creatable, and writable: checked before a conversion."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = "is a file, not a directory" if not existing.is_dir() else None
+    if why is None and not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not writable"
+    if why is not None:
+        raise UsageError(
+            f"cannot cache the converted model in {directory}: {existing} {why} "
+            "(set LLMPRUNE_CACHE to a writable directory)"
+        )
+
+
+def resolve_checkpoint(name: str, tokenizer: bool = False) -> str:
+    """A directory or hub id that ``from_pretrained`` can read, checked by ``check_model_name``; GGUF
+    sources are converted and cached (a damaged cached conversion is converted again)."""
+    check_model_name(name, tokenizer)
     if name != EMBEDDED_ALIAS and not name.endswith(".gguf"):
         path = Path(name).expanduser()
         return str(path) if path.exists() else name
     gguf = embedded_gguf_path() if name == EMBEDDED_ALIAS else Path(name).expanduser()
     cached = _gguf_cache_dir(gguf)
-    if not (cached / "config.json").is_file():
+    if not _conversion_usable(cached):
+        if cached.exists():  # damaged: set aside first, as the conversion never replaces a directory
+            damaged = cached.with_name(f".{cached.name}.damaged-{os.getpid()}")
+            os.replace(cached, damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
         convert_gguf(gguf, cached)
     return str(cached)
 
@@ -119,11 +230,13 @@ def local_checkpoint(name: str) -> Path:
 
     try:
         with hub_access():
-            return Path(snapshot_download(resolved, allow_patterns=CHECKPOINT_FILES))
+            snapshot = Path(snapshot_download(resolved, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:  # offline, unknown repo, no access: many exception types
         raise DataUnavailableError(
             f"cannot download {resolved!r} ({type(exc).__name__}); download it while online first"
         ) from None
+    check_checkpoint_dir(snapshot)
+    return snapshot
 
 
 def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8) -> bool:
@@ -206,20 +319,34 @@ def hub_access() -> Iterator[None]:
 
 
 def _from_hub(loader, checkpoint: str, **kwargs):
-    try:
-        if Path(checkpoint).is_dir():
+    """``loader.from_pretrained(checkpoint)``, failing in one line; a hub id cached-only when offline."""
+    if Path(checkpoint).is_dir():  # validated by check_model_name: what fails here is the file system
+        try:
             return loader.from_pretrained(checkpoint, **kwargs)
+        except OSError as exc:
+            raise UsageError(f"cannot load {checkpoint}: {_first_line(exc)}") from None
+    try:
         with hub_access():
             return loader.from_pretrained(checkpoint, **kwargs)
     except OSError as exc:
-        raise DataUnavailableError(
-            f"cannot load {checkpoint!r}: {str(exc).splitlines()[0]} (offline? download it first)"
-        ) from None
+        if kwargs.get("use_safetensors") and "cannot be loaded with `safetensors`" in str(exc):
+            from llmprune.models.shards import CONVERT_HINT
+
+            raise UsageError(
+                f"{checkpoint!r} on the hub has no safetensors weights (pickle ones only?), which llmprune "
+                f"does not load; download it and {CONVERT_HINT}"
+            ) from None
+        hint = "" if hub_reachable() else " (offline? download it first)"
+        raise DataUnavailableError(f"cannot load {checkpoint!r}: {_first_line(exc)}{hint}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_tokenizer(name: str = EMBEDDED_ALIAS):
     """The tokenizer of a model (same sources as ``load_model``)."""
-    return _from_hub(AutoTokenizer, resolve_checkpoint(name))
+    return _from_hub(AutoTokenizer, resolve_checkpoint(name, tokenizer=True))
 
 
 def load_skeleton(name: str = EMBEDDED_ALIAS):
@@ -234,7 +361,10 @@ def load_skeleton(name: str = EMBEDDED_ALIAS):
 def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto"):
     """Load a causal LM for pruning, in eval mode, on ``device``."""
     target = resolve_device(device)
-    model = _from_hub(AutoModelForCausalLM, resolve_checkpoint(name), dtype=resolve_dtype(dtype, target))
+    checkpoint = resolve_checkpoint(name)
+    torch_dtype = resolve_dtype(dtype, target)
+    # safetensors only, also for a hub id: pickle weights can run code when loaded
+    model = _from_hub(AutoModelForCausalLM, checkpoint, dtype=torch_dtype, use_safetensors=True)
     return model.to(target).eval()
 
 

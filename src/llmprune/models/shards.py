@@ -24,20 +24,85 @@ SINGLE_FILE = "model.safetensors"
 
 def _index_weight_map(index: Path) -> dict[str, str]:
     try:
-        return json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError):
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
         raise UsageError(f"{index} is not a valid safetensors index (no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UsageError(f"{index} is not a valid safetensors index (weight_map is not names to files)")
+    return weight_map
+
+
+MAX_HEADER_BYTES = 100 * 2**20
+"""The largest safetensors header the safetensors library reads."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Weight files written with ``torch.save`` (pickle), which can run code when loaded."""
+CONVERT_HINT = (
+    "convert them to safetensors in a trusted environment: "
+    "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+)
+
+
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names of the safetensors file ``path``, failing in one line if the file is not whole: its
+    header is read and the data size it describes compared with the file's (no tensor is read)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise UsageError(f"{path} is truncated or not a safetensors file ({size} bytes, no whole header)")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+            expected = 8 + length + max(ends, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise UsageError(f"{path} is damaged: its safetensors header is not valid") from None
+    if size != expected:
+        raise UsageError(
+            f"{path} is truncated or damaged: {size} bytes, its safetensors header describes {expected}"
+        )
+    return [name for name in header if name != "__metadata__"]
 
 
 def check_shards(directory: Path, weight_map: dict[str, str] | None = None) -> None:
-    """Fail in one line if a checkpoint's safetensors index lists shard files that are not there."""
+    """Fail in one line, naming the file, if a checkpoint's safetensors weights are missing, truncated or
+    damaged, or lack a tensor their index lists. Reads file headers only. Without ``weight_map``, that of
+    the directory's index, or its single ``model.safetensors``; nothing to check if it has neither."""
     if weight_map is None:
-        if not (directory / INDEX_FILE).is_file():
+        if (directory / INDEX_FILE).is_file():
+            weight_map = _index_weight_map(directory / INDEX_FILE)
+        elif (directory / SINGLE_FILE).is_file():
+            safetensors_names(directory / SINGLE_FILE)
             return
-        weight_map = _index_weight_map(directory / INDEX_FILE)
+        else:
+            return
     missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
     if missing:
         raise UsageError(f"{directory}: shard files listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        files.setdefault(file, []).append(name)
+    for file, names in files.items():
+        stored = set(safetensors_names(directory / file))
+        absent = [name for name in names if name not in stored]
+        if absent:
+            raise UsageError(f"{directory / file} lacks tensor {absent[0]}, which {INDEX_FILE} places there")
+
+
+def check_weights(directory: Path) -> None:
+    """Fail in one line unless ``directory`` holds whole safetensors weights (``check_shards``); pickle
+    weights (``pytorch_model.bin``, ``*.pt``...) are refused, with how to convert them."""
+    if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        check_shards(directory)
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        more = f" and {len(pickles) - 1} more" if len(pickles) > 1 else ""
+        raise UsageError(
+            f"{directory} holds only pickle weights ({pickles[0]}{more}), which llmprune does not load; "
+            + CONVERT_HINT
+        )
+    raise UsageError(f"{directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
 
 
 class CheckpointShards:
@@ -49,13 +114,11 @@ class CheckpointShards:
         if index.is_file():
             weight_map = _index_weight_map(index)
         elif (self.directory / SINGLE_FILE).is_file():
+            safetensors_names(self.directory / SINGLE_FILE)  # a truncated file fails in one line
             with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as handle:
                 weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
         else:
-            raise UsageError(
-                f"{self.directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
-                "streaming (--offload) reads safetensors checkpoints only"
-            )
+            check_weights(self.directory)  # raises: pickle weights, or none
         check_shards(self.directory, weight_map)
         self.weight_map: dict[str, str] = weight_map
 

@@ -260,7 +260,7 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
             f"--distill needs --teacher: {config.model} has no llmprune.json recording its dense model"
         )
     if teacher_name is not None:
-        check_model_name(teacher_name)
+        check_model_name(teacher_name, tokenizer=False)  # the student's tokenizer serves both
     skeleton = load_skeleton(config.model)
     pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
     check_pattern_fits(linear_targets(skeleton), pattern)

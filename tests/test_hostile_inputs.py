@@ -136,7 +136,13 @@ def test_a_window_of_exactly_the_context_runs(capsys, paths, tmp_path):
             ["prune", "--layer-sparsity", "mlp=nan"],
             "sparsity for 'mlp' must be a number in [0, 1), got 'nan'",
         ),
-        (["prune", "--nsamples", "100000000"], "--nsamples 100000000 is more than the"),
+        (["prune", "--nsamples", "100000"], "--nsamples 100000 is more than the"),
+        (["prune", "--nsamples", "2000000000"], "of activations (a decoder layer's inputs and outputs)"),
+        (
+            ["sweep", "--model", "{llama}", "--nsamples", "2000000000", "--seqlen", "16", "--eval-seqlen",
+             "16"],
+            "GiB of activations",
+        ),
         (
             ["eval", "{llama}", "--nsamples", "99999999999999999999"],
             "nsamples: Input should be less than or equal",

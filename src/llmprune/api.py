@@ -41,7 +41,7 @@ from llmprune.models.loading import (
 from llmprune.models.shards import CheckpointShards, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
-from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers
+from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers, check_activation_memory
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.structured.layout import block_layout
@@ -144,6 +144,8 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
     dtype = resolve_dtype(config.dtype, comm.device)
     model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     streamed = config.offload or not fits_in_memory(model_bytes, comm.device)
+    share = -(-config.nsamples // comm.world_size)  # this process's calibration samples, at most
+    check_activation_memory(skeleton, share, config.seqlen, dtype, comm.device, config.max_memory_bytes)
     if options.pattern_spec.structured:
         block_layout(skeleton, options.units)  # units this family supports
         if streamed or config.resume:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmprune.errors import UsageError
 from llmprune.export.sharded import ShardWriter
 from llmprune.models.architecture import decoder_layers
 from llmprune.models.shards import CheckpointShards, checkpoint_names, outside_layers, release
@@ -158,6 +159,36 @@ class ActivationStore:
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
+
+
+def check_activation_memory(
+    skeleton: nn.Module,
+    samples: int,
+    seqlen: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_bytes: int | None,
+    headroom: float = 0.8,
+) -> None:
+    """Refuse, before loading, calibration activations that cannot be kept: two generations of hidden
+    states (a layer's inputs and outputs) of ``samples`` × ``seqlen`` tokens on ``device``, unless
+    ``max_bytes`` (``--max-memory``) sends them to disk."""
+    if max_bytes is not None:
+        return
+    width = skeleton.get_input_embeddings().weight.shape[-1]
+    needed = 2 * samples * seqlen * width * dtype.itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if needed > headroom * free:
+        raise UsageError(
+            f"{samples} calibration samples of {seqlen} tokens keep {needed / 2**30:.1f} GiB of activations "
+            f"(a decoder layer's inputs and outputs), more than the {free / 2**30:.1f} GiB free on {device}: "
+            "use fewer --nsamples, or --max-memory (e.g. 4GiB) to keep them on disk"
+        )
 
 
 def _return_free_memory() -> None:

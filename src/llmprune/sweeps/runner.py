@@ -39,6 +39,7 @@ from llmprune.models.loading import (
     resolve_dtype,
 )
 from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
+from llmprune.pipeline.offload import check_activation_memory
 from llmprune.sweeps.config import Cell, SweepConfig
 from llmprune.sweeps.report import write_report
 
@@ -147,6 +148,7 @@ def _check_cheaply(config: SweepConfig) -> None:
     model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     if not fits_in_memory(model_bytes + model_bytes, torch.device("cpu")):
         raise UsageError("a sweep keeps the model and a CPU copy of its dense weights in memory; too large")
+    check_activation_memory(skeleton, config.nsamples, config.seqlen, dtype, device, None)
 
 
 def dense_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -121,8 +121,8 @@ class CliResult(NamedTuple):
         """The single stderr line of a failed run (asserting it is the only one)."""
         assert self.code == 2, self
         assert "Traceback" not in self.err, self.err
-        lines = self.err.strip().splitlines()
-        assert len(lines) == 1, self.err
+        lines = self.err.removesuffix("\n").splitlines()
+        assert len(lines) == 1, self.err  # no blank line either (a progress bar's leftovers)
         assert lines[0].startswith(ERROR), self.err
         return lines[0]
 

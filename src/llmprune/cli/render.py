@@ -17,8 +17,9 @@ def counted_progress(
     console: Console, description: str, quiet: bool = False
 ) -> Iterator[Callable[[int, int], None]]:
     """A transient progress bar (on ``console``) for a loop of known or unknown length; yields
-    ``advance(done, total)``. Shows nothing when ``quiet``."""
-    if quiet:
+    ``advance(done, total)``. Shows nothing when ``quiet``, nor on a console that is not a terminal (where
+    a transient bar would only leave an empty line, e.g. before an error message)."""
+    if quiet or not console.is_terminal:
         yield lambda done, total: None
         return
     with Progress(console=console, transient=True) as bar:

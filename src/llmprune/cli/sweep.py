@@ -53,7 +53,8 @@ def sweep_progress(console: Console, quiet: bool):
             bars.update(cells, completed=cell_total, description="cells")
             bars.update(layers, visible=False)
     finally:
-        bars.stop()
+        if cell_total is not None:  # stopping a bar that never started would print an empty line
+            bars.stop()
 
 
 def results_table(result) -> Table:

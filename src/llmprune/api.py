@@ -119,7 +119,7 @@ def run(
     if config.resume and config.max_memory:
         raise UsageError("--resume is not supported with --max-memory yet")
     save = save and main
-    comm.rows(config.nsamples)  # enough samples for every process?
+    comm.share(-(-config.nsamples // config.batch_size), config.nsamples)  # a batch for every process?
     output = config.output_path()
     if save:
         check_output(output, config.overwrite)

@@ -143,17 +143,44 @@ def test_embedded_model_is_bit_identical_on_one_two_and_three_processes(tmp_path
                 assert rows == want_rows, f"{world} processes, rank {rank}, {case}: the reports differ"
 
 
-def test_whole_batches_are_shared_contiguously():
-    class Three(Communicator):
-        world_size = 3
+class _Three(Communicator):
+    world_size = 3
 
+
+def test_whole_batches_are_shared_contiguously():
     shares = []
     for rank in range(3):
-        comm = Three()
+        comm = _Three()
         comm.rank = rank
         shares.append(comm.share(7, 14))
     assert [(s.start, s.stop) for s in shares] == [(0, 2), (2, 4), (4, 7)]
     assert Communicator().share(5, 9) == slice(0, 5)
+
+
+@pytest.mark.parametrize("statistic", ["input_norms", "hessian"])
+def test_statistics_do_not_depend_on_how_batches_are_split(statistic):
+    """Batches fed to one accumulator, or to two whose totals are then added (what all-reduce does), give
+    the same fp32 statistic to the bit, also for values spread over many orders of magnitude."""
+    generator = torch.Generator().manual_seed(3)
+    scales = 10.0 ** torch.randint(-3, 4, (300,), generator=generator)  # per feature
+    batches = [torch.randn(40, 300, generator=generator) * scales for _ in range(5)]
+    cpu = torch.device("cpu")
+    whole = InputStatistics(300, statistic, 7, cpu)
+    for batch in batches:
+        whole.update(batch)
+    for split in (1, 2, 4):
+        first, second = InputStatistics(300, statistic, 7, cpu), InputStatistics(300, statistic, 7, cpu)
+        for batch in batches[:split]:
+            first.update(batch)
+        for batch in batches[split:]:
+            second.update(batch)
+        for mine, other in ((first.sq_norms, second.sq_norms), (first.sums, second.sums)):
+            if mine is not None:
+                mine += other
+        if first.gram is not None:
+            first.gram.buffer += second.gram.buffer
+        first.tokens += second.tokens
+        assert torch.equal(first.statistic(), whole.statistic()), f"split after batch {split}"
 
 
 def test_processes_sample_the_single_process_error_tokens():
@@ -166,10 +193,6 @@ def test_processes_sample_the_single_process_error_tokens():
     first.update(x[0])
     second.update(x[1])
     assert torch.equal(torch.cat([first.samples(), second.samples()]), whole.samples())
-
-
-class _Three(Communicator):
-    world_size = 3
 
 
 def test_more_processes_than_samples_is_a_usage_error():

@@ -8,6 +8,11 @@ Interference only ever adds time, so the figure reported is the fastest prune ov
 (the convention of ``timeit``); the median of the per-round ratios is printed next to it.
 
     python benchmarks/speed.py --rounds 3 --out benchmarks/out/speed.json
+
+``--statistics`` instead times one batch's statistics update (``InputStatistics.update``, SMOLLM2's input
+widths, 4 x 256 tokens) against the fp32 in-place accumulation used before issue 14, alternating the two:
+
+    python benchmarks/speed.py --statistics
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import llmprune
 from llmprune.models.architecture import decoder_layers
 from llmprune.pipeline.capture import capture_layer_inputs, run_layer
 from llmprune.pipeline.driver import calibration_batches
+from llmprune.pipeline.statistics import InputStatistics
 
 NSAMPLES, SEQLEN, SEED = 32, 256, 0
 CELLS = [  # method, pattern, true_sequential, target ratio
@@ -52,11 +58,52 @@ def floor_seconds(model, calibration) -> float:
     return time.perf_counter() - start
 
 
+class Fp32InPlace:
+    """The statistics accumulation before issue 14: fp32 totals, each batch's product added inside the GEMM
+    (``addmm_``), which rounds differently for another split of the batches among processes."""
+
+    def __init__(self, width: int, statistic: str) -> None:
+        self.sq_norms = torch.zeros(width) if statistic == "input_norms" else None
+        self.gram = torch.zeros(width, width) if statistic == "hessian" else None
+        self.sums = torch.zeros(width) if statistic == "hessian" else None
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        if self.sq_norms is not None:
+            self.sq_norms += x.square().sum(dim=0)
+        if self.gram is not None:
+            for start in range(0, x.shape[1], 256):
+                self.gram[start : start + 256, start:].addmm_(x[:, start : start + 256].t(), x[:, start:])
+            self.sums += x.sum(dim=0)
+
+
+def statistics_update(repeats: int = 30) -> None:
+    """Fastest of ``repeats`` updates, fp32 in place (before) and float64 totals (now), alternated."""
+    tokens = torch.randn(4 * SEQLEN, 1536, generator=torch.Generator().manual_seed(SEED))
+    for statistic in ("input_norms", "hessian"):
+        for width in (576, 1536):
+            x = tokens[:, :width].contiguous()
+            old, new = Fp32InPlace(width, statistic), InputStatistics(width, statistic, 10**9, x.device)
+            times: dict[str, list[float]] = {"before": [], "now": []}
+            for _ in range(repeats):
+                for key, stats in (("before", old), ("now", new)):
+                    start = time.perf_counter()
+                    stats.update(x)
+                    times[key].append(time.perf_counter() - start)
+            before, now = min(times["before"]) * 1e3, min(times["now"]) * 1e3
+            print(f"{statistic:11s} width {width:4d}: before {before:6.2f} ms, now {now:6.2f} ms", end=" ")
+            print(f"({now / before:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/out/speed.json")
+    parser.add_argument("--statistics", action="store_true", help="time the statistics update alone")
     args = parser.parse_args()
+    if args.statistics:
+        statistics_update()
+        return
     model, tokenizer = llmprune.load_embedded_model()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)

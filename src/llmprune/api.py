@@ -126,7 +126,7 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
     if config.resume and config.max_memory:
         raise UsageError("--resume is not supported with --max-memory yet")
     save = save and main
-    comm.rows(config.nsamples)  # enough samples for every process?
+    comm.share(-(-config.nsamples // config.batch_size), config.nsamples)  # a batch for every process?
     output = config.output_path()
     if config.resume:
         if not save:

@@ -1,8 +1,10 @@
 """Pruning across processes (``torchrun``): who holds which calibration rows, and the two collectives needed.
 
-Every process holds the whole model and a contiguous share of the calibration rows. Per-layer statistics
-are sums over tokens, so summing them over processes (all-reduce) gives every process the statistics of all
-rows; each group of linear layers is then solved by one process and its weights broadcast to the others.
+Every process holds the whole model and a contiguous share of the calibration batches (the batches are
+formed first, so that they are the same for any number of processes). Per-layer statistics are sums over
+tokens, kept in float64 (``statistics.py``), so summing them over processes (all-reduce) gives every process
+the statistics of all batches, to the bit; each group of linear layers is then solved by one process and its
+weights broadcast to the others.
 A single process uses ``Communicator`` itself, whose collectives do nothing.
 """
 
@@ -29,13 +31,23 @@ class Communicator:
         self.device = device
         """The device this process computes on."""
 
-    def rows(self, count: int) -> slice:
-        """This process's contiguous share of ``count`` calibration rows (sizes differ by at most one)."""
-        if self.world_size > count:
+    def share(self, batches: int, samples: int) -> slice:
+        """This process's contiguous share of the ``batches`` calibration batches (of ``samples`` samples in
+        all): whole batches, whose counts differ by at most one between processes.
+
+        Batches are formed before they are shared, so that every batch holds the same samples, and gives the
+        same statistics to the last bit, whatever the number of processes.
+        """
+        if self.world_size > batches:
+            if self.world_size > samples:
+                raise UsageError(
+                    f"{self.world_size} processes need at least as many calibration samples, got {samples}"
+                )
             raise UsageError(
-                f"{self.world_size} processes need at least as many calibration samples, got {count}"
+                f"{self.world_size} processes need at least as many calibration batches, got {batches} "
+                f"from {samples} samples: use --batch-size {samples // self.world_size} or smaller"
             )
-        return slice(self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size)
+        return slice(self.rank * batches // self.world_size, (self.rank + 1) * batches // self.world_size)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` over processes, in place."""

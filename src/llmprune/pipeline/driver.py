@@ -6,9 +6,9 @@ weights and hand those to layer i+1 (SparseGPT §3.5; Wanda §3). With ``true_se
 is pruned in a pre-forward hook from the inputs it actually receives, which have already gone through the
 pruned sublayers before it, so one forward pass per layer does both jobs.
 
-Across processes (``torchrun``) each process runs its share of the calibration rows; statistics are summed
-over processes before a layer is pruned, and each group of linear layers is solved by one process, which
-broadcasts the result (see ``pipeline/distributed.py``).
+Across processes (``torchrun``) each process runs its share of the calibration batches; statistics are
+summed over processes before a layer is pruned, and each group of linear layers is solved by one process,
+which broadcasts the result (see ``pipeline/distributed.py``).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def prune_groups(
                 shared = torch.tensor(damps, dtype=torch.float64, device=device)
                 comm.broadcast(shared, owners[g])
                 damps = shared.tolist()
-            samples = stats[g].samples()
+            samples = stats[g].sample_batches()
             for target, weight, damp in zip(targets, dense, damps, strict=True):
                 stored = read_weight(target.module)
                 terms.append(error_terms(weight, stored.float(), samples))
@@ -458,10 +458,11 @@ def prune_model(
 
     With a ``checkpoint``, progress is saved after every layer, and a run finding progress saved there
     restores the finished layers and goes on from the next one. With ``comm`` of several processes, each
-    runs its contiguous share of the calibration rows (every process passes all of them) and all end with
-    the same weights and report. ``layers_from`` loads each decoder layer just before it is pruned and takes
-    it back once done (streaming, see ``pipeline/offload.py``); ``activations`` keeps the hidden states
-    between layers, in RAM or on disk.
+    runs its contiguous share of the calibration batches (every process passes all the rows) and all end
+    with the same weights, bit for bit those of one process with the same threads, and the same report.
+    ``layers_from`` loads each decoder layer just before it is pruned and takes it back once done
+    (streaming, see ``pipeline/offload.py``); ``activations`` keeps the hidden states between layers, in
+    RAM or on disk.
     """
     start = time.perf_counter()
     comm = comm or Communicator()
@@ -470,9 +471,10 @@ def prune_model(
     plan = None if structured else plan_targets(model, options)
     rows = calibration_rows(calibration)
     total_tokens = sum(row.numel() for row in rows)
-    share = comm.rows(len(rows))
-    offset = sum(row.numel() for row in rows[: share.start])  # index of this process's first token
-    batches = calibration_batches(rows[share], options.batch_size)
+    batches = calibration_batches(rows, options.batch_size)  # the same batches for any number of processes
+    share = comm.share(len(batches), len(rows))
+    offset = sum(batch.numel() for batch in batches[: share.start])  # index of this process's first token
+    batches = batches[share]
     stride = max(1, total_tokens // options.error_tokens)
     was_training = model.training
     model.eval()

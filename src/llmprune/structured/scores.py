@@ -55,11 +55,14 @@ def keep_highest(scores: torch.Tensor, remove: int) -> torch.Tensor:
 
 class ColumnStatistics:
     """Σ x², Σ x and the token count of one projection's inputs, per input column: what the scores need
-    (``--widths adaptive`` collects them for every layer in one dense pass, without Gram matrices)."""
+    (``--widths adaptive`` collects them for every layer in one dense pass, without Gram matrices).
+
+    As ``pipeline.statistics.InputStatistics``: float64 totals of per-batch fp32 sums, the same to the bit
+    for any number of processes; the scores round them to fp32."""
 
     def __init__(self, width: int, device: torch.device) -> None:
-        self.energy = torch.zeros(width, device=device)
-        self.sums = torch.zeros(width, device=device)
+        self.energy = torch.zeros(width, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(width, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def update(self, inputs: torch.Tensor) -> None:

@@ -239,15 +239,19 @@ def local_checkpoint(name: str) -> Path:
     return snapshot
 
 
-def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8) -> bool:
-    """Whether a model of ``model_bytes`` fits in ``headroom`` of the free memory of ``device``."""
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: GPU memory for CUDA, else available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
+        return free
+    import psutil
 
-        free = psutil.virtual_memory().available
-    return model_bytes <= headroom * free
+    return psutil.virtual_memory().available
+
+
+def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether a model of ``model_bytes`` fits in ``headroom`` of the free memory of ``device``."""
+    return model_bytes <= headroom * free_memory(device)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -25,6 +25,7 @@ from torch import nn
 from llmprune.errors import UsageError
 from llmprune.export.sharded import ShardWriter
 from llmprune.models.architecture import decoder_layers
+from llmprune.models.loading import free_memory
 from llmprune.models.shards import CheckpointShards, checkpoint_names, outside_layers, release
 
 
@@ -177,12 +178,7 @@ def check_activation_memory(
         return
     width = skeleton.get_input_embeddings().weight.shape[-1]
     needed = 2 * samples * seqlen * width * dtype.itemsize
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+    free = free_memory(device)
     if needed > headroom * free:
         raise UsageError(
             f"{samples} calibration samples of {seqlen} tokens keep {needed / 2**30:.1f} GiB of activations "

@@ -38,7 +38,7 @@ from torch import nn
 import llmprune
 from llmprune.config import PruneOptions, build
 from llmprune.pipeline.distributed import Communicator, TorchDistributed
-from llmprune.pipeline.driver import prune_model
+from llmprune.pruning import prune_model
 
 NSAMPLES, SEQLEN, SEED = 32, 256, 0
 
@@ -71,7 +71,7 @@ def prune_once(method: str, true_sequential: bool, comm: Communicator) -> dict:
     options = build(PruneOptions, {"method": method, "true_sequential": true_sequential})
     timed = Timed(comm)
     report = prune_model(model, calibration, options, comm=timed)
-    layers = len({row.block for row in report.layers})
+    layers = len({row.layer for row in report.layers})
     return {
         "seconds": report.seconds,
         "collective_seconds": timed.seconds,

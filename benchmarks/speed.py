@@ -29,8 +29,8 @@ import torch
 import llmprune
 from llmprune.models.architecture import decoder_layers
 from llmprune.pipeline.capture import capture_layer_inputs, run_layer
-from llmprune.pipeline.driver import calibration_batches
 from llmprune.pipeline.statistics import InputStatistics
+from llmprune.pipeline.walk import calibration_batches
 
 NSAMPLES, SEQLEN, SEED = 32, 256, 0
 CELLS = [  # method, pattern, true_sequential, target ratio

@@ -192,3 +192,27 @@ def _threads_for_size(request):
     torch.set_num_threads(before if request.node.get_closest_marker("slow") else 1)
     yield
     torch.set_num_threads(before)
+
+
+# --- structured pruning: shared by test_structured.py and test_adaptive.py ---------------------------------
+
+EVAL_TOKENS = tiny_calibration(nsamples=2, seqlen=16, seed=7)
+"""Token ids the structured tests compare logits on (not the calibration data)."""
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    """The model's logits on ``EVAL_TOKENS``."""
+    with torch.no_grad():
+        return model(EVAL_TOKENS).logits
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def structured_prune_args(source, text, output, *options) -> list[str]:
+    """``llmprune prune`` of ``source`` with structured pruning: 4 x 16 calibration tokens and 2 x 16
+    evaluation tokens from the text file ``text``, then ``options``."""
+    args = ["prune", "--model", source, "--calibration", text, "--eval-data", text, "--nsamples", "4"]
+    args += ["--seqlen", "16", "--eval-nsamples", "2", "--eval-seqlen", "16", "--pattern", "structured"]
+    return [str(a) for a in [*args, *options, "--output", output]]

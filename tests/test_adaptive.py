@@ -11,24 +11,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import (
+    EVAL_TOKENS,
+    logits,
+    parameter_count,
+    structured_prune_args,
+    tiny_calibration,
+    tiny_model,
+)
 from llmprune.errors import UsageError
 from llmprune.export.load import read_metadata
 from llmprune.export.save import METADATA_FILE, save_pruned
 from llmprune.structured.allocate import Steps, allocate
 from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
 
-EVAL = tiny_calibration(nsamples=2, seqlen=16, seed=7)
 HIDDEN = 64  # every tiny model's hidden size
 
 
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(EVAL).logits
-
-
-def parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -74,7 +73,7 @@ def test_layers_whose_units_fall_far_below_their_typical_one_lose_more():
 @pytest.mark.parametrize("sparsity", [0.2, 0.35])  # OPT: channels are half of a layer
 def test_the_global_budget_is_met_and_widths_differ(family, units, head_mode, channel_cost, sparsity):
     model = tiny_model(family)
-    before = parameters(model)
+    before = parameter_count(model)
     report = llmprune.prune(
         model,
         tiny_calibration(),
@@ -86,11 +85,11 @@ def test_the_global_budget_is_met_and_widths_differ(family, units, head_mode, ch
         head_mode=head_mode,
     )
     removed = report.parameters_before - report.parameters_after
-    assert removed == before - parameters(model)
+    assert removed == before - parameter_count(model)
     assert abs(removed - sparsity * report.parameters_before) <= channel_cost / 2
     widths = layer_widths(model)
     assert widths is not None and len({w["intermediate"] for w in widths}) > 1
-    generated = model.generate(EVAL[:1, :4], max_new_tokens=4, do_sample=False)
+    generated = model.generate(EVAL_TOKENS[:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
 
 
@@ -137,7 +136,7 @@ def test_saved_model_round_trips_through_load(tmp_path, family, units):
         k: v.shape for k, v in model.state_dict().items()
     }
     assert torch.equal(logits(loaded), logits(model))
-    prompt = EVAL[:1, :4]
+    prompt = EVAL_TOKENS[:1, :4]
     assert torch.equal(
         loaded.generate(prompt, max_new_tokens=6, do_sample=False),
         model.generate(prompt, max_new_tokens=6, do_sample=False),
@@ -222,10 +221,7 @@ def test_cli_saves_per_layer_widths_that_eval_and_load_read(tmp_path, capsys):
         dense.save_pretrained(source)
     text = tmp_path / "text.txt"
     text.write_text(llmprune.embedded_text()[:20_000], encoding="utf-8")
-    args = ["prune", "--model", source, "--calibration", text, "--eval-data", text, "--nsamples", "4"]
-    args += ["--seqlen", "16", "--eval-nsamples", "2", "--eval-seqlen", "16", "--pattern", "structured"]
-    args += ["--widths", "adaptive", "--sparsity", "0.3", "--output", tmp_path / "out"]
-    main([str(a) for a in args])
+    main(structured_prune_args(source, text, tmp_path / "out", "--widths", "adaptive", "--sparsity", "0.3"))
     assert "saved to" in capsys.readouterr().out
     metadata = read_metadata(tmp_path / "out")
     assert metadata["recipe"]["widths"] == "adaptive"

@@ -121,7 +121,7 @@ def test_prunes_every_decoder_linear_and_nothing_else(family, method, pattern):
     linears = decoder_linears(model, family)
     assert len(linears) == NUM_LAYERS * LINEARS_PER_LAYER[family]
     assert sorted(r.name for r in report.layers) == sorted(linears)
-    assert [r.block for r in report.layers] == sorted(r.block for r in report.layers)
+    assert [r.layer for r in report.layers] == sorted(r.layer for r in report.layers)
 
     for r in report.layers:
         module = linears[r.name]
@@ -130,7 +130,7 @@ def test_prunes_every_decoder_linear_and_nothing_else(family, method, pattern):
         assert r.achieved_sparsity == pytest.approx(achieved, abs=1e-12)
         assert r.target_sparsity == pytest.approx(0.5)
         assert r.shape == tuple(out_in(module).shape)
-        assert r.block == int(r.name.removeprefix(LAYER_PREFIX[family] + ".").split(".")[0])
+        assert r.layer == int(r.name.removeprefix(LAYER_PREFIX[family] + ".").split(".")[0])
     assert report.achieved_sparsity == pytest.approx(0.5, abs=1e-9)
 
     # Everything except the weights of those linear layers is untouched: embeddings, lm_head, norms, biases.

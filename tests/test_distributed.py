@@ -29,8 +29,8 @@ from llmprune.cli.main import main
 from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.errors import UsageError
 from llmprune.pipeline.distributed import Communicator, TorchDistributed, communicator_from_environment
-from llmprune.pipeline.driver import prune_model
 from llmprune.pipeline.statistics import InputStatistics
+from llmprune.pruning import prune_model
 from test_cli import save_tiny_llama
 
 CASES = [("wanda", False), ("wanda", True), ("sparsegpt", False), ("sparsegpt", True)]

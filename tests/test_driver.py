@@ -140,7 +140,7 @@ def test_depth_schedule_rises_linearly_around_the_mean():
     assert achieved[1] - achieved[0] == pytest.approx(achieved[2] - achieved[1], abs=0.01)
     assert sum(achieved) / NUM_LAYERS == pytest.approx(0.5, abs=0.005)
     for r in report.layers:
-        assert r.target_sparsity == pytest.approx([0.3, 0.5, 0.7][r.block])
+        assert r.target_sparsity == pytest.approx([0.3, 0.5, 0.7][r.layer])
     assert report.achieved_sparsity == pytest.approx(0.5, abs=0.005)
 
 

@@ -56,7 +56,7 @@ def test_reports_the_recorded_sparsity(capsys, checkpoints, key):
     assert len(report["layers"]) == 21
     for row in report["layers"]:
         tensor = tensors[f"{row['name']}.weight"]
-        assert tensor["linear"] and tensor["layer"] == row["block"]
+        assert tensor["linear"] and tensor["layer"] == row["layer"]
         assert tensor["sparsity"] == pytest.approx(row["achieved_sparsity"], abs=1e-12)
     assert info["linear"]["sparsity"] == pytest.approx(report["achieved_sparsity"], abs=1e-12)
     assert info["report"] == report

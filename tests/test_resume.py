@@ -24,8 +24,8 @@ from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import embedded_text
 from llmprune.export.save import METADATA_FILE
 from llmprune.pipeline import resume
-from llmprune.pipeline.driver import prune_model
 from llmprune.pipeline.resume import STATE_FILE, LayerCheckpoint
+from llmprune.pruning import prune_model
 
 ERROR = "llmprune: error: "
 LAYERS = 8
@@ -213,16 +213,16 @@ def test_a_run_without_resume_starts_over_and_removes_its_checkpoint(capsys, fil
 
 def test_an_error_leaves_no_checkpoint(capsys, files, tmp_path, monkeypatch):
     from llmprune.errors import NonFiniteError
-    from llmprune.pipeline import driver
+    from llmprune.pipeline import walk
 
-    check_finite = driver._check_finite
+    check_finite = walk.check_finite
 
     def fail_at_layer_two(tensor, what):
         if what.endswith("layer 2"):
             raise NonFiniteError(f"NaN or Inf in {what}")
         check_finite(tensor, what)
 
-    monkeypatch.setattr(driver, "_check_finite", fail_at_layer_two)
+    monkeypatch.setattr(walk, "check_finite", fail_at_layer_two)
     code, err = invoke(capsys, *prune_args(files, tmp_path / "out"))
     assert code == 2 and "decoder layer 2" in err
     assert list(tmp_path.iterdir()) == []
@@ -233,18 +233,18 @@ def test_an_error_leaves_no_checkpoint(capsys, files, tmp_path, monkeypatch):
 HARNESS = """
 import sys, time
 import torch
-from llmprune.pipeline import driver
+from llmprune.pipeline import walk
 
 torch.set_num_threads(1)
 delay = float(sys.argv[1])
 if delay:
-    run_layer = driver.run_layer
+    run_layer = walk.run_layer
 
     def slow_run_layer(*args, **kwargs):
         time.sleep(delay)
         return run_layer(*args, **kwargs)
 
-    driver.run_layer = slow_run_layer
+    walk.run_layer = slow_run_layer
 from llmprune.cli.main import main
 
 main(sys.argv[2:])

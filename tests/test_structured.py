@@ -8,28 +8,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import (
+    EVAL_TOKENS,
+    logits,
+    parameter_count,
+    structured_prune_args,
+    tiny_calibration,
+    tiny_model,
+)
 from llmprune.errors import UsageError
-from llmprune.structured import blocks as structured_blocks
+from llmprune.structured import step as structured_step
 from llmprune.structured.blocks import WidthPlan
 from llmprune.structured.reconstruct import least_squares_refit, mean_compensation
 from llmprune.structured.scores import column_scores, keep_highest
 
-EVAL = tiny_calibration(nsamples=2, seqlen=16, seed=7)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(EVAL).logits
-
-
-def parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def force_plan(monkeypatch, plan: WidthPlan) -> None:
-    monkeypatch.setattr(structured_blocks, "plan_widths", lambda *args: plan)
-    monkeypatch.setattr("llmprune.structured.plan_widths", lambda *args: plan)
+    """Every layer loses the units of ``plan`` (instead of those the budget gives)."""
+    monkeypatch.setattr(structured_step, "plan_widths", lambda *args: plan)
 
 
 @pytest.mark.parametrize("head_mode", ["queries", "groups"])
@@ -69,20 +65,20 @@ def test_removing_units_that_contribute_nothing_leaves_logits_unchanged(monkeypa
 )
 def test_saved_model_loads_with_plain_transformers_and_generates(tmp_path, family, units, score):
     model = tiny_model(family)
-    dense = parameters(model)
+    dense = parameter_count(model)
     report = llmprune.prune(
         model, tiny_calibration(), pattern="structured", units=units, sparsity=0.5, score=score
     )
-    assert parameters(model) < dense
+    assert parameter_count(model) < dense
     assert 0.3 < report.achieved_sparsity < 0.7, report.achieved_sparsity  # units are coarse on tiny models
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert parameters(loaded) == parameters(model)
+    assert parameter_count(loaded) == parameter_count(model)
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }
     torch.testing.assert_close(logits(loaded), logits(model))
-    generated = loaded.generate(EVAL[:1, :4], max_new_tokens=4, do_sample=False)
+    generated = loaded.generate(EVAL_TOKENS[:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
 
 
@@ -187,19 +183,17 @@ def test_cli_writes_a_smaller_checkpoint(tmp_path, capsys):
     source = save_tiny_llama(tmp_path / "tiny", tokenizer)
     text = tmp_path / "text.txt"
     text.write_text(llmprune.embedded_text()[:20_000], encoding="utf-8")
-    args = ["prune", "--model", source, "--calibration", text, "--eval-data", text, "--nsamples", "4"]
-    args += ["--seqlen", "16", "--eval-nsamples", "2", "--eval-seqlen", "16", "--pattern", "structured"]
-    args += ["--units", "heads,channels", "--sparsity", "0.25", "--output", tmp_path / "out"]
-    main([str(a) for a in args])
+    options = ["--units", "heads,channels", "--sparsity", "0.25"]
+    main(structured_prune_args(source, text, tmp_path / "out", *options))
     printed = capsys.readouterr().out
     assert "decoder parameters" in printed and "saved to" in printed
     dense = AutoModelForCausalLM.from_pretrained(source)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert pruned.config.intermediate_size < dense.config.intermediate_size
-    assert parameters(pruned) < parameters(dense)
+    assert parameter_count(pruned) < parameter_count(dense)
 
     with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in [*args[:-2], "--output", tmp_path / "other", "--offload"]])
+        main(structured_prune_args(source, text, tmp_path / "other", *options, "--offload"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "structured pruning does not support --offload yet" in err and err.count("\n") == 1

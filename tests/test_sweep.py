@@ -84,7 +84,7 @@ def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_
         assert cell["achieved_sparsity"] == pytest.approx(cell["target_sparsity"], abs=0.02)
         assert math.isfinite(cell["perplexity"]) and cell["perplexity"] > 1
         assert cell["recipe"]["nsamples"] == 4 and cell["recipe"]["pattern"] == cell["pattern"]
-        assert {row["block"] for row in cell["layers"]} == {0, 1}
+        assert {row["layer"] for row in cell["layers"]} == {0, 1}
         assert Path(cell["model"], "config.json").is_file()
     for name in ("perplexity.png", "layer_sparsity.png"):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

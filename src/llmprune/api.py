@@ -40,10 +40,10 @@ from llmprune.models.loading import (
 )
 from llmprune.models.shards import CheckpointShards, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
-from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
 from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers, check_activation_memory
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
+from llmprune.pruning import ProgressCallback, plan_targets, prune_model
 from llmprune.structured.layout import block_layout
 
 

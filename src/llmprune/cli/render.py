@@ -81,7 +81,7 @@ def layer_table(report: PruneReport) -> Table:
     table.add_column("notes")
     blocks: dict[int, list] = {}
     for row in report.layers:
-        blocks.setdefault(row.block, []).append(row)
+        blocks.setdefault(row.layer, []).append(row)
     for block, rows in blocks.items():
         weights = sum(r.shape[0] * r.shape[1] for r in rows)
         sparsity = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in rows) / weights

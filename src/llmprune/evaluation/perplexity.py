@@ -11,8 +11,9 @@ from torch import nn
 
 from llmprune.data.text import evaluation_windows
 from llmprune.models.architecture import decoder_layers
-from llmprune.pipeline.capture import capture_layer_inputs, model_device, replaying, run_layer
+from llmprune.pipeline.capture import model_device, replaying
 from llmprune.pipeline.offload import LayerSource
+from llmprune.pipeline.walk import walk_layers
 
 
 @torch.no_grad()
@@ -40,14 +41,7 @@ def perplexity(
         nll, count = _negative_log_likelihood(logits, batches, progress)
     else:
         _, layers = decoder_layers(model)
-        layers_from.load_outside(head=False)
-        captured = capture_layer_inputs(model, layers, batches)
-        layers_from.release_outside()
-        hidden = captured.hidden
-        for index, layer in enumerate(layers):
-            layers_from.load(index, layer)
-            hidden = [run_layer(layer, h, c) for h, c in zip(hidden, captured.calls[index], strict=True)]
-            layers_from.finish(index, layer)
+        hidden = walk_layers(model, batches, layers_from=layers_from).hidden
         layers_from.load_outside(head=True)
         device = model_device(model)
         with replaying(layers, hidden):

@@ -1,13 +1,15 @@
 """Where things are in a causal LM, described by data rather than by copied per-family code.
 
-Every supported family is a stack of decoder layers; the table says where that stack, the embeddings and
-the final norm live. Unknown families fall back to the largest ``ModuleList`` of identical blocks.
+Every supported family is a stack of decoder layers; the table says where that stack and the final norm
+live. Unknown families fall back to the largest ``ModuleList`` of identical blocks.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,30 +17,30 @@ from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import UsageError
 
+if TYPE_CHECKING:
+    from llmprune.methods.patterns import Pattern
+
 
 @dataclass(frozen=True)
 class Architecture:
     """Module paths (dotted, from the CausalLM root) of the parts the pipeline needs."""
 
     layers: str
-    embeddings: str
     final_norm: str | None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "mistral": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "qwen2": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "qwen3": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "gemma": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "gemma2": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "gemma3_text": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "phi3": Architecture("model.layers", "model.embed_tokens", "model.norm"),
-    "opt": Architecture(
-        "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm"
-    ),
-    "gpt2": Architecture("transformer.h", "transformer.wte", "transformer.ln_f"),
-    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
+    "llama": Architecture("model.layers", "model.norm"),
+    "mistral": Architecture("model.layers", "model.norm"),
+    "qwen2": Architecture("model.layers", "model.norm"),
+    "qwen3": Architecture("model.layers", "model.norm"),
+    "gemma": Architecture("model.layers", "model.norm"),
+    "gemma2": Architecture("model.layers", "model.norm"),
+    "gemma3_text": Architecture("model.layers", "model.norm"),
+    "phi3": Architecture("model.layers", "model.norm"),
+    "opt": Architecture("model.decoder.layers", "model.decoder.final_layer_norm"),
+    "gpt2": Architecture("transformer.h", "transformer.ln_f"),
+    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.final_layer_norm"),
 }
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
@@ -88,7 +90,7 @@ def describe(model: nn.Module) -> Architecture:
     if not candidates:
         raise UsageError(f"cannot find a stack of decoder layers in model type {model_type!r}")
     _, layers = max(candidates)
-    return Architecture(layers, "", None)
+    return Architecture(layers, None)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -106,19 +108,61 @@ def prunable_modules(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
     }
 
 
+def linear_layers(
+    model: nn.Module, include: Iterable[str] = (), exclude: Iterable[str] = ()
+) -> list[dict[str, nn.Module]]:
+    """Per decoder layer, its linear modules by full dotted name that the globs select (``selects``)."""
+    path, layers = decoder_layers(model)
+    include, exclude = list(include), list(exclude)
+    return [
+        {
+            name: module
+            for name, module in prunable_modules(layer, f"{path}.{index}").items()
+            if selects(name, include, exclude)
+        }
+        for index, layer in enumerate(layers)
+    ]
+
+
+def selects(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Whether the globs (``--include``/``--exclude``) leave the linear layer ``name`` to be pruned: it
+    matches one of ``include`` (if any are given) and none of ``exclude``."""
+    include = list(include)
+    if include and not any(fnmatch.fnmatchcase(name, glob) for glob in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, glob) for glob in exclude)
+
+
+def check_pattern_fits(modules: dict[str, nn.Module], pattern: Pattern) -> None:
+    """Refuse an N:M pattern whose M does not divide the input width of one of ``modules``."""
+    if not pattern.is_nm:
+        return
+    for name, module in modules.items():
+        if input_width(module) % pattern.m:
+            raise UsageError(
+                f"{name}: input width {input_width(module)} is not divisible by M={pattern.m} "
+                f"of pattern {pattern}"
+            )
+
+
 def input_width(module: nn.Module) -> int:
     return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
 
 
+def stored_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """An ``[out, in]`` tensor (a weight, a mask) in the layout of ``module``'s own weight, or the reverse:
+    GPT-2's ``Conv1D`` stores ``[in, out]`` (a transposed view), every other linear layer ``[out, in]``."""
+    return tensor.t() if isinstance(module, Conv1D) else tensor
+
+
 def read_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (a transposed view for ``Conv1D``)."""
-    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+    return stored_layout(module, module.weight.data)
 
 
 def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Store an ``[out, in]`` weight back in the module's own layout and dtype."""
-    target = module.weight.data
-    target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+    module.weight.data.copy_(stored_layout(module, weight))
 
 
 def base_model(model: nn.Module) -> nn.Module:

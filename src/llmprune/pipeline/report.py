@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class LinearReport:
     name: str
-    block: int
+    layer: int
     """Index of the decoder layer holding this linear layer."""
     shape: tuple[int, int]
     target_sparsity: float

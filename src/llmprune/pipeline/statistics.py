@@ -7,7 +7,7 @@ once, when a method reads it. A float64 sum of a few fp32 values is exact, hence
 whenever the values lie within about 2^26 of each other (53 − 24 bits, less a few bits of carries);
 beyond that it is rounded at 2^-53 of the total, below fp32's resolution, so that the fp32 result can only
 change if that error straddles an fp32 rounding boundary (a chance of the order of 2^-29 per such value).
-With the same batches on every process count (``driver.prune_model`` shares whole batches), the same
+With the same batches on every process count (``pruning.prune_model`` shares whole batches), the same
 batch gives the same bits, and the pruned weights are bit-identical for 1, 2 or N processes.
 """
 
@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from llmprune.methods import Statistic
-
 if TYPE_CHECKING:
     from llmprune.pipeline.distributed import Communicator
+
+Collected = Literal["none", "input_norms", "moments", "hessian"]
+"""What ``InputStatistics`` accumulates besides the token count: nothing, Σx² (``input_norms``: Wanda),
+Σx² and Σx (``moments``: structured unit scores), or Σ x xᵀ and Σx (``hessian``: SparseGPT, structured
+re-fitting). All but ``moments`` are the ``Statistic`` a pruning method may declare."""
 
 GRAM_BLOCK = 256
 """Rows per block of the upper-triangular Gram accumulator."""
@@ -71,27 +74,29 @@ class UpperGram:
 
 
 class InputStatistics:
-    """What the methods need about one input tensor, shared by every linear layer that reads it.
+    """What the per-layer steps need about one input tensor, shared by every linear layer that reads it.
 
-    ``input_norms``: Σ_t x_t² per input feature (Wanda). ``hessian``: (2/N) Σ_t x_t x_tᵀ (SparseGPT).
-    Both are float64 totals of per-batch fp32 sums (see the module's docstring), rounded when read.
-    Every ``stride``-th token is also kept to measure reconstruction error ||WX - W'X|| / ||WX|| later;
-    ``offset`` is the index of this process's first token among all processes' (0 for a single process).
+    ``input_norms``: Σ_t x_t² per input feature (Wanda). ``hessian``: (2/N) Σ_t x_t x_tᵀ (SparseGPT), with
+    Σ_t x_t. ``moments``: Σ_t x_t² and Σ_t x_t (structured scores: the inputs' means and variances).
+    All are float64 totals of per-batch fp32 sums (see the module's docstring), rounded when read. With a
+    ``stride``, every ``stride``-th token is also kept to measure reconstruction error ||WX - W'X|| / ||WX||
+    later; ``offset`` is the index of this process's first token among all processes' (0 for a single
+    process). Without one (None), no tokens are kept.
     """
 
     def __init__(
-        self, width: int, statistic: Statistic, stride: int, device: torch.device, offset: int = 0
+        self, width: int, statistic: Collected, stride: int | None, device: torch.device, offset: int = 0
     ) -> None:
         self.tokens = 0
-        self.stride = max(1, stride)
+        self.stride = None if stride is None else max(1, stride)
         self.offset = offset
         self.device = device
         self.reduced = False
         wide = {"dtype": torch.float64, "device": device}
-        self.sq_norms = torch.zeros(width, **wide) if statistic == "input_norms" else None
+        self.sq_norms = torch.zeros(width, **wide) if statistic in ("input_norms", "moments") else None
         self.gram = UpperGram(width, device) if statistic == "hessian" else None
-        self.sums = torch.zeros(width, **wide) if statistic == "hessian" else None
-        """Σ_t x_t per feature (float64), with the Hessian (structured pruning: means and variances)."""
+        self.sums = torch.zeros(width, **wide) if statistic in ("hessian", "moments") else None
+        """Σ_t x_t per feature (float64), with the Hessian or the moments (structured pruning)."""
         self._samples: list[torch.Tensor] = []
         self.prepared: dict = {}
         """Methods' preparations of the statistic (e.g. SparseGPT's factored Hessian), shared by readers."""
@@ -103,9 +108,11 @@ class InputStatistics:
             self.sq_norms += x.square().sum(dim=0)  # several times faster than vector_norm(dim=0)
         if self.gram is not None:
             self.gram.add(x)
+        if self.sums is not None:
             self.sums += x.sum(dim=0)
-        first = (-(self.offset + self.tokens)) % self.stride
-        self._samples.append(x[first :: self.stride].clone())
+        if self.stride is not None:
+            first = (-(self.offset + self.tokens)) % self.stride
+            self._samples.append(x[first :: self.stride].clone())
         self.tokens += x.shape[0]
 
     def reduce(self, comm: Communicator) -> None:
@@ -130,6 +137,10 @@ class InputStatistics:
         if self.gram is not None:
             return self.gram.matrix(2.0 / max(self.tokens, 1))
         return None
+
+    def energy(self) -> torch.Tensor:
+        """Σ_t x_t² per input, fp32 (from the Gram matrix's diagonal when that is what is kept)."""
+        return self.sq_norms.float() if self.sq_norms is not None else self.gram.diagonal()
 
     def gram_matrix(self) -> torch.Tensor:
         """Σ_t x_t x_tᵀ, symmetric, fp32 (the Hessian without its 2/N)."""

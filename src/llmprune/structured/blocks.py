@@ -1,13 +1,13 @@
-"""Removing attention heads and MLP channels from each decoder layer, for the sequential driver.
+"""Removing attention heads and MLP channels from each decoder layer, for the structured step.
 
 By default every decoder layer loses the same number of units (so one config describes the result and
 plain ``from_pretrained`` loads it); with ``--widths adaptive`` each layer has its own ``WidthPlan``
 (``plan_adaptive``, the rule in ``allocate.py``) and the saved model records its per-layer widths
-(``checkpoint.py``). For layer i the driver collects the Gram matrix and sums of the inputs of the
+(``checkpoint.py``). For layer i the walk collects the Gram matrix and sums of the inputs of the
 consuming projections (o_proj, down_proj) while the dense layer runs on the outputs of the already pruned
-layers before it; ``StructuredBlocks`` then scores the units, keeps the best, slices q/k/v/o and
-gate/up/down, re-fits the consumers (``reconstruct.py``) and builds the smaller layer from its config
-(``build_layer``, also used to rebuild a saved model's layers).
+layers before it (``step.StructuredStep``); ``UnitRemoval`` then scores the units, keeps the best, slices
+q/k/v/o and gate/up/down, re-fits the consumers (``reconstruct.py``) and builds the smaller layer from its
+config (``build_layer``, also used to rebuild a saved model's layers).
 
 Grouped-query attention: in ``queries`` mode each key/value group loses the same number of query heads
 (so every group keeps serving the same number of them, as transformers requires); in ``groups`` mode
@@ -21,17 +21,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from llmprune.config import PruneOptions
 from llmprune.errors import UsageError
-from llmprune.models.architecture import read_weight
+from llmprune.models.architecture import read_weight, stored_layout
 from llmprune.pipeline.report import LinearReport
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.structured.allocate import Steps, allocate, channel_steps, head_steps, standardize
 from llmprune.structured.layout import BlockLayout
 from llmprune.structured.reconstruct import least_squares_refit, mean_compensation
-from llmprune.structured.scores import ColumnStatistics, column_scores, keep_highest, unit_scores
+from llmprune.structured.scores import column_scores, keep_highest, unit_scores
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,7 @@ def attention_shape(config) -> Attention:
 
 def _stored(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """An ``[out, in]`` weight in the module's own layout and dtype."""
-    weight = weight.t() if isinstance(module, Conv1D) else weight
-    return weight.to(module.weight.dtype).contiguous()
+    return stored_layout(module, weight).to(module.weight.dtype).contiguous()
 
 
 def _params(module: nn.Module) -> int:
@@ -125,7 +123,7 @@ def plan_adaptive(
     layout: BlockLayout,
     options: PruneOptions,
     budget: float,
-    stats: list[dict[str, ColumnStatistics]],
+    stats: list[dict[str, InputStatistics]],
 ) -> list[WidthPlan]:
     """Per-layer units to remove so that ``budget`` parameters go in all, from one ranking of every
     layer's units by their standardized scores (FLAP's rule, ``allocate.py``). ``stats[i]`` holds the
@@ -153,13 +151,13 @@ def plan_adaptive(
 
 
 def _scores(
-    layer: nn.Module, consumer: str, producers, method: str, stats: dict[str, ColumnStatistics]
+    layer: nn.Module, consumer: str, producers, score: str, stats: dict[str, InputStatistics]
 ) -> torch.Tensor:
     """Column scores of ``layer``'s projection ``consumer`` from its input statistics."""
     columns = stats[consumer]
     weights = [read_weight(layer.get_submodule(name)) for name in producers]
     module = layer.get_submodule(consumer)
-    return column_scores(method, read_weight(module), columns.energy, columns.sums, columns.tokens, weights)
+    return column_scores(score, read_weight(module), columns.energy(), columns.sums, columns.tokens, weights)
 
 
 def config_widths(config, layout: BlockLayout) -> dict[str, int]:
@@ -220,8 +218,8 @@ def build_layer(layer: nn.Module, config, index: int, state: dict[str, torch.Ten
     return built.eval()
 
 
-class StructuredBlocks:
-    """The per-layer step of structured pruning: score, keep, slice, re-fit, rebuild."""
+class UnitRemoval:
+    """What structured pruning does to each decoder layer: score, keep, slice, re-fit, rebuild."""
 
     def __init__(self, config, layout: BlockLayout, plans: list[WidthPlan], options: PruneOptions) -> None:
         self.layout, self.plans, self.options = layout, plans, options
@@ -236,8 +234,8 @@ class StructuredBlocks:
         self.config = self.configs[0] if uniform else config_after(config, layout, keep, self.use_bias)
 
     def consumers(self, index: int) -> list[str]:
-        """Layer-relative names of the projections of layer ``index`` whose inputs the statistics pass
-        must see (none when the layer keeps all its units)."""
+        """Layer-relative names of the projections of layer ``index`` whose inputs must be measured (none
+        when the layer keeps all its units)."""
         names = []
         if self.plans[index].heads:
             names.append(self.layout.attention[3])
@@ -309,7 +307,7 @@ class StructuredBlocks:
     def _scores(
         self, consumer: nn.Module, stats: InputStatistics, producers: list[torch.Tensor]
     ) -> torch.Tensor:
-        energy = stats.gram.diagonal()  # Σ x² per input (the stored upper triangle holds the diagonal)
+        energy = stats.energy()  # Σ x² per input (the stored upper triangle holds the diagonal)
         return column_scores(
             self.options.score, read_weight(consumer), energy, stats.sums, stats.tokens, producers
         )
@@ -340,7 +338,7 @@ class StructuredBlocks:
         removed_fraction = 1 - len(keep) / weight.shape[1]
         return LinearReport(
             name=f"{prefix}.{name}",
-            block=index,
+            layer=index,
             shape=tuple(new_weight.shape),
             target_sparsity=removed_fraction,
             achieved_sparsity=removed_fraction,

@@ -3,7 +3,7 @@
 A unit (an attention head, an MLP channel) owns some input columns of the projection that consumes it
 (o_proj / down_proj); every score is a sum over those columns. ``energy`` is Σ_t x_t² per input feature
 (the diagonal of the Gram matrix), ``sums`` Σ_t x_t, ``tokens`` N, all over the calibration tokens entering
-the consumer.
+the consumer (``pipeline.statistics.InputStatistics``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 
 def column_scores(
-    method: str,
+    score: str,
     consumer: torch.Tensor,
     energy: torch.Tensor,
     sums: torch.Tensor,
@@ -27,18 +27,18 @@ def column_scores(
     """
     weight = consumer.float()
     energy = energy.float()
-    if method == "magnitude":
-        score = weight.square().sum(dim=0)
+    if score == "magnitude":
+        columns = weight.square().sum(dim=0)
         for producer in producers:
-            score = score + producer.float().square().sum(dim=1)
-        return score
-    if method == "wanda":
+            columns = columns + producer.float().square().sum(dim=1)
+        return columns
+    if score == "wanda":
         return energy.clamp_min(0).sqrt() * weight.abs().sum(dim=0)
-    if method == "flap":
+    if score == "flap":
         mean = sums.float() / tokens
         variance = (energy / tokens - mean.square()).clamp_min(0) * tokens / max(tokens - 1, 1)
         return variance * weight.square().sum(dim=0)
-    raise ValueError(f"unknown structured score {method!r}")
+    raise ValueError(f"unknown structured score {score!r}")
 
 
 def unit_scores(columns: torch.Tensor, unit_width: int) -> torch.Tensor:
@@ -51,22 +51,3 @@ def keep_highest(scores: torch.Tensor, remove: int) -> torch.Tensor:
     earlier unit."""
     order = torch.argsort(scores, descending=True, stable=True)
     return order[: len(scores) - remove].sort().values
-
-
-class ColumnStatistics:
-    """Σ x², Σ x and the token count of one projection's inputs, per input column: what the scores need
-    (``--widths adaptive`` collects them for every layer in one dense pass, without Gram matrices).
-
-    As ``pipeline.statistics.InputStatistics``: float64 totals of per-batch fp32 sums, the same to the bit
-    for any number of processes; the scores round them to fp32."""
-
-    def __init__(self, width: int, device: torch.device) -> None:
-        self.energy = torch.zeros(width, dtype=torch.float64, device=device)
-        self.sums = torch.zeros(width, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def update(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.energy += x.square().sum(dim=0)
-        self.sums += x.sum(dim=0)
-        self.tokens += x.shape[0]

@@ -43,8 +43,8 @@ def block_sparsity(record: dict[str, Any]) -> dict[int, float]:
     totals: dict[int, list[float]] = {}
     for row in record["layers"]:
         weight = row["weights"]
-        zeros, count = totals.setdefault(row["block"], [0.0, 0.0])
-        totals[row["block"]] = [zeros + row["sparsity"] * weight, count + weight]
+        zeros, count = totals.setdefault(row["layer"], [0.0, 0.0])
+        totals[row["layer"]] = [zeros + row["sparsity"] * weight, count + weight]
     return {block: zeros / count for block, (zeros, count) in sorted(totals.items())}
 
 

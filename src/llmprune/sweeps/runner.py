@@ -38,8 +38,8 @@ from llmprune.models.loading import (
     resolve_device,
     resolve_dtype,
 )
-from llmprune.pipeline.driver import ProgressCallback, plan_targets, prune_model
 from llmprune.pipeline.offload import check_activation_memory
+from llmprune.pruning import ProgressCallback, plan_targets, prune_model
 from llmprune.sweeps.config import Cell, SweepConfig
 from llmprune.sweeps.report import write_report
 
@@ -167,7 +167,7 @@ def _layer_rows(report) -> list[dict[str, Any]]:
     return [
         {
             "name": r.name,
-            "block": r.block,
+            "layer": r.layer,
             "weights": r.shape[0] * r.shape[1],
             "target_sparsity": r.target_sparsity,
             "sparsity": r.achieved_sparsity,

@@ -8,48 +8,22 @@ and to the weight after every optimizer step (whatever the optimizer does, e.g. 
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import UsageError
 from llmprune.methods.patterns import Pattern, lowest_in_matrix, lowest_per_row, n_m_mask
-from llmprune.models.architecture import decoder_layers, input_width, prunable_modules, read_weight
+from llmprune.models.architecture import check_pattern_fits, linear_layers, read_weight, stored_layout
 
 Score = Literal["magnitude", "wanda"]
 
 
 def linear_targets(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The decoder layers' linear modules (what one-shot pruning prunes), by full dotted name."""
-    path, layers = decoder_layers(model)
-    exclude = list(exclude)
-    targets = {}
-    for index, layer in enumerate(layers):
-        for name, module in prunable_modules(layer, f"{path}.{index}").items():
-            if not any(fnmatch.fnmatchcase(name, glob) for glob in exclude):
-                targets[name] = module
-    return targets
-
-
-def check_pattern_fits(targets: dict[str, nn.Module], pattern: Pattern) -> None:
-    """Refuse an N:M pattern whose M does not divide some layer's input width."""
-    if not pattern.is_nm:
-        return
-    for name, module in targets.items():
-        if input_width(module) % pattern.m:
-            raise UsageError(
-                f"{name}: input width {input_width(module)} is not divisible by M={pattern.m} "
-                f"of pattern {pattern}"
-            )
-
-
-def _param_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """An ``[out, in]`` mask in the layout of the module's own weight (GPT-2's Conv1D is transposed)."""
-    return mask.t() if isinstance(module, Conv1D) else mask
+    return {name: module for layer in linear_layers(model, exclude=exclude) for name, module in layer.items()}
 
 
 def select(
@@ -124,7 +98,7 @@ class SparsityMasks:
     def _gradient_hook(self, name: str, module: nn.Module):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             mask = self.masks.get(name)
-            return grad if mask is None else grad.mul(_param_layout(module, ~mask))
+            return grad if mask is None else grad.mul(stored_layout(module, ~mask))
 
         return hook
 
@@ -167,7 +141,7 @@ class SparsityMasks:
                 continue
             # Multiplying by the kept weights zeroes what masked_fill_ would (the values are finite) and
             # is ~6x faster on the CPU, where masked_fill_ with a scattered mask runs a scalar loop.
-            keep = _param_layout(module, ~mask)
+            keep = stored_layout(module, ~mask)
             module.weight.mul_(keep)
             state = optimizer.state.get(module.weight, {}) if optimizer is not None else {}
             for value in state.values():

@@ -1,0 +1,127 @@
+"""Pruning a model: the step the options choose, run by the one walk over the decoder layers.
+
+Each kind of per-layer pruning is one step (``pipeline.walk.LayerStep``, plus what a run needs before
+and after the walk: ``PruningStep``), registered in ``STEPS`` under the name ``step_name`` picks from the
+options. ``prune_model`` builds it, shares the calibration batches among processes and walks.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from llmprune.config import PruneOptions
+from llmprune.errors import UsageError
+from llmprune.pipeline.distributed import Communicator
+from llmprune.pipeline.offload import ActivationStore, LayerSource
+from llmprune.pipeline.report import PruneReport
+from llmprune.pipeline.resume import LayerCheckpoint
+from llmprune.pipeline.steps import LinearStep, plan_targets
+from llmprune.pipeline.walk import (
+    LayerStep,
+    ProgressCallback,
+    WalkContext,
+    calibration_batches,
+    calibration_rows,
+    walk_layers,
+)
+from llmprune.structured.step import StructuredStep
+
+__all__ = ["STEPS", "ProgressCallback", "PruningStep", "plan_targets", "prune_model", "step_name"]
+
+
+class PruningStep(LayerStep, Protocol):
+    """A step that prunes: built from the model and options (``STEPS``), prepared before the walk and
+    finished after it."""
+
+    what: str
+    """What it does, for messages (``structured pruning``)."""
+    streams: bool
+    """Whether it works on streamed layers (``layers_from``) and with checkpoints."""
+
+    def prepare(
+        self, model: nn.Module, batches: list[torch.Tensor], comm: Communicator, report: PruneReport
+    ) -> None:
+        """Work before the walk (e.g. dense scoring passes), given this process's calibration batches."""
+        ...
+
+    def finish(self, model: nn.Module, report: PruneReport) -> None:
+        """Work after the walk (e.g. the model's config)."""
+        ...
+
+
+StepFactory = Callable[[nn.Module, PruneOptions], PruningStep]
+
+STEPS: dict[str, StepFactory] = {
+    "linear": LinearStep,
+    "structured": StructuredStep,
+}
+"""The registered pruning steps, by name."""
+
+
+def step_name(options: PruneOptions) -> str:
+    """The registered step that ``options`` ask for."""
+    return "structured" if options.pattern_spec.structured else "linear"
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor],
+    options: PruneOptions,
+    progress: ProgressCallback | None = None,
+    checkpoint: LayerCheckpoint | None = None,
+    comm: Communicator | None = None,
+    layers_from: LayerSource | None = None,
+    activations: ActivationStore | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, from calibration token ids.
+
+    With a ``checkpoint``, progress is saved after every layer, and a run finding progress saved there
+    restores the finished layers and goes on from the next one. With ``comm`` of several processes, each
+    runs its contiguous share of the calibration batches (every process passes all the rows) and all end
+    with the same weights, bit for bit those of one process with the same threads, and the same report.
+    ``layers_from`` loads each decoder layer just before it is pruned and takes it back once done
+    (streaming, see ``pipeline/offload.py``); ``activations`` keeps the hidden states between layers, in
+    RAM or on disk.
+    """
+    start = time.perf_counter()
+    comm = comm or Communicator()
+    step = STEPS[step_name(options)](model, options)
+    rows = calibration_rows(calibration)
+    total_tokens = sum(row.numel() for row in rows)
+    batches = calibration_batches(rows, options.batch_size)  # the same batches for any number of processes
+    share = comm.share(len(batches), len(rows))
+    offset = sum(batch.numel() for batch in batches[: share.start])  # index of this process's first token
+    batches = batches[share]
+    stride = max(1, total_tokens // options.error_tokens)
+    was_training = model.training
+    model.eval()
+    layers_from = layers_from or LayerSource()
+    report = PruneReport(options.method, options.pattern, options.target_sparsity)
+    if not step.streams and (type(layers_from) is not LayerSource or checkpoint is not None):
+        raise UsageError(f"{step.what} does not stream layers or checkpoint them yet")
+    step.prepare(model, batches, comm, report)
+    walked = walk_layers(
+        model,
+        batches,
+        [step],
+        WalkContext(comm, stride, offset, report.layers),
+        layers_from=layers_from,
+        activations=activations,
+        checkpoint=checkpoint,
+        progress=progress,
+        check_outputs=True,
+    )
+    step.finish(model, report)
+    model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if walked.device.type == "cuda":
+        report.peak_device_bytes = torch.cuda.max_memory_allocated(walked.device)
+    return report

@@ -478,3 +478,88 @@ def test_reported_errors_compare_with_the_dense_weights_and_weights_do_not_share
             assert not torch.equal(parameter, dense[name]), name
     unchanged = llmprune.prune(tiny_model(family).to(dtype), tiny_calibration(), method=method, sparsity=0.0)
     assert all(row.relative_error == 0 for row in unchanged.layers)
+
+
+# --- the walk and its steps -----------------------------------------------------------------------------
+
+
+class _Observer:
+    """Records, per decoder layer, the inputs, outputs and down_proj input statistics the walk hands it."""
+
+    statistic = "input_norms"
+    timing = "observe"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, list[torch.Tensor], list[torch.Tensor], object]] = []
+
+    def targets(self, index, prefix, layer):
+        return {f"{prefix}.mlp.down_proj": layer.mlp.down_proj}
+
+    def apply(self, layer, stats, context):
+        (stat,) = stats.values()
+        self.seen.append((context.index, context.prefix, list(context.inputs), context.outputs, stat))
+        return layer
+
+
+def test_the_walk_hands_each_step_every_layer_in_order_with_its_inputs_outputs_and_statistics():
+    from llmprune.pipeline.walk import walk_layers
+
+    model = tiny_model("llama")
+    batches = list(tiny_calibration(6, 16).split(2))
+    fed: dict[int, list[torch.Tensor]] = {}
+
+    def record(index: int):
+        return lambda _module, args: fed.setdefault(index, []).append(args[0])
+
+    layers = model.model.layers
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        final = model.model(torch.cat(batches)).last_hidden_state  # the model's own pass, for reference
+    fed.clear()
+    observer = _Observer()
+    walked = walk_layers(model, batches, [observer])
+    for handle in handles:
+        handle.remove()
+    assert [(index, prefix) for index, prefix, *_ in observer.seen] == [
+        (i, f"model.layers.{i}") for i in range(NUM_LAYERS)
+    ]
+    for index, _, inputs, outputs, stats in observer.seen:
+        assert len(inputs) == len(outputs) == len(batches)
+        if index + 1 < NUM_LAYERS:  # each layer's outputs are the next one's inputs
+            nxt = observer.seen[index + 1][2]
+            assert all(torch.equal(a, b) for a, b in zip(outputs, nxt, strict=True))
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in fed[index]]).double()
+        assert stats.tokens == 6 * 16
+        torch.testing.assert_close(stats.sq_norms, x.square().sum(dim=0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat(list(walked.hidden)), torch.cat(observer.seen[-1][3]))
+    norm = model.model.norm
+    torch.testing.assert_close(norm(torch.cat(list(walked.hidden))), final, rtol=1e-5, atol=1e-5)
+
+
+class _Shrinker:
+    """Replaces each decoder layer by a copy whose MLP output projection is zero (a new, different layer)."""
+
+    statistic = "none"
+    timing = "after"
+
+    def targets(self, index, prefix, layer):
+        return {f"{prefix}.mlp.down_proj": layer.mlp.down_proj}
+
+    def apply(self, layer, stats, context):
+        new = copy.deepcopy(layer)
+        new.mlp.down_proj.weight.data.zero_()
+        return new
+
+
+def test_a_step_may_replace_the_layer_and_the_walk_goes_on_with_the_new_one():
+    from llmprune.pipeline.walk import walk_layers
+
+    model = tiny_model("llama")
+    originals = list(model.model.layers)
+    batches = [tiny_calibration(2, 16)]
+    walked = walk_layers(model, batches, [_Shrinker()])
+    assert all(new is not old for new, old in zip(model.model.layers, originals, strict=True))
+    assert all(not layer.mlp.down_proj.weight.any() for layer in model.model.layers)
+    with torch.no_grad():
+        expected = model.model(batches[0]).last_hidden_state  # the model with the new layers
+    torch.testing.assert_close(model.model.norm(walked.hidden[0]), expected, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 import llmprune
 from conftest import tiny_calibration, tiny_model
 from llmprune.errors import UsageError
-from llmprune.export.load import read_metadata
-from llmprune.export.save import METADATA_FILE, save_pruned
+from llmprune.export.save import save_pruned
+from llmprune.storage import METADATA_FILE, read_metadata
 from llmprune.structured.allocate import Steps, allocate
 from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 import llmprune
-from llmprune.export.compressed import MANIFEST_KEY, CompressedCheckpoint
-from llmprune.export.load import read_metadata
+from llmprune.models.packed import MANIFEST_KEY, CompressedCheckpoint
+from llmprune.storage import read_metadata
 
 CELLS = {"dense": None, "wanda 50 %": ("unstructured", 0.5), "wanda 2:4": ("2:4", None)}
 
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmprune-compressed-") as tmp:
         root = Path(tmp)
         for cell, recipe in CELLS.items():
-            model = llmprune.load_model("smollm2", "float32", "cpu")
+            model = llmprune.load("smollm2", "float32", "cpu")
             if recipe is not None:
                 pattern, sparsity = recipe
                 llmprune.prune(model, calibration, method="wanda", pattern=pattern, sparsity=sparsity)

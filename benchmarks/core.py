@@ -35,7 +35,7 @@ GRID = [
 
 
 def _data():
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
     return model, calibration, evaluation

@@ -66,7 +66,7 @@ class Timed(Communicator):
 
 
 def prune_once(method: str, true_sequential: bool, comm: Communicator) -> dict:
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
     options = build(PruneOptions, {"method": method, "true_sequential": true_sequential})
     timed = Timed(comm)
@@ -109,7 +109,7 @@ def _compare_worker(rank: int, world: int, threads: int, init: str, settings: di
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
         comm = TorchDistributed(torch.device("cpu"))
     try:
-        model, tokenizer = llmprune.load_embedded_model()
+        model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
         dense = {k: v.clone() for k, v in model.state_dict().items()}
         calibration = llmprune.calibration_data(
             tokenizer, "embedded", settings["nsamples"], settings["seqlen"], SEED
@@ -130,7 +130,7 @@ def compare(args: argparse.Namespace, cases: list) -> None:
     """1, 2, 3... processes against the first run: tensors whose masks or values differ, and perplexity."""
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size}
     settings["cases"] = cases
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:

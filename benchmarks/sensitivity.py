@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=8, help="calibration seeds 0..N-1 for Wanda")
     args = parser.parse_args()
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
 

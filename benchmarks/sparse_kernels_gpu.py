@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import llmprune
-from llmprune.export.save import library_versions
 from llmprune.inference.kernels import BACKENDS, default_backend, hardware_problem, semi_structured
 from llmprune.methods.patterns import n_m_mask
+from llmprune.storage import library_versions
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # [out, in]: attention and MLP-up projections of a 7B Llama
 TOKENS = [1, 16, 512, 4096]

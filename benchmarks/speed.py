@@ -104,7 +104,7 @@ def main() -> None:
     if args.statistics:
         statistics_update()
         return
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
     floors: list[float] = []

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import llmprune
-from llmprune.export.sharded import ShardWriter
+from llmprune.models.shards import ShardWriter
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 2048, 5632, 32, 4
 

@@ -151,7 +151,7 @@ def main() -> None:
         plot(*read_logs(args.logs), args.plot)
         return
     if args.time_only:
-        dense, tokenizer = llmprune.load_embedded_model()
+        dense, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
         prompt = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)[:1, :PROMPT]
         for number in range(len(list(args.models.glob("cell-*")))):
             saved = llmprune.load(args.models / f"cell-{number}", dtype="float32", device="cpu")
@@ -161,7 +161,7 @@ def main() -> None:
             )
         return
 
-    dense, tokenizer = llmprune.load_embedded_model()
+    dense, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     calibration = llmprune.calibration_data(tokenizer, "embedded", 32, 256, 0)
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", 512, 16)
     prompt = evaluation[:1, :PROMPT]

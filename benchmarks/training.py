@@ -41,7 +41,7 @@ _PRUNED: dict[str, tuple[dict, float, float]] = {}  # start -> (weights, report 
 
 def _start_model(start: str, tokenizer, evaluation):
     """The embedded model one-shot pruned with Wanda (once per pattern, then copied), and its perplexity."""
-    model, _ = llmprune.load_embedded_model()
+    model = llmprune.load("smollm2", "float32", "cpu")
     if start not in _PRUNED:
         sparsity = 0.0
         if start != "dense":
@@ -58,10 +58,10 @@ def run(name: str, steps: int, args, results: dict, save) -> None:
     start, extra = RUNS[name]
     if extra.get("gradual"):
         extra = {**extra, "end": steps * 3 // 4, "frequency": max(1, steps // 20)}
-    _, tokenizer = llmprune.load_embedded_model()
+    tokenizer = llmprune.load_tokenizer()
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
     model, sparsity, ppl = _start_model(start, tokenizer, evaluation)
-    teacher = llmprune.load_embedded_model()[0] if extra.get("distill") else None
+    teacher = llmprune.load("smollm2", "float32", "cpu") if extra.get("distill") else None
     row = {"start": start, "steps": steps, "options": extra, "perplexity": {}, "losses": []}
     results["runs"][name] = row
     row["prune_report_sparsity"] = sparsity
@@ -142,7 +142,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     if not args.skip_dense:
-        model, tokenizer = llmprune.load_embedded_model()
+        model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
         results["dense_perplexity"] = llmprune.perplexity(
             model, llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
         )

@@ -156,7 +156,7 @@ def no_model_loading(monkeypatch):
     for model_class in (PreTrainedModel, AutoModelForCausalLM):
         monkeypatch.setattr(model_class, "from_pretrained", refuse)
     for module in (loading, llmprune.api, llmprune.sweeps.runner, llmprune.training.finetuning):
-        monkeypatch.setattr(module, "load_model", refuse)
+        monkeypatch.setattr(module, "load_plain_model", refuse)
 
 
 def tiny_llama_for(tokenizer, layers: int = 2, seed: int = 0) -> torch.nn.Module:

@@ -20,8 +20,8 @@ from conftest import (
     tiny_model,
 )
 from llmprune.errors import UsageError
-from llmprune.export.load import read_metadata
-from llmprune.export.save import METADATA_FILE, save_pruned
+from llmprune.export.save import save_pruned
+from llmprune.storage import METADATA_FILE, read_metadata
 from llmprune.structured.allocate import Steps, allocate
 from llmprune.structured.checkpoint import WIDTHS_KEY, layer_widths
 

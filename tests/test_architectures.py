@@ -19,8 +19,9 @@ from transformers.pytorch_utils import Conv1D
 
 import llmprune
 from conftest import tiny_calibration, tiny_model
-from llmprune.export.save import METADATA_FILE, save_pruned
+from llmprune.export.save import save_pruned
 from llmprune.models import architecture
+from llmprune.storage import METADATA_FILE
 
 LAYER_PREFIX = {
     "llama": "model.layers",

@@ -22,8 +22,8 @@ import llmprune
 from conftest import ERROR, invoke, tiny_llama_for
 from llmprune.config import EvalConfig, RunConfig
 from llmprune.data.text import embedded_text
-from llmprune.export.save import METADATA_FILE
 from llmprune.models import loading
+from llmprune.storage import METADATA_FILE
 
 
 def save_tiny_llama(directory: Path, tokenizer, nan_in: str | None = None) -> Path:
@@ -137,7 +137,7 @@ def test_existing_output_needs_overwrite(capsys, files, tmp_path, monkeypatch):
     (output / METADATA_FILE).write_text("{}")  # an earlier llmprune output (others: test_hostile_outputs.py)
     (output / "stale.txt").write_text("from an earlier run")
     with monkeypatch.context() as patch:
-        patch.setattr(llmprune.api, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        patch.setattr(llmprune.api, "load_plain_model", lambda *a, **k: pytest.fail("model loaded"))
         line = invoke(capsys, *prune_args(files, "--output", output)).error_line
     assert line == f"{ERROR}output {output} exists; pass --overwrite or choose another --output"
     result = invoke(capsys, *prune_args(files, "--output", output, "--overwrite", "--eval-nsamples", "0"))
@@ -360,7 +360,7 @@ def test_ctrl_c_while_saving_leaves_no_partial_output(capsys, files, tmp_path, m
         raise KeyboardInterrupt
 
     output = tmp_path / "out"
-    monkeypatch.setattr("llmprune.export.save._fsync_tree", interrupt)  # after every file is written
+    monkeypatch.setattr("llmprune.storage._fsync_tree", interrupt)  # after every file is written
     result = invoke(capsys, *prune_args(files, "--output", output, "--eval-nsamples", "0"))
     assert result.code == 130
     # neither the output nor its staging directory: only the checkpoint that --resume would finish from

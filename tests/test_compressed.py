@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 import llmprune
 from conftest import invoke, tiny_calibration, tiny_model
 from llmprune.errors import UsageError
-from llmprune.export.compressed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
-from llmprune.export.packing import choose_layout, nonzero_bits, pack, pack_uints, unpack, unpack_uints
-from llmprune.export.save import METADATA_FILE
 from llmprune.methods.patterns import n_m_mask
+from llmprune.models.packed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
+from llmprune.models.packing import choose_layout, nonzero_bits, pack, pack_uints, unpack, unpack_uints
+from llmprune.storage import METADATA_FILE
 from test_cli import prune_args
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -113,7 +113,7 @@ def _digests(model: nn.Module) -> dict[str, str]:
 def _embedded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     comm = _join(rank, world, init_file)
     try:
-        model, tokenizer = llmprune.load_embedded_model()
+        model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
         dense = {k: v.clone() for k, v in model.state_dict().items()}
         calibration = llmprune.calibration_data(tokenizer, "embedded", nsamples=NSAMPLES, seqlen=64, seed=0)
         results = {}

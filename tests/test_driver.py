@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from conftest import TINY_CONFIGS, tiny_calibration, tiny_model
+from llmprune import storage as save_module
 from llmprune.errors import NonFiniteError, UsageError
-from llmprune.export import save as save_module
-from llmprune.export.save import METADATA_FILE, save_pruned
+from llmprune.export.save import save_pruned
+from llmprune.storage import METADATA_FILE
 
 NUM_LAYERS = 3
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def embedded():
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     calibration = llmprune.calibration_data(tokenizer, "embedded", nsamples=8, seqlen=128, seed=0)
     evaluation = llmprune.evaluation_data(tokenizer, "embedded", seqlen=512, nsamples=4)
     return model.state_dict(), calibration, evaluation
@@ -23,7 +23,7 @@ def embedded():
 
 def _pruned_perplexity(embedded, method: str, **options) -> tuple[float, llmprune.PruneReport]:
     state, calibration, evaluation = embedded
-    model, _ = llmprune.load_embedded_model()
+    model = llmprune.load("smollm2", "float32", "cpu")
     model.load_state_dict(state)
     report = llmprune.prune(model, calibration, method=method, **options)
     return llmprune.perplexity(model, evaluation), report
@@ -38,7 +38,7 @@ def test_embedded_model_is_a_real_llama(embedded):
 
 def test_wanda_sits_between_dense_and_magnitude(embedded):
     _, _, evaluation = embedded
-    dense_model, _ = llmprune.load_embedded_model()
+    dense_model = llmprune.load("smollm2", "float32", "cpu")
     dense = llmprune.perplexity(dense_model, evaluation)
     wanda, report = _pruned_perplexity(embedded, "wanda", sparsity=0.5)
     magnitude, _ = _pruned_perplexity(embedded, "magnitude", sparsity=0.5)

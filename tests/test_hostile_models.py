@@ -120,8 +120,8 @@ def test_every_model_load_asks_for_safetensors_only(tiny, compressed, monkeypatc
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(capture))
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(capture))
     for load in (
-        lambda: llmprune.load_model("nobody/some-model"),
-        lambda: llmprune.load_model(str(tiny)),
+        lambda: llmprune.load("nobody/some-model"),
+        lambda: llmprune.load(str(tiny)),
         lambda: llmprune.load(tiny),
         lambda: llmprune.load(compressed),
     ):

@@ -25,9 +25,9 @@ import pytest
 import llmprune
 import llmprune.api
 from conftest import ERROR, invoke, tiny_llama_for
+from llmprune import storage as save
 from llmprune.data.text import embedded_text
-from llmprune.export import save
-from llmprune.export.save import METADATA_FILE, output_lock
+from llmprune.storage import METADATA_FILE, output_lock
 
 COMMANDS = ["prune", "compress", "decompress", "finetune", "sweep"]
 OVERWRITING = [c for c in COMMANDS if c != "sweep"]  # a sweep resumes its own output instead
@@ -110,7 +110,7 @@ def test_overwrite_replaces_an_llmprune_output_or_an_empty_directory(capsys, fil
 
 HOLDER = """
 import sys
-from llmprune.export.save import output_lock
+from llmprune.storage import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
@@ -161,9 +161,9 @@ def _held_by_someone(output: Path) -> bool:
 
 def test_the_lock_is_held_from_before_loading_to_after_the_rename(files, tmp_path, monkeypatch):
     output, seen = tmp_path / "out", []
-    real_load, real_save = llmprune.api.load_model, llmprune.api.save_pruned
+    real_load, real_save = llmprune.api.load_plain_model, llmprune.api.save_pruned
 
-    def load_model(*args, **kwargs):
+    def load_plain_model(*args, **kwargs):
         seen.append(("load", _held_by_someone(output)))
         return real_load(*args, **kwargs)
 
@@ -172,7 +172,7 @@ def test_the_lock_is_held_from_before_loading_to_after_the_rename(files, tmp_pat
         seen.append(("renamed", saved.is_dir() and _held_by_someone(output)))
         return saved
 
-    monkeypatch.setattr(llmprune.api, "load_model", load_model)
+    monkeypatch.setattr(llmprune.api, "load_plain_model", load_plain_model)
     monkeypatch.setattr(llmprune.api, "save_pruned", save_pruned)
     model, text = str(files["model"]), str(files["text"])
     config = llmprune.RunConfig(

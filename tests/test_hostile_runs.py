@@ -27,10 +27,10 @@ import llmprune
 from conftest import ERROR, invoke
 from llmprune.config import RunConfig, build
 from llmprune.errors import UsageError
-from llmprune.export.compressed import MANIFEST_KEY, SUFFIX
-from llmprune.export.save import METADATA_FILE
 from llmprune.inference.bench import BenchConfig
+from llmprune.models.packed import MANIFEST_KEY, SUFFIX
 from llmprune.pipeline import resume
+from llmprune.storage import METADATA_FILE
 from llmprune.sweeps.config import SweepConfig
 from llmprune.training.config import FinetuneConfig
 from test_cli import save_tiny_llama

@@ -12,9 +12,10 @@ import torch
 
 import llmprune
 from conftest import invoke, tiny_calibration, tiny_model
-from llmprune.export.compressed import SUFFIX
 from llmprune.export.inspection import tensor_info
-from llmprune.export.save import METADATA_FILE, save_pruned
+from llmprune.export.save import save_pruned
+from llmprune.models.packed import SUFFIX
+from llmprune.storage import METADATA_FILE
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_max_memory_without_offload_spills_too(tmp_path, tokenizer, text):
 def test_a_model_that_would_not_fit_is_streamed_automatically(tmp_path, tokenizer, text, monkeypatch):
     source = save_checkpoint(tmp_path / "model", tokenizer)
     monkeypatch.setattr(api, "fits_in_memory", lambda *_: False)
-    monkeypatch.setattr(api, "load_model", lambda *_, **__: pytest.fail("the whole model was loaded"))
+    monkeypatch.setattr(api, "load_plain_model", lambda *_, **__: pytest.fail("the whole model was loaded"))
     assert llmprune.run(run_config(source, text, tmp_path / "out")).streamed
 
 

@@ -22,10 +22,10 @@ from conftest import invoke as invoke_cli
 from conftest import tiny_calibration, tiny_llama_for, tiny_model
 from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import embedded_text
-from llmprune.export.save import METADATA_FILE
 from llmprune.pipeline import resume
 from llmprune.pipeline.resume import STATE_FILE, LayerCheckpoint
 from llmprune.pruning import prune_model
+from llmprune.storage import METADATA_FILE
 
 ERROR = "llmprune: error: "
 LAYERS = 8
@@ -167,7 +167,7 @@ def checkpoint_dir(output: Path) -> Path:
 
 
 def test_resume_without_a_checkpoint(capsys, files, tmp_path, monkeypatch):
-    monkeypatch.setattr(llmprune.api, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(llmprune.api, "load_plain_model", lambda *a, **k: pytest.fail("model loaded"))
     output = tmp_path / "out"
     line = error_line(*invoke(capsys, *prune_args(files, output, "--resume")))
     assert line == f"{ERROR}--resume: no checkpoint to resume from in {checkpoint_dir(output)}"
@@ -188,7 +188,7 @@ def test_resume_with_other_options_is_refused(capsys, files, tmp_path, monkeypat
     assert json.loads((checkpoint_dir(output) / STATE_FILE).read_text())["next_layer"] == 1
 
     with monkeypatch.context() as patch:
-        patch.setattr(llmprune.api, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        patch.setattr(llmprune.api, "load_plain_model", lambda *a, **k: pytest.fail("model loaded"))
         line = error_line(*invoke(capsys, *prune_args(files, output, "--resume", "--method", "sparsegpt")))
         assert "method: wanda → sparsegpt" in line and "drop --resume" in line
         line = error_line(*invoke(capsys, *prune_args(files, output, "--resume", "--sparsity", "0.6")))

@@ -101,13 +101,13 @@ def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_
     tokenizer = llmprune.load_tokenizer(str(files["model"]))
     calibration = llmprune.calibration_data(tokenizer, str(files["text"]), 4, 16, 0)
     evaluation = llmprune.evaluation_data(tokenizer, str(files["text"]), 16, 2)
-    fresh = llmprune.load_model(str(files["model"]), "float32", "cpu")
+    fresh = llmprune.load(str(files["model"]), "float32", "cpu")
     assert results["dense_perplexity"] == pytest.approx(llmprune.perplexity(fresh, evaluation), rel=1e-6)
     for key, method, pattern, sparsity in (
         ("wanda-unstructured-0.6", "wanda", "unstructured", 0.6),
         ("magnitude-2of4", "magnitude", "2:4", None),
     ):
-        model = llmprune.load_model(str(files["model"]), "float32", "cpu")
+        model = llmprune.load(str(files["model"]), "float32", "cpu")
         llmprune.prune(model, calibration, method=method, pattern=pattern, sparsity=sparsity)
         cell = next(c for c in results["cells"] if c["key"] == key)
         assert cell["perplexity"] == pytest.approx(llmprune.perplexity(model, evaluation), rel=1e-6), key
@@ -150,7 +150,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(files, tmp_pat
     assert all((output / name).is_file() for name in FILES)
 
     # Nothing left to do: no model is loaded, the report is written again.
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runner, "load_plain_model", lambda *a, **k: pytest.fail("the model was loaded"))
     again = llmprune.sweep(**config)
     assert again.computed == [] and again.cells == result.cells
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from llmprune.storage import VERSION as __version__  # noqa: F401  (written in storage only)
 
 _EXPORTS = {
     "llmprune.api": ("RunResult", "prune", "run"),
@@ -27,10 +27,10 @@ _EXPORTS = {
     "llmprune.evaluation.tasks": ("evaluate_tasks",),
     "llmprune.export.compressed": ("compress", "decompress"),
     "llmprune.export.inspection": ("inspect_checkpoint",),
-    "llmprune.export.load": ("load",),
+    "llmprune.export.load": ("load", "load_embedded_model", "load_model"),
     "llmprune.inference.bench": ("BenchConfig", "BenchResult", "bench"),
     "llmprune.inference.kernels": ("AccelerateReport", "accelerate"),
-    "llmprune.models.loading": ("load_embedded_model", "load_model", "load_tokenizer"),
+    "llmprune.models.loading": ("load_tokenizer",),
     "llmprune.pipeline.report": ("LinearReport", "PruneReport"),
     "llmprune.sweeps": ("SweepConfig", "SweepResult", "sweep"),
     "llmprune.training": (

@@ -18,32 +18,26 @@ from llmprune.config import PruneOptions, RunConfig, build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.export.compressed import MANIFEST_KEY, compress_weights
-from llmprune.export.save import (
-    library_versions,
-    prepare_output,
-    save_pruned,
-    staged_directory,
-    write_metadata,
-)
-from llmprune.export.sharded import ShardWriter
+from llmprune.export.save import save_pruned, write_model_metadata
 from llmprune.models.architecture import check_windows, decoder_layers
 from llmprune.models.loading import (
     check_model_name,
     fits_in_memory,
-    load_model,
+    load_plain_model,
     load_skeleton,
     load_tokenizer,
     local_checkpoint,
     resolve_device,
     resolve_dtype,
 )
-from llmprune.models.shards import CheckpointShards, outside_layers, streaming_skeleton
+from llmprune.models.packed import MANIFEST_KEY, compress_weights
+from llmprune.models.shards import CheckpointShards, ShardWriter, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
 from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers, check_activation_memory
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pruning import ProgressCallback, plan_targets, prune_model
+from llmprune.storage import library_versions, prepare_output, staged_directory
 from llmprune.structured.layout import block_layout
 
 
@@ -225,7 +219,7 @@ class _Job:
 
 def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
     config, comm, evaluation = job.config, job.comm, job.evaluation
-    model = load_model(config.model, config.dtype, str(comm.device))
+    model = load_plain_model(config.model, config.dtype, str(comm.device))
     load_seconds = time.perf_counter() - job.started
 
     dense = perplexity(model, evaluation) if evaluation is not None else None
@@ -243,7 +237,7 @@ def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
 
 def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
     """Parts of the model read from the checkpoint's shards only while needed; each pruned decoder layer
-    is written to the output's shards (``export/sharded.py``) as soon as it is done."""
+    is written to the output's shards (``models/shards.py``) as soon as it is done."""
     config, comm, evaluation = job.config, job.comm, job.evaluation
     source = local_checkpoint(config.model)
     device, dtype = comm.device, resolve_dtype(config.dtype, comm.device)
@@ -280,7 +274,7 @@ def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
             job.tokenizer.save_pretrained(target)
             if config.save_format == "compressed":  # shard by shard, once the pruned model is measured
                 metadata[MANIFEST_KEY] = compress_weights(target, target)
-            write_metadata(target, metadata)
+            write_model_metadata(target, metadata)
     if checkpoint is not None:
         checkpoint.clear()
     saved = config.output_path() if job.save else None

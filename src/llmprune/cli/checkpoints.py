@@ -44,8 +44,9 @@ def compress(directory: str, **flags: Any) -> None:
     positions); llmprune.load reads it, llmprune decompress restores the plain checkpoint."""
     from llmprune.cli.main import console, out
     from llmprune.cli.render import counted_progress
-    from llmprune.export.compressed import MANIFEST_KEY, compress
-    from llmprune.export.load import read_metadata
+    from llmprune.export.compressed import compress
+    from llmprune.models.packed import MANIFEST_KEY
+    from llmprune.storage import read_metadata
 
     options = build(CopyOptions, given(flags))
     with counted_progress(console, "compressing tensors", options.quiet) as advance:

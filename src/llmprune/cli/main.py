@@ -63,7 +63,7 @@ def prune(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     if comm.rank != 0:
         return
     if as_json:
-        from llmprune.export.load import read_metadata
+        from llmprune.storage import read_metadata
 
         record = {"output": str(result.output), "streamed": result.streamed, **read_metadata(result.output)}
         click.echo(json.dumps(record, indent=2, default=str))

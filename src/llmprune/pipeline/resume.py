@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmprune.errors import UsageError
-from llmprune.export.save import write_atomically
 from llmprune.pipeline.report import LinearReport
+from llmprune.storage import write_atomically
 
 STATE_FILE = "state.json"
 

@@ -51,7 +51,7 @@ def load_with_widths(path: str | Path, widths: list[dict[str, int]], dtype: str,
     from accelerate import init_empty_weights
 
     from llmprune.models.loading import resolve_device, resolve_dtype
-    from llmprune.models.shards import checkpoint_names, streaming_skeleton
+    from llmprune.models.shards import checkpoint_names, streaming_skeleton, tied_names
 
     target = resolve_device(device)
     model, shards = streaming_skeleton(path, resolve_dtype(dtype, target))
@@ -69,7 +69,7 @@ def load_with_widths(path: str | Path, widths: list[dict[str, int]], dtype: str,
             layers[index] = type(layer)(config_with_widths(model.config, layout, widths[index]), index)
     model.tie_weights()  # an LM head tied to the embeddings shares their (meta) tensor from here on
     names = checkpoint_names(model)
-    tied = _tied_names(model) - set(shards.weight_map)  # an LM head sharing the embeddings' tensor
+    tied = tied_names(model) - set(shards.weight_map)  # an LM head sharing the embeddings' tensor
     missing = [name for name in names if name not in shards.weight_map and name not in tied]
     unexpected = sorted(set(shards.weight_map) - set(names))
     if missing or unexpected:
@@ -82,14 +82,3 @@ def load_with_widths(path: str | Path, widths: list[dict[str, int]], dtype: str,
         model.tie_weights()
     return model.to(target).eval()
 
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that share their tensor with an earlier one (an LM head tied to the
-    embeddings)."""
-    first: set[int] = set()
-    shared = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in first:
-            shared.add(name)
-        first.add(id(parameter))
-    return shared

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llmprune.export.save import write_atomically
+from llmprune.storage import write_atomically
 
 TABLE_COLUMNS = (
     "key",

@@ -27,12 +27,12 @@ from llmprune.config import build
 from llmprune.data.text import calibration_data, check_source, evaluation_data
 from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.export.save import is_own_output, library_versions, output_lock, save_pruned, write_atomically
+from llmprune.export.save import save_pruned
 from llmprune.models.architecture import check_windows
 from llmprune.models.loading import (
     check_model_name,
     fits_in_memory,
-    load_model,
+    load_plain_model,
     load_skeleton,
     load_tokenizer,
     resolve_device,
@@ -40,6 +40,7 @@ from llmprune.models.loading import (
 )
 from llmprune.pipeline.offload import check_activation_memory
 from llmprune.pruning import ProgressCallback, plan_targets, prune_model
+from llmprune.storage import is_own_output, library_versions, output_lock, write_atomically
 from llmprune.sweeps.config import Cell, SweepConfig
 from llmprune.sweeps.report import write_report
 
@@ -213,7 +214,7 @@ def _run_sweep(
             tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed
         )
         evaluation = evaluation_data(tokenizer, config.eval_data, config.eval_seqlen, config.eval_nsamples)
-        model = load_model(config.model, config.dtype, config.device)
+        model = load_plain_model(config.model, config.dtype, config.device)
         if state.get("dense_perplexity") is None:
             state["dense_perplexity"] = perplexity(model, evaluation)
             state["eval_windows"] = len(evaluation)

@@ -19,23 +19,17 @@ from llmprune.config import build
 from llmprune.data.text import calibration_windows, check_source, evaluation_data, tokens_for
 from llmprune.errors import LlmpruneError, NonFiniteError, UsageError
 from llmprune.evaluation.perplexity import perplexity
-from llmprune.export.load import read_metadata
-from llmprune.export.save import (
-    check_output,
-    library_versions,
-    prepare_output,
-    staged_directory,
-    write_metadata,
-)
+from llmprune.export.save import write_model_metadata
 from llmprune.methods.patterns import Pattern, n_m_violations
 from llmprune.models.architecture import check_windows
 from llmprune.models.loading import (
     check_model_name,
-    load_model,
+    load_plain_model,
     load_skeleton,
     load_tokenizer,
     resolve_device,
 )
+from llmprune.storage import check_output, library_versions, prepare_output, read_metadata, staged_directory
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
 from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
 from llmprune.training.pruner import GradualPruner
@@ -231,7 +225,7 @@ def save_checkpoint(model, tokenizer, output: Path, metadata: dict[str, Any], ov
     with staged_directory(output, overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_metadata(staging, metadata)
+        write_model_metadata(staging, metadata)
     return output
 
 
@@ -275,8 +269,8 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
         else None
     )
 
-    model = load_model(config.model, config.dtype, config.device)
-    teacher = load_model(teacher_name, config.dtype, config.device) if config.distill else None
+    model = load_plain_model(config.model, config.dtype, config.device)
+    teacher = load_plain_model(teacher_name, config.dtype, config.device) if config.distill else None
     before = perplexity(model, evaluation) if evaluation is not None else None
     source = read_metadata(config.model) if Path(config.model).is_dir() else {}
 

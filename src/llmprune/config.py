@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from llmprune.errors import UsageError
 from llmprune.methods.patterns import Pattern
@@ -81,8 +90,51 @@ def _fraction(value: Any, what: str) -> float:
     return number
 
 
+FieldGroup = Literal["structured", "unstructured", "gradual", "output", "evaluation"]
+"""What a field belongs to, where lists of fields are read from it: ``structured`` / ``unstructured`` /
+``gradual``, options that apply only to that kind of pruning; ``output``, where and how a run writes and
+streams its result; ``evaluation``, how the result is measured. The last two do not shape the weights."""
+
+
+def group(name: FieldGroup) -> dict[str, str]:
+    """``Field(json_schema_extra=group(...))``: the field's group, so that a list of fields (the recipe, what
+    a sweep shares, what needs --gradual) is read from the fields, never kept by hand."""
+    return {"group": name}
+
+
+def fields_in(model: type[BaseModel], *groups: FieldGroup) -> list[str]:
+    """The fields of ``model`` in any of ``groups``, in declaration order."""
+    return [
+        name
+        for name, info in model.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("group") in groups
+    ]
+
+
+def spellings(name: str, info: FieldInfo) -> list[str]:
+    """Every name a field accepts: its own, then any older one it keeps for recipes, flags and keywords."""
+    alias = info.validation_alias
+    older = alias.choices if isinstance(alias, AliasChoices) else []
+    return list(dict.fromkeys([name, *(choice for choice in older if isinstance(choice, str))]))
+
+
+def field_names(model: type[BaseModel]) -> dict[str, str]:
+    """The field each accepted name (own or older) stands for."""
+    return {spelled: name for name, info in model.model_fields.items() for spelled in spellings(name, info)}
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for name, info in cls.model_fields.items():
+                given = [spelled for spelled in spellings(name, info) if spelled in values]
+                if len(given) > 1:
+                    raise ValueError(f"{name} is given twice (as {' and '.join(given)})")
+        return values
 
 
 class PruneOptions(StrictModel):
@@ -100,12 +152,19 @@ class PruneOptions(StrictModel):
     layer_sparsity: dict[str, float] = Field(
         default_factory=dict,
         description="per-layer sparsity: REGEX=SPARSITY on module names (first match wins)",
+        json_schema_extra=group("unstructured"),
     )
     schedule: Literal["uniform", "depth"] = Field(
-        "uniform", description="depth: sparsity rises linearly over decoder layers, same mean"
+        "uniform",
+        description="depth: sparsity rises linearly over decoder layers, same mean",
+        json_schema_extra=group("unstructured"),
     )
     schedule_spread: float = Field(
-        0.1, ge=0.0, lt=1.0, description="depth schedule: first layer at mean-spread, last at mean+spread"
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="depth schedule: first layer at mean-spread, last at mean+spread",
+        json_schema_extra=group("unstructured"),
     )
     true_sequential: bool = Field(
         False, description="prune each sublayer from inputs that went through the pruned sublayers before it"
@@ -118,23 +177,30 @@ class PruneOptions(StrictModel):
     units: list[Literal["heads", "channels", "layers"]] = Field(
         default_factory=lambda: ["heads", "channels"],
         description="structured: what to remove (attention heads, MLP channels, whole decoder layers)",
+        json_schema_extra=group("structured"),
     )
-    score: Literal["magnitude", "wanda", "flap"] = Field(
+    unit_score: Literal["magnitude", "wanda", "flap"] = Field(
         "flap",
+        validation_alias=AliasChoices("unit_score", "score"),  # its name in 0.1 (--score) still works
         description="structured: unit score: weight magnitude, |W|·||X|| (Wanda-style), or FLAP fluctuation",
+        json_schema_extra=group("structured"),
     )
     reconstruct: bool = Field(
-        True, description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs"
+        True,
+        description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs",
+        json_schema_extra=group("structured"),
     )
     head_mode: Literal["queries", "groups"] = Field(
         "queries",
         description="structured, grouped-query attention: remove query heads within each key/value group, "
         "or whole groups",
+        json_schema_extra=group("structured"),
     )
     widths: Literal["uniform", "adaptive"] = Field(
         "uniform",
         description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
         "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
+        json_schema_extra=group("structured"),
     )
     batch_size: Count = Field(4, ge=1, description="calibration samples per forward pass")
     error_tokens: Count = Field(
@@ -186,7 +252,7 @@ class PruneOptions(StrictModel):
         pattern = self.pattern_spec
         if pattern.structured:
             if self.method != "wanda":  # the default
-                raise ValueError("--method does not apply to structured pruning; choose a unit --score")
+                raise ValueError("--method does not apply to structured pruning; choose a --unit-score")
             if self.layer_sparsity or self.schedule != "uniform" or self.true_sequential:
                 raise ValueError(
                     "per-layer sparsity, schedules and true-sequential apply to unstructured and N:M pruning"
@@ -238,27 +304,45 @@ class RunConfig(PruneOptions):
     dtype: DType = "auto"
     device: Device = "auto"
     output: str | None = Field(
-        None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
+        None,
+        description="output directory (default: ./pruned-<model>-<method>-<pattern>)",
+        json_schema_extra=group("output"),
     )
-    overwrite: bool = Field(False, description="replace --output if it is an llmprune output (or empty)")
+    overwrite: bool = Field(
+        False,
+        description="replace --output if it is an llmprune output (or empty)",
+        json_schema_extra=group("output"),
+    )
     save_format: Literal["dense", "compressed"] = Field(
         "dense",
         description="dense: a plain checkpoint; compressed: sparse weights packed (non-zeros plus a bitmask "
         "or N:M positions), read by llmprune.load, made plain again by llmprune decompress",
+        json_schema_extra=group("output"),
     )
-    resume: bool = Field(False, description="continue an interrupted run from its last finished layer")
+    resume: bool = Field(
+        False,
+        description="continue an interrupted run from its last finished layer",
+        json_schema_extra=group("output"),
+    )
     offload: bool = Field(
         False,
         description="stream decoder layers from the checkpoint's safetensors shards, one at a time, and "
         "write each pruned layer at once (automatic when the model would not fit in memory)",
+        json_schema_extra=group("output"),
     )
     max_memory: str | None = Field(
         None,
         description="RAM for calibration activations, e.g. 4GiB or 500MB; past it they are kept on disk",
+        json_schema_extra=group("output"),
     )
-    eval_data: DataSource = "embedded"
-    eval_nsamples: Count = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
-    eval_seqlen: EvalSeqlen = 512
+    eval_data: DataSource = Field("embedded", json_schema_extra=group("evaluation"))
+    eval_nsamples: Count = Field(
+        16,
+        ge=0,
+        description="evaluation windows for perplexity (0 skips it)",
+        json_schema_extra=group("evaluation"),
+    )
+    eval_seqlen: EvalSeqlen = Field(512, json_schema_extra=group("evaluation"))
 
     @field_validator("device")
     @classmethod
@@ -292,12 +376,7 @@ class RunConfig(PruneOptions):
 
     def pruning_recipe(self) -> dict[str, Any]:
         """The options that shape the pruned weights: all but where they go and how they are evaluated."""
-        recipe = {
-            name: value
-            for name, value in self.model_dump(mode="json").items()
-            if name not in ("output", "overwrite", "save_format", "resume", "offload", "max_memory")
-            and not name.startswith("eval_")
-        }
+        recipe = self.model_dump(mode="json", exclude=set(fields_in(type(self), "output", "evaluation")))
         recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe
         return recipe
 
@@ -406,13 +485,14 @@ def read_recipe(path: str | Path, config_class: type[BaseModel] = RunConfig) -> 
         raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
-    unknown = [str(key) for key in data if str(key).replace("-", "_") not in config_class.model_fields]
+    names = field_names(config_class)
+    unknown = [str(key) for key in data if str(key).replace("-", "_") not in names]
     if unknown:
         raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = names[str(key).replace("-", "_")]
         if name in values:
             raise UsageError(f"recipe {path}: option {name} is given twice (as {spelled[name]} and {key})")
         values[name], spelled[name] = value, str(key)

@@ -17,11 +17,11 @@ from llmprune.config import (
     Seed,
     StrictModel,
     WindowLength,
+    fields_in,
+    group,
 )
 from llmprune.methods.patterns import Pattern
 from llmprune.training.schedule import Schedule, schedule_problem
-
-GRADUAL_ONLY = ("initial", "final", "start", "end", "frequency", "curve", "score", "pattern")
 
 
 class FinetuneOptions(StrictModel):
@@ -43,20 +43,45 @@ class FinetuneOptions(StrictModel):
     gradual: bool = Field(
         False, description="prune gradually while training (Zhu & Gupta) instead of keeping the model's zeros"
     )
-    initial: float = Field(0.0, ge=0.0, lt=1.0, description="gradual: sparsity at the start step")
+    initial: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="gradual: sparsity at the start step",
+        json_schema_extra=group("gradual"),
+    )
     final: float | None = Field(
-        None, ge=0.0, lt=1.0, description="gradual: sparsity at the end step (default 0.5, or 1-N/M)"
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="gradual: sparsity at the end step (default 0.5, or 1-N/M)",
+        json_schema_extra=group("gradual"),
     )
-    start: Count = Field(0, ge=0, description="gradual: first pruning step")
+    start: Count = Field(
+        0, ge=0, description="gradual: first pruning step", json_schema_extra=group("gradual")
+    )
     end: Count | None = Field(
-        None, ge=0, description="gradual: step reaching the final sparsity [default: steps]"
+        None,
+        ge=0,
+        description="gradual: step reaching the final sparsity [default: steps]",
+        json_schema_extra=group("gradual"),
     )
-    frequency: Count = Field(10, ge=1, description="gradual: steps between mask updates")
-    curve: Literal["cubic", "linear"] = Field("cubic", description="gradual: sparsity schedule")
+    frequency: Count = Field(
+        10, ge=1, description="gradual: steps between mask updates", json_schema_extra=group("gradual")
+    )
+    curve: Literal["cubic", "linear"] = Field(
+        "cubic", description="gradual: sparsity schedule", json_schema_extra=group("gradual")
+    )
     score: Literal["magnitude", "wanda"] = Field(
-        "magnitude", description="gradual: |W|, or |W|·‖X‖ from running input norms"
+        "magnitude",
+        description="gradual: |W|, or |W|·‖X‖ from running input norms",
+        json_schema_extra=group("gradual"),
     )
-    pattern: str = Field("unstructured", description="gradual: 'unstructured' or N:M such as 2:4")
+    pattern: str = Field(
+        "unstructured",
+        description="gradual: 'unstructured' or N:M such as 2:4",
+        json_schema_extra=group("gradual"),
+    )
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -69,7 +94,7 @@ class FinetuneOptions(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneOptions:
         if not self.gradual:
-            stray = sorted(set(GRADUAL_ONLY) & self.model_fields_set)
+            stray = sorted(set(fields_in(FinetuneOptions, "gradual")) & self.model_fields_set)
             if stray:
                 raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} with --gradual")
             return self

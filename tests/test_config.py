@@ -14,7 +14,7 @@ import llmprune
 from conftest import tiny_calibration, tiny_model
 from llmprune import api
 from llmprune.cli.options import config_options, given
-from llmprune.config import EvalConfig, PruneOptions, RunConfig, build, fields_in, read_recipe
+from llmprune.config import EvalConfig, Group, PruneOptions, RunConfig, build, fields_in, read_recipe
 from llmprune.errors import UsageError
 from llmprune.sweeps.config import SHARED_FIELDS, SweepConfig
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
@@ -240,13 +240,14 @@ def test_api_prune_with_keywords_on_a_tiny_model():
 
 def test_field_groups():
     output = ["output", "overwrite", "save_format", "resume", "offload", "max_memory"]
-    assert fields_in(RunConfig, "output") == output
-    assert fields_in(RunConfig, "evaluation") == ["eval_data", "eval_nsamples", "eval_seqlen"]
-    assert fields_in(RunConfig, "unstructured") == ["layer_sparsity", "schedule", "schedule_spread"]
-    assert fields_in(RunConfig, "structured") == ["units", "unit_score", "reconstruct", "head_mode", "widths"]
-    assert fields_in(SweepConfig, "output") == ["output", "save_models"]
+    assert fields_in(RunConfig, Group.OUTPUT) == output
+    assert fields_in(RunConfig, Group.EVALUATION) == ["eval_data", "eval_nsamples", "eval_seqlen"]
+    assert fields_in(RunConfig, Group.UNSTRUCTURED) == ["layer_sparsity", "schedule", "schedule_spread"]
+    structured = ["units", "unit_score", "reconstruct", "head_mode", "widths"]
+    assert fields_in(RunConfig, Group.STRUCTURED) == structured
+    assert fields_in(SweepConfig, Group.OUTPUT) == ["output", "save_models"]
     gradual = ["initial", "final", "start", "end", "frequency", "curve", "score", "pattern"]
-    assert fields_in(FinetuneOptions, "gradual") == fields_in(FinetuneConfig, "gradual") == gradual
+    assert fields_in(FinetuneOptions, Group.GRADUAL) == fields_in(FinetuneConfig, Group.GRADUAL) == gradual
 
 
 def test_the_recipe_is_every_field_but_output_and_evaluation():

@@ -7,6 +7,7 @@ needs (model, data, output). The CLI builds one flag per field from these defini
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import re
 from pathlib import Path
@@ -90,25 +91,20 @@ def _fraction(value: Any, what: str) -> float:
     return number
 
 
-FieldGroup = Literal["structured", "unstructured", "gradual", "output", "evaluation"]
-"""What a field belongs to, where lists of fields are read from it: ``structured`` / ``unstructured`` /
-``gradual``, options that apply only to that kind of pruning; ``output``, where and how a run writes and
-streams its result; ``evaluation``, how the result is measured. The last two do not shape the weights."""
+class Group(enum.Enum):
+    """What a field belongs to, marked in its annotation (``Annotated[bool, Group.OUTPUT]``) so that a list
+    of fields (the recipe, what a sweep shares, what needs --gradual) is read from the fields."""
+
+    STRUCTURED = "applies to structured pruning only"
+    UNSTRUCTURED = "applies to unstructured pruning only"
+    GRADUAL = "applies to gradual pruning only"
+    OUTPUT = "where and how a run writes and streams its result; not in the recipe"
+    EVALUATION = "how the result is measured; not in the recipe"
 
 
-def group(name: FieldGroup) -> dict[str, str]:
-    """``Field(json_schema_extra=group(...))``: the field's group, so that a list of fields (the recipe, what
-    a sweep shares, what needs --gradual) is read from the fields, never kept by hand."""
-    return {"group": name}
-
-
-def fields_in(model: type[BaseModel], *groups: FieldGroup) -> list[str]:
+def fields_in(model: type[BaseModel], *groups: Group) -> list[str]:
     """The fields of ``model`` in any of ``groups``, in declaration order."""
-    return [
-        name
-        for name, info in model.model_fields.items()
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("group") in groups
-    ]
+    return [name for name, info in model.model_fields.items() if any(g in info.metadata for g in groups)]
 
 
 def spellings(name: str, info: FieldInfo) -> list[str]:
@@ -149,22 +145,15 @@ class PruneOptions(StrictModel):
         default_factory=list, description="only prune linear layers whose name matches one of these globs"
     )
     exclude: list[str] = Field(default_factory=list, description="never prune layers matching these globs")
-    layer_sparsity: dict[str, float] = Field(
+    layer_sparsity: Annotated[dict[str, float], Group.UNSTRUCTURED] = Field(
         default_factory=dict,
         description="per-layer sparsity: REGEX=SPARSITY on module names (first match wins)",
-        json_schema_extra=group("unstructured"),
     )
-    schedule: Literal["uniform", "depth"] = Field(
-        "uniform",
-        description="depth: sparsity rises linearly over decoder layers, same mean",
-        json_schema_extra=group("unstructured"),
+    schedule: Annotated[Literal["uniform", "depth"], Group.UNSTRUCTURED] = Field(
+        "uniform", description="depth: sparsity rises linearly over decoder layers, same mean"
     )
-    schedule_spread: float = Field(
-        0.1,
-        ge=0.0,
-        lt=1.0,
-        description="depth schedule: first layer at mean-spread, last at mean+spread",
-        json_schema_extra=group("unstructured"),
+    schedule_spread: Annotated[float, Group.UNSTRUCTURED] = Field(
+        0.1, ge=0.0, lt=1.0, description="depth schedule: first layer at mean-spread, last at mean+spread"
     )
     true_sequential: bool = Field(
         False, description="prune each sublayer from inputs that went through the pruned sublayers before it"
@@ -174,33 +163,27 @@ class PruneOptions(StrictModel):
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
     )
-    units: list[Literal["heads", "channels", "layers"]] = Field(
+    units: Annotated[list[Literal["heads", "channels", "layers"]], Group.STRUCTURED] = Field(
         default_factory=lambda: ["heads", "channels"],
         description="structured: what to remove (attention heads, MLP channels, whole decoder layers)",
-        json_schema_extra=group("structured"),
     )
-    unit_score: Literal["magnitude", "wanda", "flap"] = Field(
+    unit_score: Annotated[Literal["magnitude", "wanda", "flap"], Group.STRUCTURED] = Field(
         "flap",
         validation_alias=AliasChoices("unit_score", "score"),  # its name in 0.1 (--score) still works
         description="structured: unit score: weight magnitude, |W|·||X|| (Wanda-style), or FLAP fluctuation",
-        json_schema_extra=group("structured"),
     )
-    reconstruct: bool = Field(
-        True,
-        description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs",
-        json_schema_extra=group("structured"),
+    reconstruct: Annotated[bool, Group.STRUCTURED] = Field(
+        True, description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs"
     )
-    head_mode: Literal["queries", "groups"] = Field(
+    head_mode: Annotated[Literal["queries", "groups"], Group.STRUCTURED] = Field(
         "queries",
         description="structured, grouped-query attention: remove query heads within each key/value group, "
         "or whole groups",
-        json_schema_extra=group("structured"),
     )
-    widths: Literal["uniform", "adaptive"] = Field(
+    widths: Annotated[Literal["uniform", "adaptive"], Group.STRUCTURED] = Field(
         "uniform",
         description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
         "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
-        json_schema_extra=group("structured"),
     )
     batch_size: Count = Field(4, ge=1, description="calibration samples per forward pass")
     error_tokens: Count = Field(
@@ -303,46 +286,34 @@ class RunConfig(PruneOptions):
     seed: Seed = Field(0, description="seed for drawing calibration windows")
     dtype: DType = "auto"
     device: Device = "auto"
-    output: str | None = Field(
-        None,
-        description="output directory (default: ./pruned-<model>-<method>-<pattern>)",
-        json_schema_extra=group("output"),
+    output: Annotated[str | None, Group.OUTPUT] = Field(
+        None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
     )
-    overwrite: bool = Field(
-        False,
-        description="replace --output if it is an llmprune output (or empty)",
-        json_schema_extra=group("output"),
+    overwrite: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="replace --output if it is an llmprune output (or empty)"
     )
-    save_format: Literal["dense", "compressed"] = Field(
+    save_format: Annotated[Literal["dense", "compressed"], Group.OUTPUT] = Field(
         "dense",
         description="dense: a plain checkpoint; compressed: sparse weights packed (non-zeros plus a bitmask "
         "or N:M positions), read by llmprune.load, made plain again by llmprune decompress",
-        json_schema_extra=group("output"),
     )
-    resume: bool = Field(
-        False,
-        description="continue an interrupted run from its last finished layer",
-        json_schema_extra=group("output"),
+    resume: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="continue an interrupted run from its last finished layer"
     )
-    offload: bool = Field(
+    offload: Annotated[bool, Group.OUTPUT] = Field(
         False,
         description="stream decoder layers from the checkpoint's safetensors shards, one at a time, and "
         "write each pruned layer at once (automatic when the model would not fit in memory)",
-        json_schema_extra=group("output"),
     )
-    max_memory: str | None = Field(
+    max_memory: Annotated[str | None, Group.OUTPUT] = Field(
         None,
         description="RAM for calibration activations, e.g. 4GiB or 500MB; past it they are kept on disk",
-        json_schema_extra=group("output"),
     )
-    eval_data: DataSource = Field("embedded", json_schema_extra=group("evaluation"))
-    eval_nsamples: Count = Field(
-        16,
-        ge=0,
-        description="evaluation windows for perplexity (0 skips it)",
-        json_schema_extra=group("evaluation"),
+    eval_data: Annotated[DataSource, Group.EVALUATION] = "embedded"
+    eval_nsamples: Annotated[Count, Group.EVALUATION] = Field(
+        16, ge=0, description="evaluation windows for perplexity (0 skips it)"
     )
-    eval_seqlen: EvalSeqlen = Field(512, json_schema_extra=group("evaluation"))
+    eval_seqlen: Annotated[EvalSeqlen, Group.EVALUATION] = 512
 
     @field_validator("device")
     @classmethod
@@ -376,7 +347,8 @@ class RunConfig(PruneOptions):
 
     def pruning_recipe(self) -> dict[str, Any]:
         """The options that shape the pruned weights: all but where they go and how they are evaluated."""
-        recipe = self.model_dump(mode="json", exclude=set(fields_in(type(self), "output", "evaluation")))
+        elsewhere = fields_in(type(self), Group.OUTPUT, Group.EVALUATION)
+        recipe = self.model_dump(mode="json", exclude=set(elsewhere))
         recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe
         return recipe
 

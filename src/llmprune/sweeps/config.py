@@ -6,18 +6,18 @@ like a run recipe; each cell's full ``RunConfig`` is built and validated up fron
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from llmprune.config import (
     Count,
+    Group,
     PruneOptions,
     RunConfig,
     StrictModel,
     describe_validation_error,
     fields_in,
-    group,
 )
 from llmprune.methods.patterns import Pattern
 
@@ -33,15 +33,11 @@ class _Grid(StrictModel):
     patterns: list[str] = Field(
         default_factory=lambda: ["unstructured", "2:4"], description="'unstructured' and/or N:M patterns"
     )
-    output: str = Field(
-        "sweep",
-        description="directory of the sweep's results (rerun it to resume)",
-        json_schema_extra=group("output"),
+    output: Annotated[str, Group.OUTPUT] = Field(
+        "sweep", description="directory of the sweep's results (rerun it to resume)"
     )
-    save_models: bool = Field(
-        False,
-        description="also save every cell's pruned model under OUTPUT/models",
-        json_schema_extra=group("output"),
+    save_models: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="also save every cell's pruned model under OUTPUT/models"
     )
     eval_nsamples: Count = Field(16, ge=1, description="evaluation windows for perplexity")
 
@@ -95,7 +91,7 @@ def _shared_names() -> tuple[str, ...]:
     sweep cannot use (it keeps the dense weights in memory to restore them between cells); structured-only
     options; and per-layer schedules, which do not apply to N:M cells."""
     left_out = {*Cell.model_fields, *_Grid.model_fields}
-    left_out.update(fields_in(RunConfig, "output", "structured", "unstructured"))
+    left_out.update(fields_in(RunConfig, Group.OUTPUT, Group.STRUCTURED, Group.UNSTRUCTURED))
     run_own = [name for name in RunConfig.model_fields if name not in PruneOptions.model_fields]
     return tuple(name for name in [*run_own, *PruneOptions.model_fields] if name not in left_out)
 
@@ -154,4 +150,4 @@ class SweepConfig(create_model("_SweepBase", __base__=_Grid, **_shared_fields())
     def identity(self) -> dict[str, Any]:
         """What a resumed sweep must share with the one it continues: every option but where the models
         go and whether they are saved."""
-        return self.model_dump(mode="json", exclude=set(fields_in(type(self), "output")))
+        return self.model_dump(mode="json", exclude=set(fields_in(type(self), Group.OUTPUT)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,12 +13,12 @@ from llmprune.config import (
     Device,
     DType,
     EvalSeqlen,
+    Group,
     ModelName,
     Seed,
     StrictModel,
     WindowLength,
     fields_in,
-    group,
 )
 from llmprune.methods.patterns import Pattern
 from llmprune.training.schedule import Schedule, schedule_problem
@@ -43,44 +43,27 @@ class FinetuneOptions(StrictModel):
     gradual: bool = Field(
         False, description="prune gradually while training (Zhu & Gupta) instead of keeping the model's zeros"
     )
-    initial: float = Field(
-        0.0,
-        ge=0.0,
-        lt=1.0,
-        description="gradual: sparsity at the start step",
-        json_schema_extra=group("gradual"),
+    initial: Annotated[float, Group.GRADUAL] = Field(
+        0.0, ge=0.0, lt=1.0, description="gradual: sparsity at the start step"
     )
-    final: float | None = Field(
-        None,
-        ge=0.0,
-        lt=1.0,
-        description="gradual: sparsity at the end step (default 0.5, or 1-N/M)",
-        json_schema_extra=group("gradual"),
+    final: Annotated[float | None, Group.GRADUAL] = Field(
+        None, ge=0.0, lt=1.0, description="gradual: sparsity at the end step (default 0.5, or 1-N/M)"
     )
-    start: Count = Field(
-        0, ge=0, description="gradual: first pruning step", json_schema_extra=group("gradual")
+    start: Annotated[Count, Group.GRADUAL] = Field(0, ge=0, description="gradual: first pruning step")
+    end: Annotated[Count | None, Group.GRADUAL] = Field(
+        None, ge=0, description="gradual: step reaching the final sparsity [default: steps]"
     )
-    end: Count | None = Field(
-        None,
-        ge=0,
-        description="gradual: step reaching the final sparsity [default: steps]",
-        json_schema_extra=group("gradual"),
+    frequency: Annotated[Count, Group.GRADUAL] = Field(
+        10, ge=1, description="gradual: steps between mask updates"
     )
-    frequency: Count = Field(
-        10, ge=1, description="gradual: steps between mask updates", json_schema_extra=group("gradual")
+    curve: Annotated[Literal["cubic", "linear"], Group.GRADUAL] = Field(
+        "cubic", description="gradual: sparsity schedule"
     )
-    curve: Literal["cubic", "linear"] = Field(
-        "cubic", description="gradual: sparsity schedule", json_schema_extra=group("gradual")
+    score: Annotated[Literal["magnitude", "wanda"], Group.GRADUAL] = Field(
+        "magnitude", description="gradual: |W|, or |W|·‖X‖ from running input norms"
     )
-    score: Literal["magnitude", "wanda"] = Field(
-        "magnitude",
-        description="gradual: |W|, or |W|·‖X‖ from running input norms",
-        json_schema_extra=group("gradual"),
-    )
-    pattern: str = Field(
-        "unstructured",
-        description="gradual: 'unstructured' or N:M such as 2:4",
-        json_schema_extra=group("gradual"),
+    pattern: Annotated[str, Group.GRADUAL] = Field(
+        "unstructured", description="gradual: 'unstructured' or N:M such as 2:4"
     )
 
     @field_validator("pattern", mode="before")
@@ -94,7 +77,7 @@ class FinetuneOptions(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneOptions:
         if not self.gradual:
-            stray = sorted(set(fields_in(FinetuneOptions, "gradual")) & self.model_fields_set)
+            stray = sorted(set(fields_in(FinetuneOptions, Group.GRADUAL)) & self.model_fields_set)
             if stray:
                 raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} with --gradual")
             return self

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny randomly initialised models of every supported family."""
+"""Shared fixtures and helpers: tiny randomly initialised models of every supported family, saved
+checkpoints and text files for the command line, and running it in this process."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 # The tests never need the network: fail fast and quietly on any hub access.
@@ -26,79 +28,27 @@ from transformers import (
 
 VOCAB = 128
 
-# Widths are multiples of 8 so that 2:4 and 4:8 patterns apply to every linear layer.
+# Widths are multiples of 8 so that 2:4 and 4:8 patterns apply to every linear layer. Every family has the
+# same shape; each config takes the keywords it knows (GPT-2 names them its own way).
+SHAPE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+}
+GQA_SHAPE = {**SHAPE, "intermediate_size": 128, "num_key_value_heads": 2}
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "mistral": lambda: MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=16,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "gemma2": lambda: Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        sliding_window=16,
-    ),
-    "phi3": lambda: Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "opt": lambda: OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        word_embed_proj_dim=64,
-    ),
+    "llama": lambda: LlamaConfig(**GQA_SHAPE),
+    "mistral": lambda: MistralConfig(**GQA_SHAPE, sliding_window=16),
+    "qwen2": lambda: Qwen2Config(**GQA_SHAPE),
+    "gemma2": lambda: Gemma2Config(**GQA_SHAPE, head_dim=16, sliding_window=16),
+    "phi3": lambda: Phi3Config(**GQA_SHAPE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: OPTConfig(**SHAPE, ffn_dim=128, word_embed_proj_dim=64),
     "gpt2": lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
     ),
-    "gpt_neox": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-    ),
+    "gpt_neox": lambda: GPTNeoXConfig(**SHAPE, intermediate_size=128),
 }
 
 
@@ -142,6 +92,13 @@ def invoke(capsys, *args) -> CliResult:
 
 
 @pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Default outputs (./pruned-..., ./finetuned-..., ./sweep) land in a temporary directory (modules of
+    command-line tests use it for every test: ``pytestmark = pytest.mark.usefixtures("in_tmp")``)."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if any model is loaded: the transformers loaders and every llmprune module that loads
     one are refused (for checks that must come before any expensive work)."""
@@ -173,6 +130,56 @@ def tiny_llama_for(tokenizer, layers: int = 2, seed: int = 0) -> torch.nn.Module
         max_position_embeddings=64,
     )
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (converted from its GGUF once, then cached)."""
+    import llmprune
+
+    return llmprune.load_tokenizer("smollm2")
+
+
+def save_tiny_llama(directory: Path, tokenizer, nan_in: str | None = None, layers: int = 2) -> Path:
+    """A tiny Llama (``tiny_llama_for``) saved with the tokenizer; ``nan_in`` names a linear layer whose
+    first weight is made NaN."""
+    model = tiny_llama_for(tokenizer, layers)
+    if nan_in is not None:
+        with torch.no_grad():
+            model.get_submodule(nan_in).weight[0, 0] = float("nan")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_text(path: Path) -> Path:
+    """A text file of the embedded text's first 20 000 characters: calibration or evaluation data."""
+    from llmprune.data.text import embedded_text
+
+    path.write_text(embedded_text()[:20_000], encoding="utf-8")
+    return path
+
+
+def prune_args(files, *extra: str) -> list[str]:
+    """``llmprune prune`` of ``files["model"]`` on ``files["text"]``: 4×16 tokens, evaluated on 2×16."""
+    return [
+        "prune",
+        "--model",
+        files["model"],
+        "--calibration",
+        files["text"],
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--eval-data",
+        files["text"],
+        "--eval-nsamples",
+        "2",
+        "--eval-seqlen",
+        "16",
+        *extra,
+    ]
 
 
 def tiny_calibration(nsamples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:

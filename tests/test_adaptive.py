@@ -210,8 +210,8 @@ def test_allocation_takes_the_lowest_scores_within_the_budget():
 
 
 def test_cli_saves_per_layer_widths_that_eval_and_load_read(tmp_path, capsys):
+    from conftest import save_tiny_llama
     from llmprune.cli.main import main
-    from test_cli import save_tiny_llama
 
     tokenizer = llmprune.load_tokenizer("smollm2")
     source = save_tiny_llama(tmp_path / "tiny", tokenizer)

@@ -15,38 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from conftest import ERROR, invoke, tiny_llama_for
+from conftest import ERROR, invoke, prune_args, save_text, save_tiny_llama
 from llmprune.config import EvalConfig, RunConfig
-from llmprune.data.text import embedded_text
 from llmprune.models import loading
 from llmprune.storage import METADATA_FILE
-
-
-def save_tiny_llama(directory: Path, tokenizer, nan_in: str | None = None) -> Path:
-    """A 2-layer Llama (hidden 32) whose vocabulary matches the tokenizer, saved with it."""
-    model = tiny_llama_for(tokenizer)
-    if nan_in is not None:
-        with torch.no_grad():
-            model.get_submodule(nan_in).weight[0, 0] = float("nan")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return llmprune.load_tokenizer("smollm2")
 
 
 @pytest.fixture(scope="session")
 def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
+    text = save_text(root / "text.txt")
     short = root / "short.txt"
     short.write_text("only a few words", encoding="utf-8")
     return {
@@ -57,31 +38,7 @@ def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Default outputs (./pruned-...) land in a temporary directory."""
-    monkeypatch.chdir(tmp_path)
-
-
-def prune_args(files, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        files["model"],
-        "--calibration",
-        files["text"],
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "16",
-        "--eval-data",
-        files["text"],
-        "--eval-nsamples",
-        "2",
-        "--eval-seqlen",
-        "16",
-        *extra,
-    ]
+pytestmark = pytest.mark.usefixtures("in_tmp")
 
 
 BAD_PRUNE_FLAGS = [

@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from conftest import invoke, tiny_calibration, tiny_model
+from conftest import invoke, prune_args, save_text, save_tiny_llama, tiny_calibration, tiny_model
 from llmprune.errors import UsageError
 from llmprune.methods.patterns import n_m_mask
 from llmprune.models.packed import MANIFEST_KEY, SUFFIX, CompressedCheckpoint
 from llmprune.models.packing import choose_layout, nonzero_bits, pack, pack_uints, unpack, unpack_uints
 from llmprune.storage import METADATA_FILE
-from test_cli import prune_args
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PATTERNS = {"unstructured": ("unstructured", 0.5), "2:4": ("2:4", None), "4:8": ("4:8", None)}
@@ -294,11 +293,6 @@ def test_prune_save_format_compressed(capsys, cli_files, tmp_path, offload):
 
 
 @pytest.fixture(scope="module")
-def cli_files(tmp_path_factory):
-    from llmprune.data.text import embedded_text
-    from test_cli import save_tiny_llama
-
+def cli_files(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("cli")
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
-    return {"model": save_tiny_llama(root / "tiny-llama", llmprune.load_tokenizer("smollm2")), "text": text}
+    return {"model": save_tiny_llama(root / "tiny-llama", tokenizer), "text": save_text(root / "text.txt")}

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 import llmprune
 from conftest import tiny_calibration, tiny_model
 from llmprune import api
-from llmprune.config import EvalConfig, PruneOptions, RunConfig, build, read_recipe
+from llmprune.cli.options import config_options, given
+from llmprune.config import EvalConfig, Group, PruneOptions, RunConfig, build, fields_in, read_recipe
 from llmprune.errors import UsageError
+from llmprune.sweeps.config import SHARED_FIELDS, SweepConfig
+from llmprune.training.config import FinetuneConfig, FinetuneOptions
 
 # A valid, non-default value for every PruneOptions field (unstructured, so schedules are allowed).
 NON_DEFAULTS = {
@@ -28,7 +34,7 @@ NON_DEFAULTS = {
     "damp": 0.02,
     "magnitude_scope": "row",
     "units": ["channels"],
-    "score": "wanda",
+    "unit_score": "wanda",
     "reconstruct": False,
     "head_mode": "groups",
     "widths": "uniform",  # adaptive needs pattern=structured; test_structured passes it through the API
@@ -227,3 +233,74 @@ def test_api_prune_with_keywords_on_a_tiny_model():
     )
     assert report.layers and all(r.achieved_sparsity == pytest.approx(0.5) for r in report.layers)
     assert not any(r.name.endswith("down_proj") for r in report.layers)
+
+
+# --- field groups: the lists of fields are read from the fields --------------------------------------------
+
+
+def test_field_groups():
+    output = ["output", "overwrite", "save_format", "resume", "offload", "max_memory"]
+    assert fields_in(RunConfig, Group.OUTPUT) == output
+    assert fields_in(RunConfig, Group.EVALUATION) == ["eval_data", "eval_nsamples", "eval_seqlen"]
+    assert fields_in(RunConfig, Group.UNSTRUCTURED) == ["layer_sparsity", "schedule", "schedule_spread"]
+    structured = ["units", "unit_score", "reconstruct", "head_mode", "widths"]
+    assert fields_in(RunConfig, Group.STRUCTURED) == structured
+    assert fields_in(SweepConfig, Group.OUTPUT) == ["output", "save_models"]
+    gradual = ["initial", "final", "start", "end", "frequency", "curve", "score", "pattern"]
+    assert fields_in(FinetuneOptions, Group.GRADUAL) == fields_in(FinetuneConfig, Group.GRADUAL) == gradual
+
+
+def test_the_recipe_is_every_field_but_output_and_evaluation():
+    recipe = RunConfig(output="o", eval_nsamples=0, resume=True, max_memory="1GiB").pruning_recipe()
+    left_out = {"output", "overwrite", "save_format", "resume", "offload", "max_memory"}
+    left_out |= {"eval_data", "eval_nsamples", "eval_seqlen"}
+    assert list(recipe) == [name for name in RunConfig.model_fields if name not in left_out]
+    assert recipe["sparsity"] == 0.5 and recipe["unit_score"] == "flap"
+
+
+def test_a_sweep_shares_the_run_options_that_apply_to_every_cell():
+    run = ["model", "calibration", "nsamples", "seqlen", "seed", "dtype", "device"]
+    algorithm = ["include", "exclude", "true_sequential", "blocksize", "damp", "magnitude_scope"]
+    shared = (*run, "eval_data", "eval_seqlen", *algorithm, "batch_size", "error_tokens")
+    assert shared == SHARED_FIELDS
+    assert SweepConfig(output="a", save_models=True).identity() == SweepConfig(output="b").identity()
+
+
+def test_gradual_options_need_gradual():
+    assert usage_error(FinetuneConfig, {"score": "wanda", "curve": "linear"}) == (
+        "curve, score apply with --gradual"
+    )
+    assert usage_error(FinetuneConfig, {"end": 5}) == "end applies with --gradual"
+    assert build(FinetuneConfig, {"steps": 5, "lr": 1e-4}).schedule() is None
+
+
+# --- unit_score: the structured unit score, once called score --------------------------------------------
+
+
+def test_unit_score_keeps_its_old_name_as_a_keyword_and_in_recipes(tmp_path):
+    assert build(PruneOptions, {"score": "wanda"}).unit_score == "wanda"
+    assert build(RunConfig, {"unit_score": "magnitude"}).unit_score == "magnitude"
+    assert build(RunConfig, {"score": "wanda"}).prune_options().unit_score == "wanda"
+    assert usage_error(RunConfig, {"score": "bogus"}).startswith("score: Input should be 'magnitude'")
+    assert usage_error(RunConfig, {"score": "wanda", "unit_score": "flap"}) == (
+        "unit_score is given twice (as unit_score and score)"
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text("pattern: structured\nscore: wanda\n")
+    assert read_recipe(path) == {"pattern": "structured", "unit_score": "wanda"}
+    path.write_text("score: wanda\nunit-score: flap\n")
+    with pytest.raises(UsageError, match=r"option unit_score is given twice \(as score and unit-score\)$"):
+        read_recipe(path)
+
+
+def test_a_field_s_old_name_is_also_its_flag():
+    @click.command()
+    @config_options(PruneOptions)
+    def show(**flags):
+        click.echo(json.dumps(given(flags)))
+
+    runner = CliRunner()
+    for flag in ("--score", "--unit-score"):
+        result = runner.invoke(show, [flag, "wanda"])
+        assert result.exit_code == 0 and json.loads(result.output) == {"unit_score": "wanda"}, result.output
+    assert "--unit-score, --score [magnitude|wanda|flap]" in runner.invoke(show, ["--help"]).output

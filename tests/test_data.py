@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llmprune
 from llmprune.data import text
 from llmprune.data.text import (
     CALIBRATION_FRACTION,
@@ -19,12 +18,6 @@ from llmprune.data.text import (
     tokens_for,
 )
 from llmprune.errors import DataUnavailableError, UsageError
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The SmolLM2 tokenizer (converted from the embedded GGUF once, then cached)."""
-    return llmprune.load_tokenizer("smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import save_text, save_tiny_llama, tiny_calibration, tiny_model
 from llmprune.api import run
 from llmprune.cli.main import main
 from llmprune.config import PruneOptions, RunConfig, build
@@ -31,7 +31,6 @@ from llmprune.errors import UsageError
 from llmprune.pipeline.distributed import Communicator, TorchDistributed, communicator_from_environment
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.pruning import prune_model
-from test_cli import save_tiny_llama
 
 CASES = [("wanda", False), ("wanda", True), ("sparsegpt", False), ("sparsegpt", True)]
 WORLDS = (2, 3)
@@ -217,13 +216,11 @@ def test_too_few_batches_for_the_processes_is_refused_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "offload"])
-def test_torchrun_cli_saves_once_what_one_process_saves(tmp_path, capsys, streamed):
+def test_torchrun_cli_saves_once_what_one_process_saves(tmp_path, capsys, tokenizer, streamed):
     """``torchrun -m llmprune prune``: rank 0 alone prints and saves the single process's result, also
     when every process streams the layers from disk (``--offload``) and rank 0 writes the shards."""
-    tokenizer = llmprune.load_tokenizer("smollm2")
     model = save_tiny_llama(tmp_path / "tiny", tokenizer)
-    text = tmp_path / "text.txt"
-    text.write_text(llmprune.embedded_text()[:20_000], encoding="utf-8")
+    text = save_text(tmp_path / "text.txt")
     args = ["prune", "--model", model, "--calibration", text, "--method", "sparsegpt", "--nsamples", "4"]
     args += ["--seqlen", "16", "--batch-size", "2", "--eval-nsamples", "0", "--device", "cpu", "--output"]
 

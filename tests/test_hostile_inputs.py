@@ -11,36 +11,28 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
-import llmprune
-from conftest import invoke
-from llmprune.data.text import embedded_text
+from conftest import invoke, save_text, save_tiny_llama
 from llmprune.models.architecture import context_length
-from test_cli import save_tiny_llama
 
 GPT2_CONTEXT = 32
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, str]:
+def paths(tmp_path_factory, tokenizer) -> dict[str, str]:
     """A tiny Llama (64 positions, RoPE) and a tiny GPT-2 (32 learned positions), both with the embedded
     model's tokenizer, and a calibration text of a few thousand tokens."""
-    tokenizer = llmprune.load_tokenizer("smollm2")
     root = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=32, **ids)
     AutoModelForCausalLM.from_config(gpt2).save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
+    text = save_text(root / "text.txt")
     llama = save_tiny_llama(root / "llama", tokenizer)
     return {"llama": str(llama), "gpt2": str(root / "gpt2"), "text": str(text)}
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Default outputs (./pruned-..., ./finetuned-..., ./sweep) land in a temporary directory."""
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp")
 
 
 def error_of(capsys, *args: str) -> str:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import llmprune
-from conftest import invoke, tiny_llama_for
+from conftest import invoke, save_tiny_llama
 from llmprune.errors import UsageError
 from llmprune.models import loading
 from llmprune.models.loading import check_checkpoint_dir, check_model_name, resolve_checkpoint
@@ -35,17 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return llmprune.load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> Path:
     """A whole 2-layer Llama checkpoint with the embedded tokenizer."""
-    directory = tmp_path_factory.mktemp("hostile") / "tiny"
-    tiny_llama_for(tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("hostile") / "tiny", tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ import pytest
 
 import llmprune
 import llmprune.api
-from conftest import ERROR, invoke, tiny_llama_for
+from conftest import ERROR, invoke, save_text, save_tiny_llama
 from llmprune import storage as save
-from llmprune.data.text import embedded_text
 from llmprune.storage import METADATA_FILE, output_lock
 
 COMMANDS = ["prune", "compress", "decompress", "finetune", "sweep"]
@@ -34,14 +33,10 @@ OVERWRITING = [c for c in COMMANDS if c != "sweep"]  # a sweep resumes its own o
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("outputs")
-    tokenizer = llmprune.load_tokenizer("smollm2")
-    model = root / "tiny"
-    tiny_llama_for(tokenizer).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
+    model = save_tiny_llama(root / "tiny", tokenizer)
+    text = save_text(root / "text.txt")
     return {"model": model, "text": text, "compressed": llmprune.compress(model, root / "compressed")}
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmprune
-from conftest import ERROR, invoke
+from conftest import ERROR, invoke, save_text, save_tiny_llama
 from llmprune.config import RunConfig, build
 from llmprune.errors import UsageError
 from llmprune.inference.bench import BenchConfig
@@ -33,30 +33,25 @@ from llmprune.pipeline import resume
 from llmprune.storage import METADATA_FILE
 from llmprune.sweeps.config import SweepConfig
 from llmprune.training.config import FinetuneConfig
-from test_cli import save_tiny_llama
 
 INTERRUPTED = "llmprune: interrupted; "
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """A tiny dense Llama, the same pruned 2:4 by llmprune (with its llmprune.json), that one compressed,
     and a text file."""
     root = tmp_path_factory.mktemp("hostile-runs")
-    tokenizer = llmprune.load_tokenizer("smollm2")
     dense = save_tiny_llama(root / "dense", tokenizer)
     pruned = root / "pruned"
     options = {"pattern": "2:4", "nsamples": 4, "seqlen": 32, "eval_nsamples": 0}
     llmprune.run(RunConfig(model=str(dense), output=str(pruned), **options))
     compressed = llmprune.compress(pruned, root / "compressed")
-    text = root / "text.txt"
-    text.write_text(llmprune.embedded_text()[:20_000], encoding="utf-8")
+    text = save_text(root / "text.txt")
     return {"dense": dense, "pruned": pruned, "compressed": compressed, "text": text}
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp")
 
 
 def one_line(result, code: int) -> str:

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
 import llmprune
+from conftest import save_text
 from llmprune import api
 from llmprune.cli.main import main
 from llmprune.config import RunConfig
-from llmprune.data.text import embedded_text
 from llmprune.models.shards import INDEX_FILE, CheckpointShards
 from llmprune.pipeline import offload
 
@@ -47,15 +47,8 @@ def _config(family: str, vocab: int, tied: bool):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return llmprune.load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(embedded_text()[:20_000], encoding="utf-8")
-    return path
+    return save_text(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 def save_checkpoint(directory: Path, tokenizer, family: str = "llama", tied: bool = False) -> Path:

@@ -18,16 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 import llmprune
+from conftest import ERROR, save_text, save_tiny_llama, tiny_calibration, tiny_model
 from conftest import invoke as invoke_cli
-from conftest import tiny_calibration, tiny_llama_for, tiny_model
 from llmprune.config import PruneOptions, RunConfig, build
-from llmprune.data.text import embedded_text
 from llmprune.pipeline import resume
 from llmprune.pipeline.resume import STATE_FILE, LayerCheckpoint
 from llmprune.pruning import prune_model
 from llmprune.storage import METADATA_FILE
 
-ERROR = "llmprune: error: "
 LAYERS = 8
 
 
@@ -130,15 +128,11 @@ def test_the_recipe_leaves_out_output_and_evaluation():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """An 8-layer tiny Llama with the embedded model's tokenizer, and calibration text."""
     root = tmp_path_factory.mktemp("resume")
-    tokenizer = llmprune.load_tokenizer("smollm2")
-    tiny_llama_for(tokenizer, layers=LAYERS).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
-    return {"model": root / "model", "text": text}
+    model = save_tiny_llama(root / "model", tokenizer, layers=LAYERS)
+    return {"model": model, "text": save_text(root / "text.txt")}
 
 
 def prune_args(files, output: Path, *extra: str) -> list[str]:

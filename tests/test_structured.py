@@ -176,8 +176,8 @@ def test_bad_requests_are_usage_errors(family, options, message):
 
 
 def test_cli_writes_a_smaller_checkpoint(tmp_path, capsys):
+    from conftest import save_tiny_llama
     from llmprune.cli.main import main
-    from test_cli import save_tiny_llama
 
     tokenizer = llmprune.load_tokenizer("smollm2")
     source = save_tiny_llama(tmp_path / "tiny", tokenizer)

@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 
 import llmprune
-from conftest import invoke, tiny_llama_for
-from llmprune.data.text import embedded_text
+from conftest import ERROR, invoke, save_text, save_tiny_llama
 from llmprune.errors import UsageError
 from llmprune.sweeps import runner
 
-ERROR = "llmprune: error: "
 FILES = (
     "results.csv",
     "results.json",
@@ -27,15 +25,9 @@ FILES = (
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sweep")
-    tokenizer = llmprune.load_tokenizer("smollm2")
-    model = tiny_llama_for(tokenizer)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    text = root / "text.txt"
-    text.write_text(embedded_text()[:20_000], encoding="utf-8")
-    return {"model": root / "tiny", "text": text}
+    return {"model": save_tiny_llama(root / "tiny", tokenizer), "text": save_text(root / "text.txt")}
 
 
 def options(files, output: Path, **extra) -> dict:

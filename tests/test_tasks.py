@@ -14,7 +14,7 @@ from llmprune.errors import DataUnavailableError, UsageError
 from llmprune.models import loading
 
 pytest.importorskip("lm_eval")
-from conftest import invoke, tiny_llama_for
+from conftest import invoke, save_tiny_llama, tiny_llama_for
 from llmprune.evaluation import tasks
 
 QUESTIONS = [f"Question {i}: which word fits?" for i in range(4)]
@@ -54,22 +54,13 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return llmprune.load_tokenizer("smollm2")
-
-
-def tiny_llama(tokenizer) -> torch.nn.Module:
-    return tiny_llama_for(tokenizer)
-
-
-@pytest.fixture(scope="module")
 def manager(task_dir):
     return tasks.task_manager([task_dir], defaults=False)
 
 
 def test_local_task_gives_an_accuracy(tokenizer, manager):
     scores = llmprune.evaluate_tasks(
-        tiny_llama(tokenizer), tokenizer, ["toy_letters"], manager=manager, quiet=True
+        tiny_llama_for(tokenizer), tokenizer, ["toy_letters"], manager=manager, quiet=True
     )
     assert set(scores) == {"toy_letters"}
     assert set(scores["toy_letters"]) == {"acc", "acc_stderr"}
@@ -79,7 +70,7 @@ def test_local_task_gives_an_accuracy(tokenizer, manager):
 
 
 def test_scores_come_from_the_model_in_memory(tokenizer, manager):
-    model = tiny_llama(tokenizer)
+    model = tiny_llama_for(tokenizer)
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every logit 0: the choice with fewer tokens is always preferred
     scores = tasks.evaluate_tasks(model, tokenizer, ["toy_short", "toy_long"], manager=manager, quiet=True)
@@ -97,10 +88,7 @@ def test_unknown_task_lists_the_valid_ones(manager):
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, tokenizer) -> Path:
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_llama(tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("model") / "tiny", tokenizer)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmprune
-from conftest import ERROR, VOCAB, invoke, tiny_model
+from conftest import ERROR, VOCAB, invoke, save_tiny_llama, tiny_model
 from llmprune.models.architecture import read_weight
 from llmprune.storage import METADATA_FILE
 from llmprune.training import (
@@ -24,7 +24,6 @@ from llmprune.training import (
 )
 from llmprune.training.finetuning import adamw, distillation_loss
 from llmprune.training.masks import linear_targets
-from test_cli import save_tiny_llama
 
 
 def repeating_windows(count: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -238,9 +237,8 @@ def test_adamw_takes_the_fused_kernel_where_torch_has_one():
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
+def pruned(tmp_path_factory, tokenizer):
     """A tiny Llama with the real tokenizer, pruned 2:4 by ``llmprune prune`` (so it has llmprune.json)."""
-    tokenizer = llmprune.load_tokenizer("smollm2")
     root = tmp_path_factory.mktemp("finetune")
     dense = save_tiny_llama(root / "dense", tokenizer)
     llmprune.run(

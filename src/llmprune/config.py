@@ -7,13 +7,23 @@ needs (model, data, output). The CLI builds one flag per field from these defini
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from llmprune.errors import UsageError
 from llmprune.methods.patterns import Pattern
@@ -81,8 +91,46 @@ def _fraction(value: Any, what: str) -> float:
     return number
 
 
+class Group(enum.Enum):
+    """What a field belongs to, marked in its annotation (``Annotated[bool, Group.OUTPUT]``) so that a list
+    of fields (the recipe, what a sweep shares, what needs --gradual) is read from the fields."""
+
+    STRUCTURED = "applies to structured pruning only"
+    UNSTRUCTURED = "applies to unstructured pruning only"
+    GRADUAL = "applies to gradual pruning only"
+    OUTPUT = "where and how a run writes and streams its result; not in the recipe"
+    EVALUATION = "how the result is measured; not in the recipe"
+
+
+def fields_in(model: type[BaseModel], *groups: Group) -> list[str]:
+    """The fields of ``model`` in any of ``groups``, in declaration order."""
+    return [name for name, info in model.model_fields.items() if any(g in info.metadata for g in groups)]
+
+
+def spellings(name: str, info: FieldInfo) -> list[str]:
+    """Every name a field accepts: its own, then any older one it keeps for recipes, flags and keywords."""
+    alias = info.validation_alias
+    older = alias.choices if isinstance(alias, AliasChoices) else []
+    return list(dict.fromkeys([name, *(choice for choice in older if isinstance(choice, str))]))
+
+
+def field_names(model: type[BaseModel]) -> dict[str, str]:
+    """The field each accepted name (own or older) stands for."""
+    return {spelled: name for name, info in model.model_fields.items() for spelled in spellings(name, info)}
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for name, info in cls.model_fields.items():
+                given = [spelled for spelled in spellings(name, info) if spelled in values]
+                if len(given) > 1:
+                    raise ValueError(f"{name} is given twice (as {' and '.join(given)})")
+        return values
 
 
 class PruneOptions(StrictModel):
@@ -97,14 +145,14 @@ class PruneOptions(StrictModel):
         default_factory=list, description="only prune linear layers whose name matches one of these globs"
     )
     exclude: list[str] = Field(default_factory=list, description="never prune layers matching these globs")
-    layer_sparsity: dict[str, float] = Field(
+    layer_sparsity: Annotated[dict[str, float], Group.UNSTRUCTURED] = Field(
         default_factory=dict,
         description="per-layer sparsity: REGEX=SPARSITY on module names (first match wins)",
     )
-    schedule: Literal["uniform", "depth"] = Field(
+    schedule: Annotated[Literal["uniform", "depth"], Group.UNSTRUCTURED] = Field(
         "uniform", description="depth: sparsity rises linearly over decoder layers, same mean"
     )
-    schedule_spread: float = Field(
+    schedule_spread: Annotated[float, Group.UNSTRUCTURED] = Field(
         0.1, ge=0.0, lt=1.0, description="depth schedule: first layer at mean-spread, last at mean+spread"
     )
     true_sequential: bool = Field(
@@ -115,23 +163,24 @@ class PruneOptions(StrictModel):
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
     )
-    units: list[Literal["heads", "channels", "layers"]] = Field(
+    units: Annotated[list[Literal["heads", "channels", "layers"]], Group.STRUCTURED] = Field(
         default_factory=lambda: ["heads", "channels"],
         description="structured: what to remove (attention heads, MLP channels, whole decoder layers)",
     )
-    score: Literal["magnitude", "wanda", "flap"] = Field(
+    unit_score: Annotated[Literal["magnitude", "wanda", "flap"], Group.STRUCTURED] = Field(
         "flap",
+        validation_alias=AliasChoices("unit_score", "score"),  # its name in 0.1 (--score) still works
         description="structured: unit score: weight magnitude, |W|·||X|| (Wanda-style), or FLAP fluctuation",
     )
-    reconstruct: bool = Field(
+    reconstruct: Annotated[bool, Group.STRUCTURED] = Field(
         True, description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs"
     )
-    head_mode: Literal["queries", "groups"] = Field(
+    head_mode: Annotated[Literal["queries", "groups"], Group.STRUCTURED] = Field(
         "queries",
         description="structured, grouped-query attention: remove query heads within each key/value group, "
         "or whole groups",
     )
-    widths: Literal["uniform", "adaptive"] = Field(
+    widths: Annotated[Literal["uniform", "adaptive"], Group.STRUCTURED] = Field(
         "uniform",
         description="structured: the same heads/MLP width in every layer (a plain checkpoint), or per-layer "
         "widths from a global ranking of calibration scores (FLAP; load the result with llmprune.load)",
@@ -186,7 +235,7 @@ class PruneOptions(StrictModel):
         pattern = self.pattern_spec
         if pattern.structured:
             if self.method != "wanda":  # the default
-                raise ValueError("--method does not apply to structured pruning; choose a unit --score")
+                raise ValueError("--method does not apply to structured pruning; choose a --unit-score")
             if self.layer_sparsity or self.schedule != "uniform" or self.true_sequential:
                 raise ValueError(
                     "per-layer sparsity, schedules and true-sequential apply to unstructured and N:M pruning"
@@ -237,28 +286,34 @@ class RunConfig(PruneOptions):
     seed: Seed = Field(0, description="seed for drawing calibration windows")
     dtype: DType = "auto"
     device: Device = "auto"
-    output: str | None = Field(
+    output: Annotated[str | None, Group.OUTPUT] = Field(
         None, description="output directory (default: ./pruned-<model>-<method>-<pattern>)"
     )
-    overwrite: bool = Field(False, description="replace --output if it is an llmprune output (or empty)")
-    save_format: Literal["dense", "compressed"] = Field(
+    overwrite: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="replace --output if it is an llmprune output (or empty)"
+    )
+    save_format: Annotated[Literal["dense", "compressed"], Group.OUTPUT] = Field(
         "dense",
         description="dense: a plain checkpoint; compressed: sparse weights packed (non-zeros plus a bitmask "
         "or N:M positions), read by llmprune.load, made plain again by llmprune decompress",
     )
-    resume: bool = Field(False, description="continue an interrupted run from its last finished layer")
-    offload: bool = Field(
+    resume: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="continue an interrupted run from its last finished layer"
+    )
+    offload: Annotated[bool, Group.OUTPUT] = Field(
         False,
         description="stream decoder layers from the checkpoint's safetensors shards, one at a time, and "
         "write each pruned layer at once (automatic when the model would not fit in memory)",
     )
-    max_memory: str | None = Field(
+    max_memory: Annotated[str | None, Group.OUTPUT] = Field(
         None,
         description="RAM for calibration activations, e.g. 4GiB or 500MB; past it they are kept on disk",
     )
-    eval_data: DataSource = "embedded"
-    eval_nsamples: Count = Field(16, ge=0, description="evaluation windows for perplexity (0 skips it)")
-    eval_seqlen: EvalSeqlen = 512
+    eval_data: Annotated[DataSource, Group.EVALUATION] = "embedded"
+    eval_nsamples: Annotated[Count, Group.EVALUATION] = Field(
+        16, ge=0, description="evaluation windows for perplexity (0 skips it)"
+    )
+    eval_seqlen: Annotated[EvalSeqlen, Group.EVALUATION] = 512
 
     @field_validator("device")
     @classmethod
@@ -292,12 +347,8 @@ class RunConfig(PruneOptions):
 
     def pruning_recipe(self) -> dict[str, Any]:
         """The options that shape the pruned weights: all but where they go and how they are evaluated."""
-        recipe = {
-            name: value
-            for name, value in self.model_dump(mode="json").items()
-            if name not in ("output", "overwrite", "save_format", "resume", "offload", "max_memory")
-            and not name.startswith("eval_")
-        }
+        elsewhere = fields_in(type(self), Group.OUTPUT, Group.EVALUATION)
+        recipe = self.model_dump(mode="json", exclude=set(elsewhere))
         recipe["sparsity"] = self.target_sparsity  # the default and an explicit 0.5 are the same recipe
         return recipe
 
@@ -406,13 +457,14 @@ def read_recipe(path: str | Path, config_class: type[BaseModel] = RunConfig) -> 
         raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of option: value")
-    unknown = [str(key) for key in data if str(key).replace("-", "_") not in config_class.model_fields]
+    names = field_names(config_class)
+    unknown = [str(key) for key in data if str(key).replace("-", "_") not in names]
     if unknown:
         raise UsageError(f"recipe {path}: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = names[str(key).replace("-", "_")]
         if name in values:
             raise UsageError(f"recipe {path}: option {name} is given twice (as {spelled[name]} and {key})")
         values[name], spelled[name] = value, str(key)

@@ -14,6 +14,8 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from llmprune.config import spellings
+
 
 def _choices(annotation: Any) -> list[str] | None:
     if typing.get_origin(annotation) is typing.Literal:
@@ -22,19 +24,20 @@ def _choices(annotation: Any) -> list[str] | None:
 
 
 def _option(name: str, info: FieldInfo) -> click.Option:
-    flag = "--" + name.replace("_", "-")
+    flags = ["--" + spelled.replace("_", "-") for spelled in spellings(name, info)]  # the older ones too
     annotation = info.annotation
     origin = typing.get_origin(annotation)
     default = info.get_default(call_default_factory=True)
     shown = "" if info.is_required() or default in (None, [], {}) else f" [default: {default}]"
     help_text = (info.description or "") + shown
     if annotation is bool:
-        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+        switches = [f"{flag}/--no-{flag[2:]}" for flag in flags]
+        return click.Option([*switches, name], default=None, help=help_text)
     if origin in (list, dict):
-        return click.Option([flag, name], multiple=True, help=help_text + " (repeatable)")
+        return click.Option([*flags, name], multiple=True, help=help_text + " (repeatable)")
     choices = _choices(annotation)
     kind = click.Choice(choices) if choices else click.STRING
-    return click.Option([flag, name], type=kind, default=None, help=help_text)
+    return click.Option([*flags, name], type=kind, default=None, help=help_text)
 
 
 def config_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> Callable:

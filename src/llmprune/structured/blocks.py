@@ -135,12 +135,13 @@ def plan_adaptive(
         head_cost, channel_cost = unit_costs(layer, config, layout, options.head_mode)
         if "heads" in units:
             shape = attention_shape(config)
-            columns = _scores(layer, layout.attention[3], [layout.attention[0]], options.score, stats[index])
+            attention = layout.attention
+            columns = _scores(layer, attention[3], [attention[0]], options.unit_score, stats[index])
             heads = unit_scores(standardize(columns), shape.head_dim) / shape.head_dim  # mean z per head
             steps.append(Steps(head_steps(heads, shape.kv_heads, options.head_mode), head_cost))
             owners.append((index, "heads"))
         if "channels" in units:
-            columns = _scores(layer, layout.mlp_output, layout.mlp_inputs, options.score, stats[index])
+            columns = _scores(layer, layout.mlp_output, layout.mlp_inputs, options.unit_score, stats[index])
             steps.append(Steps(channel_steps(standardize(columns)), channel_cost))
             owners.append((index, "channels"))
     counts = {owner: taken for owner, taken in zip(owners, allocate(steps, budget), strict=True)}
@@ -225,7 +226,7 @@ class UnitRemoval:
         self.layout, self.plans, self.options = layout, plans, options
         self.shape = attention_shape(config) if layout.attention else None
         # FLAP compensates removed units' mean output in the consumer's bias: give the family biases.
-        self.use_bias = options.score == "flap" and layout.bias_flags is not None
+        self.use_bias = options.unit_score == "flap" and layout.bias_flags is not None
         self.configs = [config_after(config, layout, plan, self.use_bias) for plan in plans]
         uniform = all(plan == plans[0] for plan in plans)
         # The model's own config: the new widths when every layer has them; otherwise the dense widths
@@ -309,7 +310,7 @@ class UnitRemoval:
     ) -> torch.Tensor:
         energy = stats.energy()  # Σ x² per input (the stored upper triangle holds the diagonal)
         return column_scores(
-            self.options.score, read_weight(consumer), energy, stats.sums, stats.tokens, producers
+            self.options.unit_score, read_weight(consumer), energy, stats.sums, stats.tokens, producers
         )
 
     def _consume(self, index, prefix, consumer, name, state, stats, keep) -> LinearReport:
@@ -326,7 +327,7 @@ class UnitRemoval:
             new_weight = weight[:, keep]
             removed = torch.ones(weight.shape[1], dtype=torch.bool)
             removed[keep] = False
-            flap = self.options.score == "flap" and has_bias
+            flap = self.options.unit_score == "flap" and has_bias
             new_bias = mean_compensation(weight, bias, stats.sums, stats.tokens, removed) if flap else bias
         state[f"{name}.weight"] = _stored(consumer, new_weight)
         if new_bias is not None:

@@ -6,36 +6,20 @@ like a run recipe; each cell's full ``RunConfig`` is built and validated up fron
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from llmprune.config import Count, RunConfig, StrictModel, describe_validation_error
-from llmprune.methods.patterns import Pattern
-
-# RunConfig fields every cell shares. Left out: the cell's own method/sparsity/pattern; where one run's
-# output goes (a sweep has its own --output); streaming, which a sweep cannot use (it keeps the dense
-# weights in memory to restore them between cells); structured-only options; and per-layer schedules,
-# which do not apply to N:M cells.
-SHARED_FIELDS = (
-    "model",
-    "calibration",
-    "nsamples",
-    "seqlen",
-    "seed",
-    "dtype",
-    "device",
-    "eval_data",
-    "eval_seqlen",
-    "include",
-    "exclude",
-    "true_sequential",
-    "blocksize",
-    "damp",
-    "magnitude_scope",
-    "batch_size",
-    "error_tokens",
+from llmprune.config import (
+    Count,
+    Group,
+    PruneOptions,
+    RunConfig,
+    StrictModel,
+    describe_validation_error,
+    fields_in,
 )
+from llmprune.methods.patterns import Pattern
 
 
 class _Grid(StrictModel):
@@ -49,8 +33,12 @@ class _Grid(StrictModel):
     patterns: list[str] = Field(
         default_factory=lambda: ["unstructured", "2:4"], description="'unstructured' and/or N:M patterns"
     )
-    output: str = Field("sweep", description="directory of the sweep's results (rerun it to resume)")
-    save_models: bool = Field(False, description="also save every cell's pruned model under OUTPUT/models")
+    output: Annotated[str, Group.OUTPUT] = Field(
+        "sweep", description="directory of the sweep's results (rerun it to resume)"
+    )
+    save_models: Annotated[bool, Group.OUTPUT] = Field(
+        False, description="also save every cell's pruned model under OUTPUT/models"
+    )
     eval_nsamples: Count = Field(16, ge=1, description="evaluation windows for perplexity")
 
     @field_validator("methods", "patterns", "sparsities", mode="before")
@@ -82,11 +70,6 @@ class _Grid(StrictModel):
         return list(dict.fromkeys(str(pattern) for pattern in parsed))
 
 
-def _shared_fields() -> dict[str, Any]:
-    fields = RunConfig.model_fields
-    return {name: (fields[name].annotation, fields[name]) for name in SHARED_FIELDS}
-
-
 class Cell(StrictModel):
     """One point of the grid."""
 
@@ -100,6 +83,25 @@ class Cell(StrictModel):
         """File-name-safe identifier, e.g. ``wanda-unstructured-0.5`` or ``sparsegpt-2of4``."""
         pattern = self.pattern.replace(":", "of")
         return f"{self.method}-{pattern}" + (f"-{self.sparsity:g}" if self.pattern == "unstructured" else "")
+
+
+def _shared_names() -> tuple[str, ...]:
+    """``RunConfig`` fields every cell shares, the run's own then the algorithm's. Left out: the cell's own
+    (``Cell``'s fields) and those the grid defines itself; where one run's output goes and streaming, which a
+    sweep cannot use (it keeps the dense weights in memory to restore them between cells); structured-only
+    options; and per-layer schedules, which do not apply to N:M cells."""
+    left_out = {*Cell.model_fields, *_Grid.model_fields}
+    left_out.update(fields_in(RunConfig, Group.OUTPUT, Group.STRUCTURED, Group.UNSTRUCTURED))
+    run_own = [name for name in RunConfig.model_fields if name not in PruneOptions.model_fields]
+    return tuple(name for name in [*run_own, *PruneOptions.model_fields] if name not in left_out)
+
+
+SHARED_FIELDS = _shared_names()
+
+
+def _shared_fields() -> dict[str, Any]:
+    fields = RunConfig.model_fields
+    return {name: (fields[name].annotation, fields[name]) for name in SHARED_FIELDS}
 
 
 class SweepConfig(create_model("_SweepBase", __base__=_Grid, **_shared_fields())):
@@ -148,4 +150,4 @@ class SweepConfig(create_model("_SweepBase", __base__=_Grid, **_shared_fields())
     def identity(self) -> dict[str, Any]:
         """What a resumed sweep must share with the one it continues: every option but where the models
         go and whether they are saved."""
-        return self.model_dump(mode="json", exclude={"output", "save_models"})
+        return self.model_dump(mode="json", exclude=set(fields_in(type(self), Group.OUTPUT)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,15 +13,15 @@ from llmprune.config import (
     Device,
     DType,
     EvalSeqlen,
+    Group,
     ModelName,
     Seed,
     StrictModel,
     WindowLength,
+    fields_in,
 )
 from llmprune.methods.patterns import Pattern
 from llmprune.training.schedule import Schedule, schedule_problem
-
-GRADUAL_ONLY = ("initial", "final", "start", "end", "frequency", "curve", "score", "pattern")
 
 
 class FinetuneOptions(StrictModel):
@@ -43,20 +43,28 @@ class FinetuneOptions(StrictModel):
     gradual: bool = Field(
         False, description="prune gradually while training (Zhu & Gupta) instead of keeping the model's zeros"
     )
-    initial: float = Field(0.0, ge=0.0, lt=1.0, description="gradual: sparsity at the start step")
-    final: float | None = Field(
+    initial: Annotated[float, Group.GRADUAL] = Field(
+        0.0, ge=0.0, lt=1.0, description="gradual: sparsity at the start step"
+    )
+    final: Annotated[float | None, Group.GRADUAL] = Field(
         None, ge=0.0, lt=1.0, description="gradual: sparsity at the end step (default 0.5, or 1-N/M)"
     )
-    start: Count = Field(0, ge=0, description="gradual: first pruning step")
-    end: Count | None = Field(
+    start: Annotated[Count, Group.GRADUAL] = Field(0, ge=0, description="gradual: first pruning step")
+    end: Annotated[Count | None, Group.GRADUAL] = Field(
         None, ge=0, description="gradual: step reaching the final sparsity [default: steps]"
     )
-    frequency: Count = Field(10, ge=1, description="gradual: steps between mask updates")
-    curve: Literal["cubic", "linear"] = Field("cubic", description="gradual: sparsity schedule")
-    score: Literal["magnitude", "wanda"] = Field(
+    frequency: Annotated[Count, Group.GRADUAL] = Field(
+        10, ge=1, description="gradual: steps between mask updates"
+    )
+    curve: Annotated[Literal["cubic", "linear"], Group.GRADUAL] = Field(
+        "cubic", description="gradual: sparsity schedule"
+    )
+    score: Annotated[Literal["magnitude", "wanda"], Group.GRADUAL] = Field(
         "magnitude", description="gradual: |W|, or |W|·‖X‖ from running input norms"
     )
-    pattern: str = Field("unstructured", description="gradual: 'unstructured' or N:M such as 2:4")
+    pattern: Annotated[str, Group.GRADUAL] = Field(
+        "unstructured", description="gradual: 'unstructured' or N:M such as 2:4"
+    )
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -69,7 +77,7 @@ class FinetuneOptions(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneOptions:
         if not self.gradual:
-            stray = sorted(set(GRADUAL_ONLY) & self.model_fields_set)
+            stray = sorted(set(fields_in(FinetuneOptions, Group.GRADUAL)) & self.model_fields_set)
             if stray:
                 raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} with --gradual")
             return self

@@ -101,13 +101,13 @@ def test_sweep_writes_every_file_and_matches_standalone_runs(capsys, files, tmp_
     tokenizer = llmprune.load_tokenizer(str(files["model"]))
     calibration = llmprune.calibration_data(tokenizer, str(files["text"]), 4, 16, 0)
     evaluation = llmprune.evaluation_data(tokenizer, str(files["text"]), 16, 2)
-    fresh = llmprune.load_model(str(files["model"]), "float32", "cpu")
+    fresh = llmprune.load(str(files["model"]), "float32", "cpu")
     assert results["dense_perplexity"] == pytest.approx(llmprune.perplexity(fresh, evaluation), rel=1e-6)
     for key, method, pattern, sparsity in (
         ("wanda-unstructured-0.6", "wanda", "unstructured", 0.6),
         ("magnitude-2of4", "magnitude", "2:4", None),
     ):
-        model = llmprune.load_model(str(files["model"]), "float32", "cpu")
+        model = llmprune.load(str(files["model"]), "float32", "cpu")
         llmprune.prune(model, calibration, method=method, pattern=pattern, sparsity=sparsity)
         cell = next(c for c in results["cells"] if c["key"] == key)
         assert cell["perplexity"] == pytest.approx(llmprune.perplexity(model, evaluation), rel=1e-6), key

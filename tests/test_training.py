@@ -323,7 +323,7 @@ def test_finetuning_the_embedded_model_lowers_training_loss():
     from llmprune.data.text import tokens_for
     from llmprune.training.finetuning import training_windows
 
-    model, tokenizer = llmprune.load_embedded_model()
+    model, tokenizer = llmprune.load("smollm2", device="cpu"), llmprune.load_tokenizer("smollm2")
     options = FinetuneOptions(steps=4, batch_size=2, seqlen=32, lr=1e-4, warmup=0)
     windows = training_windows(tokens_for(tokenizer, "embedded", "calibration"), options)[:2]
     SparsityMasks(model).update(0.5)  # magnitude 50 %: the loss has room to fall

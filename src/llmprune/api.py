@@ -20,6 +20,7 @@ from llmprune.data.text import calibration_data, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.compressed import MANIFEST_KEY, compress_weights
+from llmprune.export.load import load
 from llmprune.export.save import prepare_output, save_pruned, staged_directory, write_metadata
 from llmprune.export.sharded import ShardWriter
 from llmprune.jobs import calibration_record, configured, perplexity_record, preflight, run_metadata
@@ -308,8 +309,6 @@ def evaluate(
 
 
 def _evaluate(config: EvalConfig, progress: Callable[[int, int], None] | None, quiet: bool) -> EvalReport:
-    from llmprune.export.load import load
-
     manager = None
 
     def check_tasks() -> None:  # names checked before the model is read, their datasets after its config
@@ -321,8 +320,8 @@ def _evaluate(config: EvalConfig, progress: Callable[[int, int], None] | None, q
             check_task_names(config.tasks, manager)
 
     sources = [config.data] if config.perplexity else []
-    windows = config.windows()
-    preflight(config.model, config.device, config.dtype, sources=sources, windows=windows, checks=check_tasks)
+    lengths = config.windows()
+    preflight(config.model, config.device, config.dtype, sources=sources, windows=lengths, checks=check_tasks)
     if manager is not None:
         from llmprune.evaluation.tasks import load_tasks
 

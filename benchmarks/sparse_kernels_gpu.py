@@ -5,7 +5,7 @@
    sparse layout, for every backend this PyTorch has (cuSPARSELt, CUTLASS). Medians of alternated timings,
    and the relative error of the sparse output against the dense one.
 2. The embedded model end to end: pruned 2:4 with ``llmprune prune --pattern 2:4``, its logits with and
-   without ``llmprune.accelerate`` compared, then ``llmprune bench PRUNED --baseline PRUNED
+   without ``llmprune.use_sparse_kernels`` compared, then ``llmprune bench PRUNED --baseline PRUNED
    --sparse-kernels`` (the baseline runs the same weights dense).
 
 Prints the GPU, its compute capability and the versions, and writes everything as JSON.
@@ -122,7 +122,7 @@ def logits_match(pruned: Path, device: torch.device, check: bool) -> dict:
     with torch.no_grad():
         dense = model(window).logits.float()
     convert = (lambda w: w.clone()) if check else None  # --check: stand-in conversion on the CPU
-    report = llmprune.accelerate(model, convert=convert)
+    report = llmprune.use_sparse_kernels(model, convert=convert)
     with torch.no_grad():
         sparse = model(window).logits.float()
     error = float((sparse - dense).norm() / dense.norm())

@@ -1,4 +1,5 @@
-"""``llmprune bench`` and the 2:4 sparse-kernel swap (``llmprune.accelerate``), on the CPU with tiny models.
+"""``llmprune bench`` and the 2:4 sparse-kernel swap (``llmprune.use_sparse_kernels``), on the CPU with tiny
+models.
 
 The sparse kernels themselves need an NVIDIA GPU of compute capability 8.0+; here the eligibility rules,
 the swap bookkeeping (with a stand-in conversion), the refusal without such a GPU, and the measurement
@@ -121,7 +122,7 @@ def test_classify_reports_every_ineligible_layer():
     assert choices["model.layers.0.self_attn.k_proj"].shape == (32, 64)
 
 
-def test_accelerate_swaps_eligible_layers_and_lists_the_rest():
+def test_sparse_kernels_swaps_eligible_layers_and_lists_the_rest():
     model = two_four_llama()
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight[0, :4] = 1.0
@@ -131,7 +132,7 @@ def test_accelerate_swaps_eligible_layers_and_lists_the_rest():
         converted.append(weight.shape)
         return weight.clone()
 
-    report = llmprune.accelerate(model, backend="cutlass", convert=stand_in)
+    report = llmprune.use_sparse_kernels(model, backend="cutlass", convert=stand_in)
     expected = [n for n in decoder_linears(model) if n != "model.layers.2.self_attn.o_proj"]
     assert report.swapped == expected
     assert len(converted) == len(expected)
@@ -145,28 +146,28 @@ def test_accelerate_swaps_eligible_layers_and_lists_the_rest():
     )
 
 
-def test_accelerate_puts_back_a_layer_whose_kernel_output_differs():
+def test_sparse_kernels_puts_back_a_layer_whose_kernel_output_differs():
     model = two_four_llama()
-    report = llmprune.accelerate(model, backend="cutlass", convert=lambda w: w.flip(1).contiguous())
+    report = llmprune.use_sparse_kernels(model, backend="cutlass", convert=lambda w: w.flip(1).contiguous())
     assert report.swapped == []
     reasons = {c.name: c.reasons[0] for c in report.skipped}
     assert "relative error of the sparse kernel is too large" in reasons["model.layers.0.mlp.up_proj"]
     assert torch.count_nonzero(model.model.layers[0].mlp.up_proj.weight) > 0  # the dense weight is back
 
 
-def test_accelerate_on_a_model_that_is_not_two_four_names_the_layers():
+def test_sparse_kernels_on_a_model_that_is_not_two_four_names_the_layers():
     model = tiny_model("llama").half()
     with pytest.raises(UsageError) as error:
-        llmprune.accelerate(model, convert=lambda w: w)
+        llmprune.use_sparse_kernels(model, convert=lambda w: w)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("no linear layer can use the 2:4 sparse kernels (22 checked): ")
     assert "model.layers.0.self_attn.q_proj (not 2:4: " in message and "and 17 more" in message
 
 
-def test_accelerate_without_a_gpu_says_what_hardware_is_needed():
+def test_sparse_kernels_without_a_gpu_says_what_hardware_is_needed():
     with pytest.raises(UsageError) as error:
-        llmprune.accelerate(two_four_llama())
+        llmprune.use_sparse_kernels(two_four_llama())
     assert str(error.value) == (
         "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 or newer "
         "(Ampere, Ada, Hopper, Blackwell); this run is on cpu"
@@ -222,7 +223,8 @@ def test_peak_working_memory_sees_an_allocation():
 
 def test_bench_alternates_and_reports_every_figure():
     model, baseline = tiny_model("llama"), tiny_model("llama", seed=1)
-    result = llmprune.bench(model, baseline, prompt_len=24, batch=2, new_tokens=3, repeats=3, warmup=1)
+    options = {"prompt_len": 24, "batch": 2, "new_tokens": 3, "repeats": 3, "warmup": 1}
+    result = llmprune.bench(model=model, baseline=baseline, **options)
     assert result.order == ["model", "baseline"] * 3
     assert result.device.startswith("cpu") and result.dtype == "float32"
     for figures in (result.model, result.baseline):
@@ -248,9 +250,8 @@ def test_bench_uses_the_clock_around_each_phase(monkeypatch):
     ticks = iter(range(0, 10_000, 2))  # every phase lasts 2 "seconds"
     monkeypatch.setattr(bench_module, "_clock", lambda: next(ticks))
     threads = torch.get_num_threads()
-    result = llmprune.bench(
-        tiny_model("llama"), prompt_len=8, batch=4, new_tokens=2, repeats=2, warmup=0, threads=threads + 1
-    )
+    options = {"prompt_len": 8, "batch": 4, "new_tokens": 2, "repeats": 2, "warmup": 0}
+    result = llmprune.bench(model=tiny_model("llama"), threads=threads + 1, **options)
     assert result.device.startswith(f"cpu ({threads + 1} threads") and torch.get_num_threads() == threads
     assert result.model.prefill_tokens_per_s == 4 * 8 / 2
     assert result.model.decode_tokens_per_s_batch == 4 * 2 / 2
@@ -261,9 +262,9 @@ def test_bench_uses_the_clock_around_each_phase(monkeypatch):
 
 def test_bench_refuses_a_prompt_longer_than_the_context():
     with pytest.raises(UsageError, match=r"--prompt-len 129 is longer than the context .* \(128 positions"):
-        llmprune.bench(tiny_model("llama"), prompt_len=129)
+        llmprune.bench(model=tiny_model("llama"), prompt_len=129)
     with pytest.raises(UsageError, match=r"--prompt-len 100 \+ --new-tokens 64 \(164 tokens\) is longer"):
-        llmprune.bench(tiny_model("llama"), prompt_len=100)
+        llmprune.bench(model=tiny_model("llama"), prompt_len=100)
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -330,8 +331,7 @@ def test_embedded_prompt_windows_fill_the_batch():
 
 @pytest.mark.slow
 def test_bench_on_the_embedded_model():
-    result = llmprune.bench(
-        "smollm2", prompt="embedded", prompt_len=32, batch=2, new_tokens=2, repeats=1, warmup=0, device="cpu"
-    )
+    config = llmprune.BenchConfig(prompt="embedded", prompt_len=32, batch=2, new_tokens=2, repeats=1)
+    result = llmprune.bench(config, warmup=0, device="cpu")
     assert result.model.name == "smollm2" and result.dtype == "float32"
     assert result.model.prefill_tokens_per_s > 0 and result.model.weight_bytes > 500 * 2**20

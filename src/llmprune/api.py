@@ -1,4 +1,5 @@
-"""The Python API: ``prune`` a loaded model, and ``run`` a whole configured job as the CLI does."""
+"""The Python API: ``prune`` a loaded model; ``run`` a whole configured job as ``llmprune prune`` does;
+``evaluate`` a model as ``llmprune eval`` does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,55 +15,55 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune.config import PruneOptions, RunConfig, build
-from llmprune.data.text import calibration_data, check_source, evaluation_data
+from llmprune.config import EvalConfig, PruneOptions, RunConfig
+from llmprune.data.text import calibration_data, evaluation_data
 from llmprune.errors import LlmpruneError, UsageError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.export.load import load
 from llmprune.export.save import save_pruned, write_model_metadata
-from llmprune.models.architecture import check_windows, decoder_layers
+from llmprune.jobs import calibration_record, configured, perplexity_record, preflight, run_metadata
+from llmprune.models.architecture import decoder_layers
 from llmprune.models.loading import (
-    check_model_name,
     fits_in_memory,
     load_plain_model,
-    load_skeleton,
     load_tokenizer,
     local_checkpoint,
+    models_checked_once,
     resolve_device,
     resolve_dtype,
 )
 from llmprune.models.packed import MANIFEST_KEY, compress_weights
 from llmprune.models.shards import CheckpointShards, ShardWriter, outside_layers, streaming_skeleton
 from llmprune.pipeline.distributed import Communicator, communicator_from_environment
-from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers, check_activation_memory
+from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pruning import ProgressCallback, plan_targets, prune_model
-from llmprune.storage import library_versions, prepare_output, staged_directory
+from llmprune.storage import prepare_output, staged_directory
 from llmprune.structured.layout import block_layout
 
 
 def prune(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor],
+    options: PruneOptions | None = None,
     *,
-    method: str = "wanda",
-    sparsity: float | None = None,
-    pattern: str = "unstructured",
     progress: ProgressCallback | None = None,
-    **options: Any,
+    **overrides: Any,
 ) -> PruneReport:
-    """Prune a loaded ``transformers`` causal LM in place.
+    """Prune a loaded ``transformers`` causal LM in place; returns what was done, layer by layer.
 
-    ``calibration`` is a LongTensor ``[n, seqlen]`` of token ids or an iterable of 1-D LongTensors. Any
-    ``PruneOptions`` field can be passed as a keyword (``true_sequential=True``, ``blocksize=64``, ...).
+    ``calibration`` is a LongTensor ``[n, seqlen]`` of token ids or an iterable of 1-D LongTensors.
+    ``options`` is a ``PruneOptions`` (default: Wanda, unstructured 50 %); any of its fields passed as a
+    keyword (``method="sparsegpt"``, ``pattern="2:4"``, ``true_sequential=True``...) overrides it.
     ``sparsity`` defaults to 0.5; with an N:M ``pattern`` it is implied (1 - N/M).
+    ``progress(done, total)`` is called after each decoder layer.
     """
-    config = build(PruneOptions, {"method": method, "sparsity": sparsity, "pattern": pattern, **options})
-    return prune_model(model, calibration, config, progress)
+    return prune_model(model, calibration, configured(PruneOptions, options, overrides), progress)
 
 
 @dataclass
-class RunResult:
+class RunReport:
     """Outcome of ``run``: the report, perplexities and where the model went."""
 
     config: RunConfig
@@ -86,14 +87,17 @@ def resume_checkpoint(config: RunConfig) -> LayerCheckpoint:
 
 
 def run(
-    config: RunConfig,
+    config: RunConfig | None = None,
+    /,
     *,
     save: bool = True,
     progress: ProgressCallback | None = None,
     comm: Communicator | None = None,
-) -> RunResult:
-    """Load, measure, prune, measure and save, as ``llmprune prune`` does. Cheap checks come first, and
-    the output is checked and held (``prepare_output``: locked against other runs) for the whole run.
+    **overrides: Any,
+) -> RunReport:
+    """Load, measure, prune, measure and save, as ``llmprune prune`` does: ``config``, a ``RunConfig``,
+    or its fields as keywords (which override ``config``'s). Cheap checks come first, and the output is
+    checked and held (``prepare_output``: locked against other runs) for the whole run.
 
     Progress is checkpointed after every decoder layer (when saving), so that a run killed midway can be
     continued with ``resume``; the checkpoint is deleted once the output is saved. Under ``torchrun`` (or
@@ -102,6 +106,7 @@ def run(
     would not fit in memory) decoder layers are streamed from the checkpoint's shards one at a time and
     each pruned layer is written to the output at once.
     """
+    config = configured(RunConfig, config, overrides)
     if comm is None:
         comm = communicator_from_environment(resolve_device(config.device))
         try:
@@ -109,11 +114,12 @@ def run(
         finally:
             comm.close()
     save = save and comm.rank == 0  # the output (and its lock) is rank 0's
-    with prepare_output(config.output_path(), config.overwrite) if save else contextlib.nullcontext():
+    held = prepare_output(config.output_path(), config.overwrite) if save else contextlib.nullcontext()
+    with held, models_checked_once():
         return _run(config, save, progress, comm)
 
 
-def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm: Communicator) -> RunResult:
+def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm: Communicator) -> RunReport:
     main = comm.rank == 0
     if config.resume and comm.world_size > 1:
         raise UsageError("--resume is not supported with several processes yet; resume in one process")
@@ -126,22 +132,15 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
         if not save:
             raise UsageError("resume needs a run that saves its output")
         resume_checkpoint(config).check()
-    check_model_name(config.model)
-    check_source(config.calibration)
-    if config.eval_nsamples and main:
-        check_source(config.eval_data)
-    # The layers to prune (N:M widths, --include/--exclude), checked on a weightless skeleton.
-    skeleton = load_skeleton(config.model)
-    check_windows(config.model, skeleton.config, config.windows())
+    sources = [config.calibration, *([config.eval_data] if config.eval_nsamples and main else [])]
+    checked = preflight(config.model, comm.device, config.dtype, sources=sources, windows=config.windows())
     options = config.prune_options()
-    plan_targets(skeleton, options)
-    dtype = resolve_dtype(config.dtype, comm.device)
-    model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
-    streamed = config.offload or not fits_in_memory(model_bytes, comm.device)
+    plan_targets(checked.skeleton, options)  # the layers to prune (N:M widths, --include/--exclude)
+    streamed = config.offload or not fits_in_memory(checked.model_bytes, comm.device)
     share = -(-config.nsamples // comm.world_size)  # this process's calibration samples, at most
-    check_activation_memory(skeleton, share, config.seqlen, dtype, comm.device, config.max_memory_bytes)
+    checked.check_activations(share, config.seqlen, config.max_memory_bytes)
     if options.pattern_spec.structured:
-        block_layout(skeleton, options.units)  # units this family supports
+        block_layout(checked.skeleton, options.units)  # units this family supports
         if streamed or config.resume:
             why = "--offload" if config.offload else "--resume" if config.resume else "a model this large"
             raise UsageError(f"structured pruning does not support {why} yet (it keeps the model in memory)")
@@ -197,27 +196,17 @@ class _Job:
 
     def metadata(self, report: PruneReport, dense: float | None, pruned: float | None) -> dict[str, Any]:
         config = self.config
-        return {
-            "recipe": config.model_dump(),
-            "calibration": {
-                "source": config.calibration,
-                "nsamples": config.nsamples,
-                "seqlen": config.seqlen,
-                "seed": config.seed,
-            },
-            "perplexity": {
-                "data": config.eval_data,
-                "windows": 0 if self.evaluation is None else len(self.evaluation),
-                "seqlen": config.eval_seqlen,
-                "dense": dense,
-                "pruned": pruned,
-            },
-            "report": report.to_dict(),
-            "versions": library_versions(),
-        }
+        return run_metadata(
+            config.model_dump(),
+            calibration=calibration_record(config),
+            perplexity=perplexity_record(
+                config.eval_data, self.evaluation, config.eval_seqlen, dense=dense, pruned=pruned
+            ),
+            report=report,
+        )
 
 
-def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
+def _run_in_memory(job: _Job, activations: ActivationStore) -> RunReport:
     config, comm, evaluation = job.config, job.comm, job.evaluation
     model = load_plain_model(config.model, config.dtype, str(comm.device))
     load_seconds = time.perf_counter() - job.started
@@ -232,10 +221,10 @@ def _run_in_memory(job: _Job, activations: ActivationStore) -> RunResult:
         saved = save_pruned(model, job.tokenizer, output, metadata, config.overwrite, config.save_format)
     if checkpoint is not None:
         checkpoint.clear()
-    return RunResult(config, report, dense, pruned, saved, load_seconds, metadata)
+    return RunReport(config, report, dense, pruned, saved, load_seconds, metadata)
 
 
-def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
+def _run_streamed(job: _Job, activations: ActivationStore) -> RunReport:
     """Parts of the model read from the checkpoint's shards only while needed; each pruned decoder layer
     is written to the output's shards (``models/shards.py``) as soon as it is done."""
     config, comm, evaluation = job.config, job.comm, job.evaluation
@@ -278,8 +267,92 @@ def _run_streamed(job: _Job, activations: ActivationStore) -> RunResult:
     if checkpoint is not None:
         checkpoint.clear()
     saved = config.output_path() if job.save else None
-    return RunResult(config, report, dense, pruned, saved, load_seconds, metadata, streamed=True)
+    return RunReport(config, report, dense, pruned, saved, load_seconds, metadata, streamed=True)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+@dataclass
+class EvalReport:
+    """What ``evaluate`` measured, each part None when not asked for: ``perplexity`` (``value``, ``data``,
+    ``windows``, ``seqlen``, ``seconds``) and lm-eval ``tasks`` (metric values per task)."""
+
+    model: str
+    perplexity: dict[str, Any] | None = None
+    tasks: dict[str, dict[str, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``llmprune eval --json`` prints it."""
+        return {"model": self.model, "perplexity": self.perplexity, "tasks": self.tasks}
+
+
+def evaluate(
+    config: EvalConfig | None = None,
+    /,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    quiet: bool = False,
+    **overrides: Any,
+) -> EvalReport:
+    """Perplexity of a model and, with ``tasks``, lm-eval tasks on the same loaded model, as ``llmprune
+    eval`` does: ``config``, an ``EvalConfig``, or its fields as keywords (which override ``config``'s).
+
+    Model, data and task names (and the tasks' datasets) are checked before the model is loaded; any
+    checkpoint ``llmprune.load`` reads can be evaluated. ``progress(done, total)`` follows the perplexity
+    windows; ``quiet`` turns off lm-eval's progress bars.
+    """
+    config = configured(EvalConfig, config, overrides)
+    with models_checked_once():
+        return _evaluate(config, progress, quiet)
+
+
+def _evaluate(config: EvalConfig, progress: Callable[[int, int], None] | None, quiet: bool) -> EvalReport:
+    manager = None
+
+    def check_tasks() -> None:  # names checked before the model is read, their datasets after its config
+        nonlocal manager
+        if config.tasks:
+            from llmprune.evaluation.tasks import check_task_names, task_manager
+
+            manager = task_manager(config.task_dir)
+            check_task_names(config.tasks, manager)
+
+    sources = [config.data] if config.perplexity else []
+    lengths = config.windows()
+    preflight(config.model, config.device, config.dtype, sources=sources, windows=lengths, checks=check_tasks)
+    if manager is not None:
+        from llmprune.evaluation.tasks import load_tasks
+
+        load_tasks(config.tasks, manager)
+    report = EvalReport(config.model)
+    tokenizer = load_tokenizer(config.model)
+    windows = None
+    if config.perplexity:
+        windows = evaluation_data(tokenizer, config.data, config.seqlen, config.nsamples or None)
+    loaded = load(config.model, config.dtype, config.device)  # also what needs llmprune to load
+    if windows is not None:
+        started = time.perf_counter()
+        value = perplexity(loaded, windows, progress=progress)
+        report.perplexity = {
+            "value": value,
+            "data": config.data,
+            "windows": len(windows),
+            "seqlen": config.seqlen,
+            "seconds": time.perf_counter() - started,
+        }
+    if config.tasks:
+        from llmprune.evaluation.tasks import evaluate_tasks
+
+        report.tasks = evaluate_tasks(
+            loaded,
+            tokenizer,
+            config.tasks,
+            num_fewshot=config.num_fewshot,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            manager=manager,
+            quiet=quiet,
+        )
+    return report

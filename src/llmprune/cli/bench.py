@@ -9,8 +9,9 @@ import click
 from rich.table import Table
 
 from llmprune.config import build
-from llmprune.inference.bench import BenchConfig, BenchResult, ModelFigures
+from llmprune.inference.bench import BenchConfig, BenchReport, ModelFigures
 
+from .console import console, out
 from .options import config_options, given
 
 ROWS = (  # label, attribute of ModelFigures, format, key of the speedup
@@ -30,7 +31,7 @@ def _cell(figures: ModelFigures, attribute: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def result_table(result: BenchResult) -> Table:
+def result_table(result: BenchReport) -> Table:
     """Metric rows; a column per model and, with a baseline, the ratio (> 1: MODEL is better)."""
     settings = result.settings
     table = Table(
@@ -57,29 +58,27 @@ def result_table(result: BenchResult) -> Table:
 def bench(model: str | None, as_json: bool, **flags: Any) -> None:
     """Prefill and decode throughput, time to first token and peak memory of MODEL (default: the embedded
     model), with --baseline measured alternately in the same run and the speedup per metric."""
-    from llmprune.cli.main import console, out
     from llmprune.inference.bench import bench as run_bench
 
     values = {**given(flags), **({"model": model} if model else {})}
     config = build(BenchConfig, values)  # bad options fail here, before anything is loaded
-    options = config.model_dump(exclude={"model", "baseline"})
     with console.status("loading") as status:
 
         def progress(done: int, total: int) -> None:
             status.update(f"measuring: round {done + 1} of {total} (warm-up rounds included)")
 
-        result = run_bench(config.model, config.baseline, progress=progress, **options)
+        result = run_bench(config, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     if result.kernels is not None:
-        from llmprune.inference.kernels import AccelerateReport, LayerChoice
+        from llmprune.inference.kernels import LayerChoice, SparseKernelsReport
 
         kernels = dict(result.kernels)
         kernels["skipped"] = [
             LayerChoice(**{**c, "reasons": tuple(c["reasons"])}) for c in kernels["skipped"]
         ]
-        console.print(AccelerateReport(**kernels).summary(), soft_wrap=True, markup=False)
+        console.print(SparseKernelsReport(**kernels).summary(), soft_wrap=True, markup=False)
     out.print(result_table(result))
     out.print(f"memory: {result.memory_method}", soft_wrap=True)
     out.print(

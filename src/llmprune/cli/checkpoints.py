@@ -10,7 +10,9 @@ from pydantic import Field
 
 from llmprune.config import StrictModel, build
 
+from .console import console, out
 from .options import config_options, given
+from .render import counted_progress
 
 
 class CopyOptions(StrictModel):
@@ -26,8 +28,6 @@ def _size(size: int) -> str:
 
 
 def _print_sizes(manifest: dict[str, Any]) -> None:
-    from llmprune.cli.main import out
-
     for layout, counts in manifest["layouts"].items():
         out.print(
             f"{layout}: {counts['tensors']} tensors, {_size(counts['dense_bytes'])} dense → "
@@ -42,8 +42,6 @@ def _print_sizes(manifest: dict[str, Any]) -> None:
 def compress(directory: str, **flags: Any) -> None:
     """Store the checkpoint DIRECTORY with its sparse weights packed (non-zeros plus a bitmask or N:M
     positions); llmprune.load reads it, llmprune decompress restores the plain checkpoint."""
-    from llmprune.cli.main import console, out
-    from llmprune.cli.render import counted_progress
     from llmprune.export.compressed import compress
     from llmprune.models.packed import MANIFEST_KEY
     from llmprune.storage import read_metadata
@@ -61,8 +59,6 @@ def compress(directory: str, **flags: Any) -> None:
 def decompress(directory: str, **flags: Any) -> None:
     """Write the plain checkpoint (dense safetensors, loadable by transformers) that the compressed
     checkpoint DIRECTORY holds, every checksum verified."""
-    from llmprune.cli.main import console, out
-    from llmprune.cli.render import counted_progress
     from llmprune.export.compressed import decompress
 
     options = build(CopyOptions, given(flags))
@@ -78,8 +74,6 @@ def decompress(directory: str, **flags: Any) -> None:
 def inspect(model_dir: str, as_json: bool, tensors: bool) -> None:
     """Per-layer sparsity, N:M compliance, parameter counts, file sizes and the recorded recipe of the
     checkpoint MODEL_DIR (plain, pruned or compressed), read one tensor at a time."""
-    from llmprune.cli.main import console, out
-    from llmprune.cli.render import counted_progress
     from llmprune.export.inspection import check_checkpoint, inspect_checkpoint
 
     check_checkpoint(model_dir)

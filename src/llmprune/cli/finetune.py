@@ -10,7 +10,9 @@ import click
 from llmprune.config import build, read_recipe
 from llmprune.training.config import FinetuneConfig
 
+from .console import Interrupted, console, out
 from .options import config_options, given
+from .render import counted_progress
 
 
 @click.command()
@@ -22,8 +24,6 @@ from .options import config_options, given
 def finetune(model: str | None, recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """Fine-tune a pruned MODEL keeping its zeros exactly (LM loss, optionally distilled from the dense
     model), or prune MODEL gradually while training (--gradual); save Hugging Face checkpoints."""
-    from llmprune.cli.main import Interrupted, console, out
-    from llmprune.cli.render import counted_progress
     from llmprune.training.finetuning import finetune as run_finetune
 
     values = read_recipe(recipe, FinetuneConfig) if recipe else {}

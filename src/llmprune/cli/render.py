@@ -17,14 +17,31 @@ def counted_progress(
     console: Console, description: str, quiet: bool = False
 ) -> Iterator[Callable[[int, int], None]]:
     """A transient progress bar (on ``console``) for a loop of known or unknown length; yields
-    ``advance(done, total)``. Shows nothing when ``quiet``, nor on a console that is not a terminal (where
-    a transient bar would only leave an empty line, e.g. before an error message)."""
+    ``advance(done, total)``. The bar appears at the first call and goes once ``done`` reaches a known
+    ``total``, so that it shows the loop only, not the work around it. Shows nothing when ``quiet``, nor on
+    a console that is not a terminal (where a transient bar would only leave an empty line, e.g. before an
+    error message)."""
     if quiet or not console.is_terminal:
         yield lambda done, total: None
         return
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    bar = Progress(console=console, transient=True)
+    task = bar.add_task(description, total=None)
+    started = False
+
+    def advance(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            bar.start()
+            started = True
+        bar.update(task, completed=done, total=total)
+        if total is not None and done >= total:
+            bar.stop()
+
+    try:
+        yield advance
+    finally:
+        if started:
+            bar.stop()
 
 
 @contextmanager

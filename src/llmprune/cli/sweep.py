@@ -13,6 +13,7 @@ from rich.table import Table
 from llmprune.config import build, read_recipe
 from llmprune.sweeps.config import SweepConfig
 
+from .console import Interrupted, console, out
 from .options import config_options, given
 
 
@@ -86,8 +87,6 @@ def sweep(recipe: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     OUTPUT/cells/; rerunning the same command continues an interrupted sweep, skipping finished cells.
     """
     from llmprune.sweeps.runner import run_sweep
-
-    from .main import Interrupted, console, out
 
     values = read_recipe(recipe, SweepConfig) if recipe else {}
     values.update(given(flags))

@@ -29,9 +29,14 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from llmprune.config import Count, DType, ModelName, RunConfig, Seed, StrictModel, build
+from llmprune.config import Count, DType, ModelName, RunConfig, Seed, StrictModel
 from llmprune.errors import UsageError
-from llmprune.inference.kernels import AccelerateReport, accelerate, model_bytes, require_sparse_kernels
+from llmprune.inference.kernels import (
+    SparseKernelsReport,
+    model_bytes,
+    require_sparse_kernels,
+    use_sparse_kernels,
+)
 from llmprune.models.architecture import check_window, context_length
 from llmprune.storage import trim_heap
 
@@ -88,7 +93,7 @@ class ModelFigures:
 
 
 @dataclass
-class BenchResult:
+class BenchReport:
     """Everything ``bench`` measured; ``speedup`` is baseline over model per metric (> 1: model better)."""
 
     device: str
@@ -338,49 +343,73 @@ def speedups(model: dict[str, list[float]], baseline: dict[str, list[float]]) ->
 # ---- the whole measurement ----------------------------------------------------------------------------
 
 
-def _load(
-    source: str | nn.Module, config: BenchConfig, device: torch.device
-) -> tuple[str, nn.Module, Any, Any]:
-    """(name, model, its config, its tokenizer or None)."""
+@dataclass(frozen=True)
+class _Loaded:
+    """A model ready to be measured."""
+
+    name: str
+    """As given (a loaded module: its class name)."""
+    model: nn.Module
+    tokenizer: Any = None
+    """Only for ``--prompt embedded``."""
+
+
+def _load(source: str | nn.Module, config: BenchConfig, device: torch.device) -> _Loaded:
     if isinstance(source, nn.Module):
-        return type(source).__name__, source.eval(), source.config, None
+        return _Loaded(type(source).__name__, source.eval())
     from llmprune.export.load import load
     from llmprune.models.loading import load_tokenizer
 
     model = load(source, config.dtype, str(device))  # the one loader: compressed and adaptive ones too
     tokenizer = load_tokenizer(source) if config.prompt == "embedded" else None
-    return source, model, model.config, tokenizer
+    return _Loaded(source, model, tokenizer)
 
 
 def bench(
-    model: str | nn.Module = "smollm2",
-    baseline: str | nn.Module | None = None,
+    config: BenchConfig | None = None,
+    /,
     *,
+    model: str | nn.Module | None = None,
+    baseline: str | nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
-) -> BenchResult:
-    """Measure prefill and decode throughput, time to first token and peak memory of ``model`` (a name
-    as ``llmprune bench`` takes, or a loaded causal LM), alternating with ``baseline`` when given.
+) -> BenchReport:
+    """Measure prefill and decode throughput, time to first token and peak memory of a model, alternating
+    with a baseline when there is one, as ``llmprune bench`` does.
 
-    ``options`` are the fields of ``BenchConfig`` (``prompt_len=``, ``batch=``, ``sparse_kernels=``...);
-    ``progress(done, total)`` is called before each round.
-    Bad input raises a one-line UsageError before any model is loaded where possible.
+    ``config`` is a ``BenchConfig``; its fields can be passed as keywords instead (``prompt_len=``,
+    ``batch=``, ``sparse_kernels=``...), overriding ``config``'s. ``model`` and ``baseline`` may also be
+    loaded causal LMs (measured on the device they are on). ``progress(done, total)`` is called before
+    each round. Bad input raises a one-line UsageError before any model is loaded where possible.
     """
+    from llmprune.jobs import configured
+    from llmprune.models.loading import models_checked_once
+
+    given = {label: value for label, value in (("model", model), ("baseline", baseline)) if value is not None}
+    names = {label: value for label, value in given.items() if isinstance(value, str)}
+    if isinstance(model, nn.Module):
+        names["model"] = type(model).__name__  # as the settings record it
+    config = configured(BenchConfig, config, {**options, **names})
+    with models_checked_once():
+        return _bench(config, given, progress)
+
+
+def _bench(
+    config: BenchConfig, given: dict[str, str | nn.Module], progress: Callable[[int, int], None] | None
+) -> BenchReport:
     from llmprune.models.loading import check_model_name, resolve_device, resolve_dtype
 
-    names = {"model": model if isinstance(model, str) else type(model).__name__}
-    if isinstance(baseline, str):
-        names["baseline"] = baseline
-    config: BenchConfig = build(BenchConfig, {**options, **names})
+    sources: dict[str, str | nn.Module] = {"model": given.get("model", config.model)}
+    baseline = given.get("baseline", config.baseline)
+    if baseline is not None:
+        sources["baseline"] = baseline
+    model = sources["model"]
     device = resolve_device(config.device)
     if isinstance(model, nn.Module):
         device = next(model.parameters()).device
     if config.sparse_kernels:
         dtype = None if isinstance(model, nn.Module) else resolve_dtype(config.dtype, device)
         require_sparse_kernels(device, dtype)
-    sources: dict[str, str | nn.Module] = {"model": model}
-    if baseline is not None:
-        sources["baseline"] = baseline
     for source in sources.values():  # every name first: a typo in the second fails before any conversion
         if isinstance(source, str):
             check_model_name(source, tokenizer=config.prompt == "embedded")
@@ -403,13 +432,14 @@ def _measure(
     sources: dict[str, str | nn.Module],
     device: torch.device,
     progress: Callable[[int, int], None] | None,
-) -> BenchResult:
+) -> BenchReport:
     loaded = {label: _load(source, config, device) for label, source in sources.items()}
-    kernels: AccelerateReport | None = None
+    measured = loaded["model"]
+    kernels: SparseKernelsReport | None = None
     if config.sparse_kernels:
-        kernels = accelerate(loaded["model"][1], backend=config.kernel_backend)
-    vocab = min(int(entry[2].vocab_size) for entry in loaded.values())
-    prompt = make_prompt(config, vocab, loaded["model"][3]).to(device)
+        kernels = use_sparse_kernels(measured.model, backend=config.kernel_backend)
+    vocab = min(int(entry.model.config.vocab_size) for entry in loaded.values())
+    prompt = make_prompt(config, vocab, measured.tokenizer).to(device)
 
     def round_of(module: nn.Module) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
@@ -420,17 +450,17 @@ def _measure(
         return run
 
     samples, order = alternate(
-        {label: round_of(entry[1]) for label, entry in loaded.items()},
+        {label: round_of(entry.model) for label, entry in loaded.items()},
         config.warmup,
         config.repeats,
         progress,
     )
     figures = {
-        label: _figures(entry[0], samples[label], config, model_bytes(entry[1]))
+        label: _figures(entry.name, samples[label], config, model_bytes(entry.model))
         for label, entry in loaded.items()
     }
-    first = next(p for p in loaded["model"][1].parameters() if p.is_floating_point())
-    result = BenchResult(
+    first = next(p for p in measured.model.parameters() if p.is_floating_point())
+    result = BenchReport(
         device=_describe_device(device),
         dtype=str(first.dtype).removeprefix("torch."),
         settings=config.model_dump(mode="json"),

@@ -5,7 +5,8 @@ at most 2 non-zeros in every group of 4 consecutive inputs at up to twice the de
 this as ``SparseSemiStructuredTensor`` (``torch.sparse.to_sparse_semi_structured``), with two backends:
 cuSPARSELt (when PyTorch was built with it) and CUTLASS. Each kernel accepts some dtypes and weight shapes
 only (``_DTYPE_SHAPE_CONSTRAINTS`` in ``torch/sparse/semi_structured.py``); inputs of any token count are
-padded by PyTorch itself. Eligibility is decided here by pure functions; ``accelerate`` swaps the weights.
+padded by PyTorch itself. Eligibility is decided here by pure functions; ``use_sparse_kernels`` swaps the
+weights.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class LayerChoice:
 
 
 @dataclass
-class AccelerateReport:
-    """What ``accelerate`` did: the backend, the layers swapped and those left dense with the reason."""
+class SparseKernelsReport:
+    """What ``use_sparse_kernels`` did: the backend, the layers swapped, those left dense and why."""
 
     backend: str
     swapped: list[str] = field(default_factory=list)
@@ -200,13 +201,13 @@ def _matches(module: nn.Linear, dense: torch.Tensor, tokens: int = 16) -> str | 
     return None if error <= TOLERANCE else f"the {error:.2g} relative error of the sparse kernel is too large"
 
 
-def accelerate(
+def use_sparse_kernels(
     model: nn.Module,
     *,
     backend: str = "auto",
     convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verify: bool = True,
-) -> AccelerateReport:
+) -> SparseKernelsReport:
     """Swap every 2:4-sparse linear weight of ``model`` to PyTorch's semi-structured sparse layout, in place.
 
     Layers that are not 2:4, or whose dtype or shape the kernels refuse, stay dense and are reported with
@@ -223,7 +224,7 @@ def accelerate(
     backend = default_backend() if backend == "auto" else backend
     convert = convert or semi_structured(backend)
     choices = classify(model, backend)
-    report = AccelerateReport(backend, skipped=[c for c in choices if not c.eligible])
+    report = SparseKernelsReport(backend, skipped=[c for c in choices if not c.eligible])
     eligible = [c for c in choices if c.eligible]
     if not eligible:
         raise UsageError(

@@ -15,6 +15,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -88,10 +89,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 """A tokenizer's vocabulary is in one of these (or a ``*.tiktoken`` file)."""
 
 
+_CHECKED: ContextVar[set[tuple[str, bool]] | None] = ContextVar("llmprune_checked_models", default=None)
+
+
+@contextmanager
+def models_checked_once() -> Iterator[None]:
+    """Within this block ``check_model_name`` checks each name once: a command checks its model up front,
+    then resolves it again to read its config, tokenizer and weights (nested blocks share the outer one)."""
+    if _CHECKED.get() is not None:
+        yield
+        return
+    token = _CHECKED.set(set())
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def check_model_name(name: str, tokenizer: bool = True) -> None:
     """Fail fast, in one line, on a model that cannot exist or is damaged, without loading anything: a
     local directory is validated (``check_checkpoint_dir``), a GGUF file must be one, and its conversion
     must be cached already or writable to the cache. ``tokenizer``: the command needs the model's."""
+    checked = _CHECKED.get()
+    if checked is not None and ((name, tokenizer) in checked or (name, True) in checked):
+        return
+    _check_model_name(name, tokenizer)
+    if checked is not None:
+        checked.add((name, tokenizer))
+
+
+def _check_model_name(name: str, tokenizer: bool) -> None:
     if name == EMBEDDED_ALIAS:
         _check_gguf_source(embedded_gguf_path())
         return

@@ -23,22 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune.config import build
-from llmprune.data.text import calibration_data, check_source, evaluation_data
+from llmprune.data.text import calibration_data, evaluation_data
 from llmprune.errors import UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import save_pruned
-from llmprune.models.architecture import check_windows
-from llmprune.models.loading import (
-    check_model_name,
-    fits_in_memory,
-    load_plain_model,
-    load_skeleton,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
-from llmprune.pipeline.offload import check_activation_memory
+from llmprune.jobs import calibration_record, configured, perplexity_record, preflight, run_metadata
+from llmprune.models.loading import fits_in_memory, load_plain_model, load_tokenizer, models_checked_once
 from llmprune.pruning import ProgressCallback, plan_targets, prune_model
 from llmprune.storage import is_own_output, library_versions, output_lock, write_atomically
 from llmprune.sweeps.config import Cell, SweepConfig
@@ -53,7 +43,7 @@ CellCallback = Callable[[int, int, Cell, bool], None]
 
 
 @dataclass
-class SweepResult:
+class SweepReport:
     """What ``sweep`` produced: one record per cell (grid order) and the files written."""
 
     config: SweepConfig
@@ -137,19 +127,13 @@ def finished_cells(config: SweepConfig) -> dict[str, dict[str, Any]]:
 
 def _check_cheaply(config: SweepConfig) -> None:
     """Every cell's layer plan (N:M widths, --include/--exclude) on a weightless skeleton, before loading."""
-    device = resolve_device(config.device)
-    check_model_name(config.model)
-    check_source(config.calibration)
-    check_source(config.eval_data)
-    skeleton = load_skeleton(config.model)
-    check_windows(config.model, skeleton.config, config.windows())
+    sources = [config.calibration, config.eval_data]
+    checked = preflight(config.model, config.device, config.dtype, sources=sources, windows=config.windows())
     for cell in config.cells():
-        plan_targets(skeleton, config.cell_config(cell).prune_options())
-    dtype = resolve_dtype(config.dtype, device)
-    model_bytes = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
-    if not fits_in_memory(model_bytes + model_bytes, torch.device("cpu")):
+        plan_targets(checked.skeleton, config.cell_config(cell).prune_options())
+    if not fits_in_memory(2 * checked.model_bytes, torch.device("cpu")):
         raise UsageError("a sweep keeps the model and a CPU copy of its dense weights in memory; too large")
-    check_activation_memory(skeleton, config.nsamples, config.seqlen, dtype, device, None)
+    checked.check_activations(config.nsamples, config.seqlen)
 
 
 def dense_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -182,20 +166,20 @@ def run_sweep(
     *,
     on_cell: CellCallback | None = None,
     progress: ProgressCallback | None = None,
-) -> SweepResult:
+) -> SweepReport:
     """Run every cell not already finished in ``config.output``, then write the results and the report.
 
     ``on_cell(index, total, cell, skipped)`` is called as each cell starts; ``progress(done, total)`` over
     the decoder layers of the cell being pruned. The output is held (``output_lock``: locked against other
     runs, its parent proved writable) from before anything is read to the report.
     """
-    with output_lock(config.output):
+    with output_lock(config.output), models_checked_once():
         return _run_sweep(config, on_cell, progress)
 
 
 def _run_sweep(
     config: SweepConfig, on_cell: CellCallback | None, progress: ProgressCallback | None
-) -> SweepResult:
+) -> SweepReport:
     output = Path(config.output)
     state = existing_state(config)
     cells = config.cells()
@@ -226,15 +210,17 @@ def _run_sweep(
             index = cells.index(cell)
             if on_cell is not None:
                 on_cell(index, len(cells), cell, False)
-            done[cell.key] = _run_cell(config, cell, model, tokenizer, calibration, evaluation, progress)
+            done[cell.key] = _run_cell(
+                config, cell, model, tokenizer, calibration, evaluation, state, progress
+            )
             computed.append(cell.key)
         del model, dense
     records = [done[cell.key] for cell in cells]
     files = write_report(output, config, state, records)
-    return SweepResult(config, output, state["dense_perplexity"], records, computed, files)
+    return SweepReport(config, output, state["dense_perplexity"], records, computed, files)
 
 
-def _run_cell(config, cell, model, tokenizer, calibration, evaluation, progress) -> dict[str, Any]:
+def _run_cell(config, cell, model, tokenizer, calibration, evaluation, state, progress) -> dict[str, Any]:
     run_config = config.cell_config(cell)
     report = prune_model(model, calibration, run_config.prune_options(), progress)
     started = time.perf_counter()
@@ -256,11 +242,15 @@ def _run_cell(config, cell, model, tokenizer, calibration, evaluation, progress)
     }
     if config.save_models:
         target = Path(config.output) / MODELS_DIR / cell.key
-        metadata = {
-            "recipe": run_config.model_dump(),
-            "report": report.to_dict(),
-            "versions": library_versions(),
-        }
+        measured = perplexity_record(
+            config.eval_data, evaluation, config.eval_seqlen, dense=state["dense_perplexity"], pruned=value
+        )
+        metadata = run_metadata(
+            run_config.model_dump(),
+            calibration=calibration_record(run_config),
+            perplexity=measured,
+            report=report,
+        )
         save_pruned(model, tokenizer, target, metadata, overwrite=True)  # a killed run's copy is replaced
         record["model"] = str(target)
     _write_json(Path(config.output) / CELLS_DIR / f"{cell.key}.json", record)
@@ -274,12 +264,9 @@ def sweep(
     on_cell: CellCallback | None = None,
     progress: ProgressCallback | None = None,
     **options: Any,
-) -> SweepResult:
+) -> SweepReport:
     """Run a sweep (``llmprune sweep``): ``config``, or a ``SweepConfig`` built from keyword options,
     e.g. ``sweep(methods=["wanda", "magnitude"], sparsities=[0.5, 0.7], output="sweep/")``. Rerun with
     the same options and output to resume an interrupted sweep."""
-    if config is None:
-        config = build(SweepConfig, options)
-    elif options:
-        config = build(SweepConfig, {**config.model_dump(exclude_unset=True), **options})
+    config = configured(SweepConfig, config, options)
     return run_sweep(config, on_cell=on_cell, progress=progress)

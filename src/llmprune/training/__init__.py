@@ -1,21 +1,18 @@
 """Training-time pruning: gradual pruning schedules, masks that hold under any optimizer, a
-``transformers.TrainerCallback`` and sparse fine-tuning (optionally distilled from the dense model)."""
+``transformers.TrainerCallback`` and sparse fine-tuning (optionally distilled from the dense model).
 
-from llmprune.training.config import FinetuneConfig, FinetuneOptions
-from llmprune.training.finetuning import FinetuneResult, finetune, finetune_model
-from llmprune.training.masks import SparsityMasks
-from llmprune.training.pruner import GradualPruner, PruningCallback
-from llmprune.training.schedule import Schedule, sparsity_at
+Its names are imported on first use, and ``llmprune`` re-exports every one of them (``__all__``).
+"""
 
-__all__ = [
-    "FinetuneConfig",
-    "FinetuneOptions",
-    "FinetuneResult",
-    "GradualPruner",
-    "PruningCallback",
-    "Schedule",
-    "SparsityMasks",
-    "finetune",
-    "finetune_model",
-    "sparsity_at",
-]
+from llmprune._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "llmprune.training.config": ("FinetuneConfig", "FinetuneOptions"),
+        "llmprune.training.finetuning": ("FinetuneReport", "finetune", "finetune_model"),
+        "llmprune.training.masks": ("SparsityMasks",),
+        "llmprune.training.pruner": ("GradualPruner", "PruningCallback"),
+        "llmprune.training.schedule": ("Schedule", "sparsity_at"),
+    },
+)

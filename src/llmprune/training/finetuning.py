@@ -15,21 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.config import build
-from llmprune.data.text import calibration_windows, check_source, evaluation_data, tokens_for
+from llmprune.data.text import calibration_windows, evaluation_data, tokens_for
 from llmprune.errors import LlmpruneError, NonFiniteError, UsageError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import write_model_metadata
+from llmprune.jobs import configured, perplexity_record, preflight, run_metadata
 from llmprune.methods.patterns import Pattern, n_m_violations
-from llmprune.models.architecture import check_windows
-from llmprune.models.loading import (
-    check_model_name,
-    load_plain_model,
-    load_skeleton,
-    load_tokenizer,
-    resolve_device,
-)
-from llmprune.storage import check_output, library_versions, prepare_output, read_metadata, staged_directory
+from llmprune.models.loading import check_model_name, load_plain_model, load_tokenizer, models_checked_once
+from llmprune.storage import check_output, prepare_output, read_metadata, staged_directory
 from llmprune.training.config import FinetuneConfig, FinetuneOptions
 from llmprune.training.masks import SparsityMasks, check_pattern_fits, linear_targets
 from llmprune.training.pruner import GradualPruner
@@ -57,7 +50,7 @@ def training_windows(tokens: torch.Tensor, options: FinetuneOptions) -> torch.Te
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneReport:
     """What training did: the loss of every step, wall and CPU (all threads) time per training step (hooks
     in ``on_step`` excluded) and the sparsity it ended with."""
 
@@ -128,14 +121,14 @@ def finetune_model(
     masks: SparsityMasks | None = None,
     on_step: StepCallback | None = None,
     **values: Any,
-) -> FinetuneResult:
+) -> FinetuneReport:
     """Train ``model`` in place on token ``windows`` (``[steps * batch_size, seqlen]``) with AdamW.
 
     Without ``gradual`` the mask is the model's zeros (or ``masks``) and holds exactly; with ``gradual``
     the model is pruned on the options' schedule. ``teacher`` is needed when ``distill`` is set.
     A non-finite loss (checked every step) or non-finite weights at the end raise ``DivergedError``.
     """
-    options = options or build(FinetuneOptions, values)
+    options = configured(FinetuneOptions, options, values)
     if options.distill and teacher is None:
         raise UsageError("distillation needs a teacher model")
     bad = nonfinite_parameter(model)
@@ -191,7 +184,7 @@ def finetune_model(
     check_finite_weights(model, options.steps)
     check_nm(pruner.masks, pruner.masks.pattern)
     steps = max(1, len(losses))
-    return FinetuneResult(
+    return FinetuneReport(
         losses,
         wall / steps,
         cpu / steps,
@@ -216,7 +209,7 @@ def recorded_pattern(model: str) -> Pattern:
     return pattern if pattern.is_nm else Pattern()
 
 
-def sparsity_metadata(result: FinetuneResult) -> dict[str, Any]:
+def sparsity_metadata(result: FinetuneReport) -> dict[str, Any]:
     return {"overall": result.overall_sparsity, "pattern": result.pattern, "layers": result.sparsity}
 
 
@@ -229,38 +222,53 @@ def save_checkpoint(model, tokenizer, output: Path, metadata: dict[str, Any], ov
     return output
 
 
-def finetune(config: FinetuneConfig | None = None, *, on_step: StepCallback | None = None, **values: Any):
+def finetune(
+    config: FinetuneConfig | None = None, /, *, on_step: StepCallback | None = None, **overrides: Any
+) -> FinetuneReport:
     """``llmprune finetune``: load MODEL, fine-tune it keeping its sparsity (or prune it gradually), save.
 
-    Accepts a ``FinetuneConfig`` or its fields as keywords. Cheap checks (options, paths, data length, N:M
-    widths, teacher) come before any model is loaded, and the output is held (``prepare_output``) until
-    the last save. Returns a ``FinetuneResult`` with perplexities in its metadata.
+    Takes a ``FinetuneConfig``, or its fields as keywords (which override ``config``'s). Cheap checks
+    (options, paths, data length, N:M widths, teacher) come before any model is loaded, and the output is
+    held (``prepare_output``) until the last save. Returns a ``FinetuneReport`` with perplexities in its
+    metadata.
     """
-    config = config or build(FinetuneConfig, values)
-    with prepare_output(config.output_path(), config.overwrite):  # held until the last save
+    config = configured(FinetuneConfig, config, overrides)
+    # the output is held until the last save
+    with prepare_output(config.output_path(), config.overwrite), models_checked_once():
         return _finetune(config, on_step)
 
 
-def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneResult:
+def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneReport:
     output = config.output_path()
     for step in config.checkpoint_steps():
         check_output(config.checkpoint_path(step), config.overwrite)
-    resolve_device(config.device)
-    check_model_name(config.model)
-    check_source(config.data)
-    teacher_name = config.teacher or (default_teacher(config.model) if config.distill else None)
-    if config.distill and teacher_name is None:
-        raise UsageError(
-            f"--distill needs --teacher: {config.model} has no llmprune.json recording its dense model"
-        )
-    if teacher_name is not None:
-        check_model_name(teacher_name, tokenizer=False)  # the student's tokenizer serves both
-    skeleton = load_skeleton(config.model)
-    pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
-    check_pattern_fits(linear_targets(skeleton), pattern)
-    check_windows(config.model, skeleton.config, config.windows())
+    teacher_name, pattern = None, Pattern()
+
+    def check_teacher() -> None:
+        nonlocal teacher_name
+        teacher_name = config.teacher or (default_teacher(config.model) if config.distill else None)
+        if config.distill and teacher_name is None:
+            raise UsageError(
+                f"--distill needs --teacher: {config.model} has no llmprune.json recording its dense model"
+            )
+        if teacher_name is not None:
+            check_model_name(teacher_name, tokenizer=False)  # the student's tokenizer serves both
+
+    def check_pattern(skeleton: nn.Module) -> None:  # the N:M widths of the layers to keep sparse
+        nonlocal pattern
+        pattern = Pattern.parse(config.pattern) if config.gradual else recorded_pattern(config.model)
+        check_pattern_fits(linear_targets(skeleton), pattern)
+
+    checked = preflight(
+        config.model,
+        config.device,
+        sources=[config.data],
+        windows=config.windows(),
+        checks=check_teacher,
+        skeleton_checks=check_pattern,
+    )
     if config.distill:
-        check_windows(teacher_name, load_skeleton(teacher_name).config, {"--seqlen": config.seqlen})
+        preflight(teacher_name, checked.device, windows={"--seqlen": config.seqlen}, tokenizer=False)
     tokenizer = load_tokenizer(config.model)
     windows = training_windows(tokens_for(tokenizer, config.data, "calibration"), config)
     evaluation = (
@@ -274,19 +282,15 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
     before = perplexity(model, evaluation) if evaluation is not None else None
     source = read_metadata(config.model) if Path(config.model).is_dir() else {}
 
-    def metadata(result: FinetuneResult | None, steps: int, after: float | None = None) -> dict[str, Any]:
-        return {
-            "recipe": source.get("recipe"),
-            "finetune": {**config.model_dump(), "teacher": teacher_name, "steps_done": steps},
-            "sparsity": sparsity_metadata(result) if result else None,
-            "perplexity": {
-                "data": "embedded",
-                "seqlen": config.eval_seqlen,
-                "before": before,
-                "after": after,
-            },
-            "versions": library_versions(),
-        }
+    def metadata(result: FinetuneReport | None, steps: int, after: float | None = None) -> dict[str, Any]:
+        return run_metadata(
+            source.get("recipe"),
+            finetune={**config.model_dump(), "teacher": teacher_name, "steps_done": steps},
+            sparsity=sparsity_metadata(result) if result else None,
+            perplexity=perplexity_record(
+                "embedded", evaluation, config.eval_seqlen, before=before, after=after
+            ),
+        )
 
     masks = None if config.gradual else SparsityMasks.from_zeros(model, pattern)
     saves = set(config.checkpoint_steps())
@@ -295,7 +299,7 @@ def _finetune(config: FinetuneConfig, on_step: StepCallback | None) -> FinetuneR
     def each_step(step: int, loss: float, trained: nn.Module) -> None:
         if step in saves:
             check_finite_weights(trained, step)
-            partial = FinetuneResult(
+            partial = FinetuneReport(
                 [], 0.0, 0.0, masks_now.sparsity(), masks_now.overall(), str(masks_now.pattern)
             )
             path = config.checkpoint_path(step)

@@ -564,3 +564,48 @@ def test_a_step_may_replace_the_layer_and_the_walk_goes_on_with_the_new_one():
     with torch.no_grad():
         expected = model.model(batches[0]).last_hidden_state  # the model with the new layers
     torch.testing.assert_close(model.model.norm(walked.hidden[0]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_readme_step_example_registers_and_prunes_as_it_says(monkeypatch):
+    """The README's "adding a per-layer algorithm" example is one class and one registry line: with its
+    options, the run takes it (the latest registered), it zeroes exactly half of every down_proj by
+    |W|·‖X‖ over the whole matrix, and nothing else changes; other options still take the built-in step."""
+    from llmprune import pruning
+    from llmprune.pipeline.steps import LinearStep
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("<!-- layer-step example -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(pruning, "STEPS", dict(pruning.STEPS))
+    exec(example, {})  # registers ScaledMagnitude in (the copy of) STEPS
+    assert list(pruning.STEPS)[-1] == "scaled_magnitude"
+    model, calibration = tiny_model("llama"), tiny_calibration()
+    dense = copy.deepcopy(model)
+    norms: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, args):  # Σx² of down_proj's inputs, on the dense model
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            norms[name] = norms.get(name, 0) + (x * x).sum(0)
+
+        return hook
+
+    projections = [(n, m) for n, m in dense.named_modules() if n.endswith("down_proj")]
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in projections]
+    with torch.no_grad():
+        dense(calibration)
+    for handle in handles:
+        handle.remove()
+    options = llmprune.PruneOptions(method="magnitude", include=["*.down_proj"])
+    llmprune.prune(model, calibration, options)
+    for (name, after), before in zip(model.named_parameters(), dense.parameters(), strict=True):
+        if not name.endswith("down_proj.weight"):
+            assert torch.equal(after, before), name
+            continue
+        kept = after != 0
+        assert int((~kept).sum()) >= after.numel() // 2
+        # the first layer sees dense inputs: its zeros are exactly the lowest half of |W|·‖X‖
+        if ".0." in name:
+            scores = before.abs().double() * norms[name.removesuffix(".weight")].sqrt()
+            assert scores[~kept].max() <= scores[kept].min()
+    assert pruning.STEPS["linear"] is LinearStep
+    assert pruning.step_name(llmprune.PruneOptions(method="wanda")) == "linear"

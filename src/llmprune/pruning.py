@@ -1,15 +1,16 @@
 """Pruning a model: the step the options choose, run by the one walk over the decoder layers.
 
 Each kind of per-layer pruning is one step (``pipeline.walk.LayerStep``, plus what a run needs before
-and after the walk: ``PruningStep``), registered in ``STEPS`` under the name ``step_name`` picks from the
-options. ``prune_model`` builds it, shares the calibration batches among processes and walks.
+and after the walk: ``PruningStep``), registered in ``STEPS``. The step whose ``wanted(options)`` is true
+runs; the latest registered is asked first, so a new step can take over options that a built-in one
+would also take. ``prune_model`` builds it, shares the calibration batches among processes and walks.
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -55,7 +56,15 @@ class PruningStep(LayerStep, Protocol):
         ...
 
 
-StepFactory = Callable[[nn.Module, PruneOptions], PruningStep]
+class StepFactory(Protocol):
+    """A registered step: a class built from the model and options, saying which options it serves."""
+
+    def __call__(self, model: nn.Module, options: PruneOptions) -> PruningStep: ...
+
+    def wanted(self, options: PruneOptions) -> bool:
+        """Whether this step does the pruning ``options`` ask for."""
+        ...
+
 
 STEPS: dict[str, StepFactory] = {
     "linear": LinearStep,
@@ -65,8 +74,11 @@ STEPS: dict[str, StepFactory] = {
 
 
 def step_name(options: PruneOptions) -> str:
-    """The registered step that ``options`` ask for."""
-    return "structured" if options.pattern_spec.structured else "linear"
+    """The registered step that ``options`` ask for: the latest registered that wants them."""
+    for name, factory in reversed(STEPS.items()):
+        if factory.wanted(options):
+            return name
+    raise UsageError(f"no registered pruning step does pattern {options.pattern!r} with {options.method}")
 
 
 @torch.no_grad()

@@ -183,6 +183,11 @@ class LinearStep:
     streams = True
     """It may stream layers and checkpoint them (``pruning.PruningStep``)."""
 
+    @staticmethod
+    def wanted(options: PruneOptions) -> bool:
+        """Unstructured and N:M patterns."""
+        return not options.pattern_spec.structured
+
     def __init__(self, model: nn.Module, options: PruneOptions) -> None:
         self.method = METHODS[options.method]
         self.plan = plan_targets(model, options)

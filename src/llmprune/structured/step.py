@@ -167,6 +167,11 @@ class StructuredStep:
     statistic = "hessian"
     timing = "after"
 
+    @staticmethod
+    def wanted(options: PruneOptions) -> bool:
+        """``--pattern structured``."""
+        return options.pattern_spec.structured
+
     def __init__(self, model: nn.Module, options: PruneOptions) -> None:
         self.options = options
         self.removal: UnitRemoval | None = None

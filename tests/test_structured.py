@@ -18,8 +18,8 @@ from conftest import (
 )
 from llmprune.errors import UsageError
 from llmprune.structured import step as structured_step
-from llmprune.structured.blocks import WidthPlan
 from llmprune.structured.reconstruct import least_squares_refit, mean_compensation
+from llmprune.structured.removal import WidthPlan
 from llmprune.structured.scores import column_scores, keep_highest
 
 

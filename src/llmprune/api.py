@@ -40,7 +40,7 @@ from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pruning import ProgressCallback, plan_targets, prune_model
 from llmprune.storage import prepare_output, staged_directory
-from llmprune.structured.layout import block_layout
+from llmprune.structured.layout import unit_layout
 
 
 def prune(
@@ -140,7 +140,7 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
     share = -(-config.nsamples // comm.world_size)  # this process's calibration samples, at most
     checked.check_activations(share, config.seqlen, config.max_memory_bytes)
     if options.pattern_spec.structured:
-        block_layout(checked.skeleton, options.units)  # units this family supports
+        unit_layout(checked.skeleton, options.units)  # units this family supports
         if streamed or config.resume:
             why = "--offload" if config.offload else "--resume" if config.resume else "a model this large"
             raise UsageError(f"structured pruning does not support {why} yet (it keeps the model in memory)")

@@ -4,7 +4,7 @@ One Hugging Face config cannot describe such a model, so it is saved as an ordin
 whose ``config.json`` keeps the dense widths, and ``llmprune.json`` records every layer's widths under
 ``layer_widths`` (query heads, key/value heads, MLP width). ``llmprune.load`` builds the model from the
 config with empty (meta) weights, replaces each decoder layer by one of its recorded widths
-(``blocks.config_with_widths``), then reads every tensor from the checkpoint: each one must match.
+(``removal.config_with_widths``), then reads every tensor from the checkpoint: each one must match.
 Plain ``from_pretrained`` fails on such a checkpoint with a size-mismatch error.
 """
 
@@ -16,14 +16,14 @@ from torch import nn
 
 from llmprune.errors import UsageError
 from llmprune.models.architecture import decoder_layers, read_weight
-from llmprune.structured.blocks import attention_shape, config_widths, config_with_widths
-from llmprune.structured.layout import LAYOUTS, BlockLayout
+from llmprune.structured.layout import LAYOUTS, UnitLayout
+from llmprune.structured.removal import attention_shape, config_widths, config_with_widths
 
 WIDTHS_KEY = "layer_widths"
 """Key of the per-layer widths in ``llmprune.json``."""
 
 
-def _layout(config) -> BlockLayout | None:
+def _layout(config) -> UnitLayout | None:
     return LAYOUTS.get(getattr(config, "model_type", None))
 
 

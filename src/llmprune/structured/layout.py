@@ -18,7 +18,7 @@ from llmprune.models.architecture import describe
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class UnitLayout:
     """Module paths inside one decoder layer, and the config fields holding its widths."""
 
     mlp_inputs: tuple[str, ...]
@@ -34,14 +34,14 @@ class BlockLayout:
     bias compensation where the output projection has no bias of its own)."""
 
 
-_LLAMA = BlockLayout(
+_LLAMA = UnitLayout(
     mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp.down_proj",
     mlp_width="intermediate_size",
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
 )
 
-LAYOUTS: dict[str, BlockLayout] = {
+LAYOUTS: dict[str, UnitLayout] = {
     "llama": dataclasses.replace(_LLAMA, bias_flags=("attention_bias", "mlp_bias")),
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
@@ -51,15 +51,15 @@ LAYOUTS: dict[str, BlockLayout] = {
     "gemma3_text": _LLAMA,
     # OPT and GPT-2 derive the head size from hidden_size / heads, so a model with fewer heads would not
     # load in transformers: for them, MLP channels and whole layers only.
-    "opt": BlockLayout(mlp_inputs=("fc1",), mlp_output="fc2", mlp_width="ffn_dim"),
-    "gpt2": BlockLayout(mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj", mlp_width="n_inner"),
-    "gpt_neox": BlockLayout(
+    "opt": UnitLayout(mlp_inputs=("fc1",), mlp_output="fc2", mlp_width="ffn_dim"),
+    "gpt2": UnitLayout(mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj", mlp_width="n_inner"),
+    "gpt_neox": UnitLayout(
         mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h", mlp_width="intermediate_size"
     ),
 }
 
 
-def block_layout(model: nn.Module, units: list[str]) -> BlockLayout | None:
+def unit_layout(model: nn.Module, units: list[str]) -> UnitLayout | None:
     """The layout of ``model``'s decoder layers, checked against the units to remove (None: layers only)."""
     model_type = getattr(model.config, "model_type", None)
     widths = [unit for unit in units if unit != "layers"]

@@ -4,7 +4,7 @@ Before the walk (``StructuredStep.prepare``) the parameter budget is split, whol
 influence (ShortGPT, arXiv 2403.03853: one dense pass, ``LayerInfluence``), and each layer's units to
 remove are planned: the same in every layer, or (``widths="adaptive"``) from FLAP's global ranking of the
 units' scores on the dense model (one more dense pass, ``UnitStatistics``). During the walk each decoder
-layer with units to remove is replaced by a smaller one (``blocks.UnitRemoval``), built from the
+layer with units to remove is replaced by a smaller one (``removal.UnitRemoval``), built from the
 statistics of its consumers' inputs (o_proj, down_proj) on the outputs of the already pruned layers.
 """
 
@@ -19,8 +19,8 @@ from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.pipeline.walk import LayerContext, WalkContext, walk_layers
-from llmprune.structured.blocks import UnitRemoval, plan_adaptive, plan_widths
-from llmprune.structured.layout import BlockLayout, block_layout
+from llmprune.structured.layout import UnitLayout, unit_layout
+from llmprune.structured.removal import UnitRemoval, plan_adaptive, plan_widths
 
 
 def decoder_parameters(model: nn.Module) -> int:
@@ -112,7 +112,7 @@ def plan_removal(
 ) -> tuple[list[int], UnitRemoval | None]:
     """Remove whole layers if asked (returns their original indices) and plan the per-layer removal."""
     units = options.units
-    layout = block_layout(model, units)  # fails fast on units the family does not support
+    layout = unit_layout(model, units)  # fails fast on units the family does not support
     _, layers = decoder_layers(model)
     per_layer = sum(p.numel() for p in layers[0].parameters())
     budget = options.target_sparsity * per_layer * len(layers)
@@ -143,7 +143,7 @@ def plan_removal(
     return removed, removal
 
 
-def _consumers(layout: BlockLayout, units: list[str]) -> list[str]:
+def _consumers(layout: UnitLayout, units: list[str]) -> list[str]:
     """The projections whose input columns are the units to remove."""
     return ([layout.attention[3]] if "heads" in units else []) + (
         [layout.mlp_output] if "channels" in units else []

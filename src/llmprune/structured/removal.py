@@ -28,7 +28,7 @@ from llmprune.models.architecture import read_weight, stored_layout
 from llmprune.pipeline.report import LinearReport
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.structured.allocate import Steps, allocate, channel_steps, head_steps, standardize
-from llmprune.structured.layout import BlockLayout
+from llmprune.structured.layout import UnitLayout
 from llmprune.structured.reconstruct import least_squares_refit, mean_compensation
 from llmprune.structured.scores import column_scores, keep_highest, unit_scores
 
@@ -70,7 +70,7 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unit_costs(layer: nn.Module, config, layout: BlockLayout, head_mode: str) -> tuple[float, float]:
+def unit_costs(layer: nn.Module, config, layout: UnitLayout, head_mode: str) -> tuple[float, float]:
     """Parameters of ``layer`` removed by one head step (one query head per key/value group, or one
     whole group with its query heads) and by one MLP channel: producer rows (and their biases) plus
     consumer columns."""
@@ -94,7 +94,7 @@ def unit_costs(layer: nn.Module, config, layout: BlockLayout, head_mode: str) ->
 
 
 def plan_widths(
-    layer: nn.Module, config, layout: BlockLayout, options: PruneOptions, fraction: float
+    layer: nn.Module, config, layout: UnitLayout, options: PruneOptions, fraction: float
 ) -> WidthPlan:
     """Units to remove from each layer so that ``fraction`` of its parameters go, the same fraction from
     attention and from the MLP when both kinds are removed (heads come in coarse steps; channels absorb
@@ -120,7 +120,7 @@ def plan_widths(
 def plan_adaptive(
     layers: nn.ModuleList,
     config,
-    layout: BlockLayout,
+    layout: UnitLayout,
     options: PruneOptions,
     budget: float,
     stats: list[dict[str, InputStatistics]],
@@ -161,7 +161,7 @@ def _scores(
     return column_scores(score, read_weight(module), columns.energy(), columns.sums, columns.tokens, weights)
 
 
-def config_widths(config, layout: BlockLayout) -> dict[str, int]:
+def config_widths(config, layout: UnitLayout) -> dict[str, int]:
     """The widths ``config`` gives every decoder layer: MLP ``intermediate``, and query ``heads`` and
     ``kv_heads`` where heads can be removed (the per-layer record of an adaptive model, ``checkpoint.py``)."""
     widths = {"intermediate": getattr(config, layout.mlp_width, None) or 4 * config.hidden_size}  # GPT-2
@@ -171,7 +171,7 @@ def config_widths(config, layout: BlockLayout) -> dict[str, int]:
     return widths
 
 
-def widths_after(config, layout: BlockLayout, plan: WidthPlan) -> dict[str, int]:
+def widths_after(config, layout: UnitLayout, plan: WidthPlan) -> dict[str, int]:
     """A layer's widths once ``plan`` has removed its units."""
     widths = config_widths(config, layout)
     widths["intermediate"] -= plan.channels
@@ -185,7 +185,7 @@ def widths_after(config, layout: BlockLayout, plan: WidthPlan) -> dict[str, int]
     return widths
 
 
-def config_with_widths(config, layout: BlockLayout, widths: dict[str, int]):
+def config_with_widths(config, layout: UnitLayout, widths: dict[str, int]):
     """``config`` describing a decoder layer of the given widths (``config_widths``' keys)."""
     new = copy.deepcopy(config)
     if widths["intermediate"] != config_widths(config, layout)["intermediate"]:
@@ -199,7 +199,7 @@ def config_with_widths(config, layout: BlockLayout, widths: dict[str, int]):
     return new
 
 
-def config_after(config, layout: BlockLayout, plan: WidthPlan, use_bias: bool):
+def config_after(config, layout: UnitLayout, plan: WidthPlan, use_bias: bool):
     """The config describing layers pruned by ``plan`` (widths, heads, explicit head size, biases)."""
     new = config_with_widths(config, layout, widths_after(config, layout, plan))
     if use_bias and layout.bias_flags:
@@ -222,7 +222,7 @@ def build_layer(layer: nn.Module, config, index: int, state: dict[str, torch.Ten
 class UnitRemoval:
     """What structured pruning does to each decoder layer: score, keep, slice, re-fit, rebuild."""
 
-    def __init__(self, config, layout: BlockLayout, plans: list[WidthPlan], options: PruneOptions) -> None:
+    def __init__(self, config, layout: UnitLayout, plans: list[WidthPlan], options: PruneOptions) -> None:
         self.layout, self.plans, self.options = layout, plans, options
         self.shape = attention_shape(config) if layout.attention else None
         # FLAP compensates removed units' mean output in the consumer's bias: give the family biases.

@@ -23,27 +23,12 @@ from llmprune.pipeline import offload
 
 def _config(family: str, vocab: int, tied: bool):
     common = {"vocab_size": vocab, "tie_word_embeddings": tied}
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            **common,
-        )
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
-    return OPTConfig(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-        **common,
-    )
+    shape = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
+    if family == "llama":
+        return LlamaConfig(intermediate_size=64, num_key_value_heads=2, **shape, **common)
+    return OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **shape, **common)
 
 
 @pytest.fixture(scope="module")

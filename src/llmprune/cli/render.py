@@ -12,6 +12,12 @@ from rich.table import Table
 from llmprune.pipeline.report import PruneReport
 
 
+def counting_bars(console: Console, label: str = "{task.description}") -> Progress:
+    """Bars that show a label, the bar, done/total and the time elapsed (not started yet)."""
+    columns = TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    return Progress(*columns, console=console)
+
+
 @contextmanager
 def counted_progress(
     console: Console, description: str, quiet: bool = False
@@ -63,14 +69,7 @@ def layer_progress(console: Console, header: str = ""):
             status.stop()
             if header:
                 console.print(header, soft_wrap=True)
-            progress = Progress(
-                TextColumn("pruning decoder layers"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            )
+            progress = counting_bars(console, "pruning decoder layers")
             progress.start()
             task = progress.add_task("prune", total=total)
         progress.update(task, completed=done, total=total)

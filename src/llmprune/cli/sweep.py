@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llmprune.config import build, read_recipe
@@ -15,6 +14,7 @@ from llmprune.sweeps.config import SweepConfig
 
 from .console import Interrupted, console, out
 from .options import config_options, given
+from .render import counting_bars
 
 
 @contextmanager
@@ -23,13 +23,7 @@ def sweep_progress(console: Console, quiet: bool):
     if quiet:
         yield None, None
         return
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    bars = counting_bars(console)
     cells = bars.add_task("cells", total=None)
     layers = bars.add_task("decoder layers", total=None, visible=False)
     finished, cell_total = 0, None

@@ -9,6 +9,13 @@ Interference only ever adds time, so the figure reported is the fastest prune ov
 
     python benchmarks/speed.py --rounds 3 --out benchmarks/out/speed.json
 
+``--profile`` instead runs each configuration once under cProfile and prints where the time outside the
+decoder layers' own computation goes (statistics, the method's preparation and solve, error measurement):
+cumulative seconds per prune, CPU time of the calling thread with ``--threads 1`` (robust on a shared
+machine), wall time otherwise:
+
+    python benchmarks/speed.py --profile --threads 1
+
 ``--statistics`` instead times one batch's statistics update (``InputStatistics.update``, SMOLLM2's input
 widths, 4 x 256 tokens) against the fp32 in-place accumulation used before issue 14, alternating the two:
 
@@ -18,8 +25,10 @@ widths, 4 x 256 tokens) against the fp32 in-place accumulation used before issue
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import platform
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -95,18 +104,56 @@ def statistics_update(repeats: int = 30) -> None:
             print(f"({now / before:.2f}x)")
 
 
+# What --profile reports: a label and the functions (by name) whose cumulative time it sums.
+PROFILED = [
+    ("statistics update", ("update",)),
+    ("method: prepare (SparseGPT: factor H)", ("_factor",)),
+    ("method: prune (masks, OBS loop)", ("_magnitude", "_wanda", "_sparsegpt")),
+    ("  of which mask selection", ("select_mask", "_mark_block", "mark_lowest_per_column")),
+    ("error measurement (error_terms)", ("error_terms",)),
+    ("weights written back (write_weight)", ("write_weight",)),
+]
+
+
+def profile(model, dense: dict, calibration, threads: int) -> None:
+    """One prune per configuration under cProfile: cumulative seconds of the parts in ``PROFILED``."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    for method, pattern, true_sequential, _ in CELLS:
+        model.load_state_dict(dense)
+        profiler = cProfile.Profile(clock)
+        options = {"method": method, "pattern": pattern, "true_sequential": true_sequential}
+        report = profiler.runcall(llmprune.prune, model, calibration, **options)
+        stats = pstats.Stats(profiler).stats
+        cumulative: dict[str, float] = {}
+        for (file, _, name), (_, _, _, seconds, _) in stats.items():
+            if "llmprune" in file:
+                cumulative[name] = cumulative.get(name, 0.0) + seconds
+        total = sum(own for _, _, own, _, _ in stats.values())
+        print(f"{method} {pattern}{' true-sequential' if true_sequential else ''}: {total:.2f} s profiled "
+              f"({report.seconds:.1f} s wall)")
+        for label, names in PROFILED:
+            print(f"  {label:40s} {sum(cumulative.get(name, 0.0) for name in names):7.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/out/speed.json")
     parser.add_argument("--statistics", action="store_true", help="time the statistics update alone")
+    parser.add_argument("--profile", action="store_true", help="where the time outside the forwards goes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.statistics:
         statistics_update()
         return
     model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
+    if args.profile:
+        profile(model, dense, calibration, torch.get_num_threads())
+        return
     floors: list[float] = []
     seconds: dict[str, list[float]] = {}
     for round_index in range(args.rounds):

@@ -13,10 +13,9 @@ from llmprune.methods.sparsegpt import (
     _invert_lower_,
     factor_hessian,
     inverse_hessian_cholesky,
-    sparsegpt_prune,
     sparsegpt_prune_factored,
 )
-from llmprune.pipeline.statistics import InputStatistics, relative_error
+from llmprune.pipeline.statistics import InputStatistics, error_from_terms, error_terms
 
 METHOD_NAMES = ["magnitude", "wanda", "sparsegpt"]
 
@@ -45,7 +44,25 @@ def _layer(out_features: int, in_features: int, tokens: int, seed: int):
 
 def _run(name: str, weight: torch.Tensor, stats: dict, sparsity: float, pattern: str, **options):
     task = LayerTask(sparsity, Pattern.parse(pattern), **options)
-    return METHODS[name].run(weight, stats[name], task)
+    method = METHODS[name]
+    return method.prune([weight], method.prepare(stats[name], task), [task])[0]
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    damp: float = 0.01,
+):
+    """One weight pruned from its Hessian: factored, then SparseGPT's column loop."""
+    return sparsegpt_prune_factored(weight, factor_hessian(hessian, damp), sparsity, pattern, blocksize)
+
+
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, samples: torch.Tensor) -> float:
+    """||W X - W' X||_F / ||W X||_F over sample tokens, as the driver reports it."""
+    return error_from_terms(error_terms(dense, pruned, samples))
 
 
 def test_registry_statistics() -> None:

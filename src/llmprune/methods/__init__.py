@@ -17,7 +17,6 @@ from llmprune.methods.sparsegpt import (
     CholeskyError,
     HessianFactor,
     factor_hessian,
-    sparsegpt_prune,
     sparsegpt_prune_factored,
 )
 from llmprune.methods.wanda import wanda_mask
@@ -55,17 +54,18 @@ class Method:
     prepare: Callable[[torch.Tensor | None, LayerTask], Any]
     prune: Callable[[list[torch.Tensor], Any, list[LayerTask]], list[PruneOutcome]]
 
-    def run(self, weight: torch.Tensor, statistic: torch.Tensor | None, task: LayerTask) -> PruneOutcome:
-        """Prune one ``[out, in]`` weight from its raw input statistic."""
-        return self.prune([weight], self.prepare(statistic, task), [task])[0]
-
 
 def _as_is(statistic: torch.Tensor | None, _task: LayerTask) -> torch.Tensor | None:
     return statistic
 
 
 def _apply(weight: torch.Tensor, mask: torch.Tensor) -> PruneOutcome:
-    return PruneOutcome(weight.float().masked_fill(mask, 0.0), mask)
+    """The fp32 weight with the masked entries set to +0.0 (a new tensor), and the mask."""
+    weight = weight.float()
+    # The same bits as masked_fill(mask, 0.0), several times faster on the CPU: the weight's bits ANDed
+    # with 0 where masked and with all ones elsewhere (a bool as int32 is 1 or 0; less 1).
+    keep = mask.to(torch.int32).sub_(1)
+    return PruneOutcome(keep.bitwise_and_(weight.view(torch.int32)).view(torch.float32), mask)
 
 
 def _magnitude(weights: list[torch.Tensor], _stat: None, tasks: list[LayerTask]) -> list[PruneOutcome]:
@@ -114,6 +114,5 @@ __all__ = [
     "Pattern",
     "PruneOutcome",
     "magnitude_mask",
-    "sparsegpt_prune",
     "wanda_mask",
 ]

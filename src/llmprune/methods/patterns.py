@@ -68,24 +68,36 @@ def prune_count(total: int, sparsity: float) -> int:
 def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask the ``k`` lowest entries along the last dimension, ties broken by position.
 
-    Equal to taking the first ``k`` of a stable sort, but a selection (``kthvalue``) instead of a sort:
-    several times faster on the CPU.
+    Equal to taking the first ``k`` of a stable sort, but a selection of the k-th value per row instead of
+    a sort: several times faster on the CPU.
     """
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    if k >= scores.shape[-1]:
-        return ~mask
-    if scores.dtype in _EXACT_IN_FLOAT32:  # a selection on int32 keys is ~15 % faster than on floats
+    n = scores.shape[-1]
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    if scores.dtype in _EXACT_IN_FLOAT32:
         scores = _order_keys(scores.float())
-    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+        threshold = _kth_per_row(scores, k)
+    else:
+        threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
     at_most = scores <= threshold  # at least k per row; exactly k per row iff the total is k per row
-    if int(at_most.sum()) == k * (at_most.numel() // at_most.shape[-1]):
+    if int(torch.count_nonzero(at_most)) == k * (at_most.numel() // n):  # counts bools faster than sum()
         return at_most
     mask = scores < threshold  # ties at the threshold: keep the first ones by position
     ties = scores == threshold
-    missing = k - mask.sum(dim=-1, keepdim=True)
+    missing = k - torch.count_nonzero(mask, dim=-1).unsqueeze(-1)
     return mask | (ties & (ties.cumsum(dim=-1) <= missing))
+
+
+def _kth_per_row(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest of each row of int32 ``keys`` (``[..., 1]``), 0 < k < row length.
+
+    An unsorted ``topk`` of the smaller side (k lowest, or n - k + 1 highest) and its max (or min): the
+    same value as ``kthvalue``, faster on the CPU, and faster on int32 keys than on floats.
+    """
+    n = keys.shape[-1]
+    if k <= n - k + 1:
+        return torch.topk(keys, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    return torch.topk(keys, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
 
 
 def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -119,9 +131,7 @@ def mark_lowest(scores: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor
     keys = _order_keys(scores.float())
     key, below, up_to = _kth_key(keys, k)
     if up_to == k:
-        if out.is_contiguous():
-            return torch.le(keys, key, out=out)
-        return out.copy_(torch.le(keys, key, out=torch.empty_like(keys, dtype=out.dtype)))
+        return torch.le(keys, key, out=out)  # a strided ``out`` is written in place
     ties = (keys == key).reshape(-1)  # the k-th value is tied: keep the first of the ties by position
     first_ties = ties & (ties.cumsum(0) <= k - below)
     return out.copy_(((keys < key).reshape(-1) | first_ties).view(scores.shape))
@@ -166,19 +176,27 @@ def _find_bin(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
     return row * 256 + col, fine[col], fine[col + 1]
 
 
-def mark_lowest_per_column(scores: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+def mark_lowest_per_column(
+    scores: torch.Tensor,
+    k: int,
+    out: torch.Tensor,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Set ``out`` to 1 at the ``k`` lowest scores of every column and 0 elsewhere; ties by row.
 
     For the few rows of an N:M group (SparseGPT selects one group at a time) the ranks come from all
-    pairwise comparisons and one small matmul: a handful of float ops and no host synchronisation, 1.2-5x
-    faster than ``topk`` at this size. SparseGPT's scores are continuous, so its ties are rare.
+    pairwise comparisons and one small matmul: a handful of float ops and no host synchronisation, faster
+    than ``topk`` at this size. SparseGPT's scores are continuous, so its ties are rare. ``work`` may hold
+    buffers of the scores' dtype for the comparisons (``[m, m, cols]``) and the ranks (``[m, cols]``), for
+    a caller that selects many groups of the same shape.
     """
-    m = scores.shape[0]
+    m, cols = scores.shape
     if m > 16:
         return out.copy_(_lowest_k(scores.t(), k).t())
     weights, thresholds = _rank_weights(m, k, scores.dtype, scores.device)
-    less = torch.lt(scores.unsqueeze(1), scores.unsqueeze(0), out=scores.new_empty(m, m, scores.shape[1]))
-    return torch.lt(weights @ less.view(m * m, -1), thresholds, out=out)
+    less, ranks = work if work is not None else (scores.new_empty(m, m, cols), scores.new_empty(m, cols))
+    torch.lt(scores.unsqueeze(1), scores.unsqueeze(0), out=less)
+    return torch.lt(torch.mm(weights, less.view(m * m, cols), out=ranks), thresholds, out=out)
 
 
 @lru_cache
@@ -202,10 +220,10 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every group of ``m`` consecutive columns of each row, mask the ``m - n`` lowest scores.
 
     Selected with ``torch.topk``, the operator of both reference implementations, so that ties fall as
-    they do there: quantized checkpoints hold many equal magnitudes, and on the embedded model (Q4_1) the
-    tie order alone moves magnitude 2:4 perplexity between 1206 (topk) and 1253 or 1727 (ties to the
-    first or the last position). The order is fixed for a given device and build, not across devices.
-    ``topk`` is also faster on the CPU than ranking each group by pairwise comparisons (1.2-2x).
+    they do there: quantized checkpoints hold many equal magnitudes, and the tie order alone moves the
+    perplexity of magnitude 2:4 on the embedded model a lot (docs/benchmarks.md, "Magnitude 2:4 and
+    tie-breaking"). The order is fixed for a given device and build, not across devices. ``topk`` is also
+    faster on the CPU than ranking each group by pairwise comparisons.
     """
     rows, cols = scores.shape
     if cols % m:

@@ -127,20 +127,6 @@ def factor_hessian(hessian: torch.Tensor, damp: float = 0.01, max_retries: int =
     return HessianFactor(upper, dead, used)
 
 
-def sparsegpt_prune(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    sparsity: float,
-    pattern: Pattern,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    max_retries: int = 4,
-) -> SparseGPTResult:
-    """Prune one ``[out, in]`` weight given the Hessian of its inputs; returns the reconstructed weight."""
-    factor = factor_hessian(hessian, damp, max_retries)
-    return sparsegpt_prune_factored(weight, factor, sparsity, pattern, blocksize)
-
-
 def sparsegpt_prune_factored(
     weight: torch.Tensor,
     factor: HessianFactor,
@@ -187,7 +173,8 @@ def sparsegpt_prune_factored(
         block.addcmul_(block, block_removed, value=-1.0)  # zero the removed weights (+0.0, not -0.0)
         wt[i2:].addmm_(upper[i1:i2, i2:].t(), errors, alpha=-1.0)
     removed.index_fill_(0, dead_inputs, 1.0)
-    mask = removed.t().contiguous().to(torch.uint8).view(torch.bool)  # 0/1 bytes are valid bools
+    # One transposing copy into 0/1 bytes, which are valid bools.
+    mask = removed.t().to(torch.uint8, memory_format=torch.contiguous_format).view(torch.bool)
     return SparseGPTResult(wt.t().contiguous(), mask, factor.damp)
 
 
@@ -195,7 +182,7 @@ def _mark_block(
     block: torch.Tensor, diag: torch.Tensor, segments: list[tuple[slice, float]], out: torch.Tensor
 ) -> None:
     """The unstructured mask of one block: its share of lowest w²/U_ii² in each matrix (segment of rows)."""
-    scores = (block / diag[:, None]) ** 2
+    scores = torch.div(block, diag[:, None]).square_()
     for rows, share in segments:
         mark_lowest(scores[:, rows], prune_count(scores[:, rows].numel(), share), out[:, rows])
 
@@ -221,22 +208,31 @@ def _obs_block(
     if pattern is not None:
         m = pattern.m
         groups = list(zip(*(t.split(m) for t in (block, removed, scale, diag[:, None])), strict=True))
+        # Buffers reused by every group: its scores, and the comparisons and ranks of its selection.
+        rows = block.shape[1]
+        scores = block.new_empty(m, rows)
+        work = (block.new_empty(m, m, rows), block.new_empty(m, rows)) if m <= 16 else None
     sub_block = _SUB_BLOCK if pattern is None else max(m, _SUB_BLOCK // m * m)
     n = block.shape[0]
     for j1 in range(0, n, sub_block):
         j2 = min(j1 + sub_block, n)
-        part = block[j1:j2]
+        update = block[j1:j2].addr_
         # U is upper triangular, so updating the whole sub-block with row i of U leaves rows < i as they
         # are: one rank-1 update per column, without slicing in the loop.
         u_rows = u_block[j1:j2, j1:j2].unbind()
-        for i in range(j1, j2):
-            if pattern is not None and i % m == 0:
-                w, r, s, d = groups[i // m]
-                mark_lowest_per_column((w / d) ** 2, m - pattern.n, r)
-                torch.div(r, d, out=s)
-            w, s, e = columns[i]
-            torch.mul(w, s, out=e)
-            part.addr_(u_rows[i - j1], e, alpha=-1.0)
+        if pattern is None:
+            for (w, s, e), u_row in zip(columns[j1:j2], u_rows, strict=True):
+                torch.mul(w, s, out=e)
+                update(u_row, e, alpha=-1.0)
+        else:
+            for i in range(j1, j2):
+                if i % m == 0:
+                    w, r, s, d = groups[i // m]
+                    mark_lowest_per_column(torch.div(w, d, out=scores).square_(), m - pattern.n, r, work)
+                    torch.div(r, d, out=s)
+                w, s, e = columns[i]
+                torch.mul(w, s, out=e)
+                update(u_rows[i - j1], e, alpha=-1.0)
         if j2 < n:
             block[j2:].addmm_(u_block[j1:j2, j2:].t(), errors[j1:j2], alpha=-1.0)
     return errors

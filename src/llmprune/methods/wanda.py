@@ -14,7 +14,7 @@ from llmprune.methods.patterns import Pattern, select_mask
 
 def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
     """|W| · ||X_j||, given the per-input sum of squares Σ_t x_tj² accumulated in fp32."""
-    return weight.abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+    return weight.abs().float().mul_(input_sq_norms.float().sqrt().unsqueeze(0))  # abs() is a new tensor
 
 
 def wanda_mask(

@@ -173,8 +173,3 @@ def error_from_terms(terms: torch.Tensor) -> float:
     """||W X - W' X||_F / ||W X||_F from ``error_terms`` (0 when there is no signal)."""
     difference, reference = terms.tolist()
     return math.sqrt(difference / reference) if reference > 0 else 0.0
-
-
-def relative_error(dense: torch.Tensor, pruned: torch.Tensor, samples: torch.Tensor) -> float:
-    """||W X - W' X||_F / ||W X||_F over sample tokens (``samples`` is ``[k, in]``)."""
-    return error_from_terms(error_terms(dense, pruned, samples))

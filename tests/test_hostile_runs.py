@@ -307,7 +307,14 @@ def test_ctrl_c_during_the_imports_is_one_line(models, tmp_path):
     """A Ctrl-C in the first seconds, while torch and transformers are imported, exits 130 in one line."""
     command = [sys.executable, "-m", "llmprune", *map(str, prune_args(models, tmp_path / "out"))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # As in a terminal: SIGINT at its default even when this run was started with it ignored (a
+    # background job of a shell without job control), which the command rightly leaves alone.
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint
+    )
     process = psutil.Process(child.pid)
     started = time.monotonic()
     # Past the interpreter's own start-up (~0.05 s of CPU), well before the imports end (seconds of CPU).

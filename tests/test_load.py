@@ -57,8 +57,10 @@ def test_load_gives_back_the_saved_model(saved, kind):
 
 def test_load_model_is_a_deprecated_name_of_load(saved):
     model, path = saved["compressed"]
-    with pytest.warns(DeprecationWarning, match=r"llmprune\.load_model is deprecated.*llmprune\.load"):
+    deprecated = r"llmprune\.load_model is deprecated.*llmprune\.load"
+    with pytest.warns(DeprecationWarning, match=deprecated) as caught:
         loaded = llmprune.load_model(str(path), "float32", "cpu")
+    assert [w.category for w in caught].count(DeprecationWarning) == 1  # by the name, not again by the call
     assert torch.equal(logits(loaded), logits(model))  # the old name opens compressed checkpoints too now
 
 

@@ -56,7 +56,7 @@ __getattr__, __dir__, _names = attach(
             "llmprune.SparseKernelsReport",
         ),
         "accelerate": ("llmprune.inference.kernels", "use_sparse_kernels", "llmprune.use_sparse_kernels"),
-        "load_model": ("llmprune.export.load", "load_model", "llmprune.load"),
+        "load_model": ("llmprune.export.load", "load", "llmprune.load"),
         "load_embedded_model": (
             "llmprune.export.load",
             "load_embedded_model",

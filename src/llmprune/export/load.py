@@ -9,13 +9,12 @@ stack: it may import anything below).
 - models whose decoder layers have different widths (adaptive structured pruning,
   ``structured/checkpoint.py``).
 
-Which of the last two a directory holds is recorded in its ``llmprune.json``. ``load_model`` and
-``load_embedded_model`` are the deprecated names of earlier releases.
+Which of the last two a directory holds is recorded in its ``llmprune.json``. The deprecated names of
+earlier releases (``llmprune.load_model``, ``llmprune.load_embedded_model``) warn in ``llmprune/__init__.py``.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from torch import nn
@@ -59,22 +58,7 @@ def _load_compressed(directory: Path, dtype: str, device: str) -> nn.Module:
     return model.to(target).eval()
 
 
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"llmprune.{old} is deprecated and will be removed in the next release; use {new}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def load_model(name: str = EMBEDDED_ALIAS, dtype: str = "auto", device: str = "auto") -> nn.Module:
-    """Deprecated: ``llmprune.load`` (which also opens compressed and adaptive-width checkpoints)."""
-    _deprecated("load_model", "llmprune.load")
-    return load(name, dtype, device)
-
-
 def load_embedded_model(dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
-    """Deprecated: ``llmprune.load("smollm2", dtype, device)`` and ``llmprune.load_tokenizer()``. Returns
-    the embedded SmolLM2-135M-Instruct with its tokenizer, as before."""
-    _deprecated("load_embedded_model", 'llmprune.load("smollm2", ...) and llmprune.load_tokenizer()')
+    """The embedded SmolLM2-135M-Instruct with its tokenizer: what the deprecated
+    ``llmprune.load_embedded_model`` returns (``llmprune/__init__.py`` warns when the name is touched)."""
     return load(EMBEDDED_ALIAS, dtype, device), load_tokenizer(EMBEDDED_ALIAS)

@@ -1,0 +1,199 @@
+"""Sparse linear kernels for CPUs: a weight as its kept values plus a bitmask, multiplied without the zeros.
+
+A ``[rows, cols]`` weight is held as ``BitmaskWeight``: the non-zeros row by row (``values``, float32 or
+bfloat16, followed by ``PAD`` zeros so a vector load may run past the last row), one bit per weight
+(``mask``: ``[rows, row_bytes]`` uint8, bit ``j`` of row ``r`` at byte ``j // 8``, bit ``j % 8``, as the
+compressed checkpoints store it; rows padded to whole 64-bit words) and where each row's values start
+(``offsets``, int64 ``[rows + 1]``). N:M weights use the same layout (the mask marks the N kept positions
+of each group: for 2:4 as many bytes as the 2-bit positions), so one kernel serves unstructured and any N:M.
+
+The multiplication (``matmul``) and the expansion back to a dense matrix (``to_dense``) run in
+``llmprune._sparse_cpu`` (C, ``csrc/sparse_cpu.c``): one code path per instruction set, picked at run time
+from the CPU's features (AVX-512 with VBMI2's expand instructions, AVX2 + FMA, portable C), or forced with
+``LLMPRUNE_CPU_KERNEL=avx512|avx2|portable``; threads over output rows, as many as
+``torch.get_num_threads()``. Memory traffic per weight falls from 4 bytes (float32) to
+``4 * density + 1/8``: decoding a few tokens, which reads every weight once per token, speeds up by as much.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmprune.errors import UsageError
+
+PAD = 64
+"""Zero values after the last row: the kernels may load a full vector past a row's last value."""
+ISA_VARIABLE = "LLMPRUNE_CPU_KERNEL"
+ISAS = ("avx512", "avx2", "portable")
+VALUE_DTYPES = (torch.float32, torch.bfloat16)
+REINSTALL = "pip install --force-reinstall --no-deps -e ."
+
+
+@dataclass
+class BitmaskWeight:
+    """A ``[rows, cols]`` weight in the kernels' layout (see the module docstring)."""
+
+    rows: int
+    cols: int
+    values: torch.Tensor
+    mask: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.rows * self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.mask, self.offsets))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.values, self.mask, self.offsets
+
+
+def row_bytes(cols: int) -> int:
+    """Bytes of one row of the mask: whole 64-bit words."""
+    return 8 * math.ceil(cols / 64)
+
+
+def _from_bits(bits: torch.Tensor, values: torch.Tensor) -> BitmaskWeight:
+    """The layout from a bool ``[rows, cols]`` mask and the values it marks (row-major, 1-D)."""
+    rows, cols = bits.shape
+    padded = torch.zeros(rows, row_bytes(cols) * 8, dtype=torch.bool)
+    padded[:, :cols] = bits
+    mask = torch.from_numpy(np.packbits(padded.numpy(), axis=1, bitorder="little"))
+    counts = bits.sum(dim=1, dtype=torch.int64)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    stored = torch.zeros(values.numel() + PAD, dtype=values.dtype)
+    stored[: values.numel()] = values
+    return BitmaskWeight(rows, cols, stored, mask, offsets)
+
+
+def from_dense(weight: torch.Tensor) -> BitmaskWeight:
+    """The layout of a dense ``[rows, cols]`` float32 or bfloat16 weight: its non-zeros and their bits."""
+    if weight.dim() != 2 or weight.dtype not in VALUE_DTYPES:
+        raise ValueError(f"expected a float32 or bfloat16 matrix, got {tuple(weight.shape)} {weight.dtype}")
+    weight = weight.detach().cpu().contiguous()
+    bits = weight != 0
+    return _from_bits(bits, weight[bits])
+
+
+def to_dense(weight: BitmaskWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``[rows, cols]`` matrix, written into ``out`` (any tensor of at least that many elements
+    of the values' dtype) when given."""
+    count = weight.rows * weight.cols
+    if out is None:
+        out = torch.empty(count, dtype=weight.dtype)
+    dense = out.reshape(-1)[:count].view(weight.rows, weight.cols)
+    native = _native()
+    if native is None:
+        bits = _bits(weight)
+        dense.zero_()
+        dense[bits] = weight.values[: weight.nnz]
+        return dense
+    native.to_dense(*_pointers(weight), dense.data_ptr(), weight.rows, weight.cols, _code(weight.dtype),
+                    threads())
+    return dense
+
+
+def matmul(weight: BitmaskWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ dense(weight).T`` for ``x`` ``[tokens, cols]`` (float32 or bfloat16, any row stride), in
+    float32 ``[tokens, rows]`` (accumulated in float32)."""
+    if x.dim() != 2 or x.shape[1] != weight.cols:
+        raise ValueError(f"expected [tokens, {weight.cols}] inputs, got {tuple(x.shape)}")
+    if x.stride(1) != 1 or x.dtype != torch.float32:
+        x = x.to(torch.float32).contiguous()
+    tokens = x.shape[0]
+    out = torch.empty(tokens, weight.rows, dtype=torch.float32)
+    native = _native()
+    if native is None:
+        return x @ to_dense(weight).to(torch.float32).T
+    native.matmul(*_pointers(weight), x.data_ptr(), x.stride(0), out.data_ptr(), weight.rows, weight.cols,
+                  tokens, _code(weight.dtype), threads())
+    return out
+
+
+def _bits(weight: BitmaskWeight) -> torch.Tensor:
+    bits = np.unpackbits(weight.mask.numpy(), axis=1, bitorder="little")[:, : weight.cols]
+    return torch.from_numpy(bits).view(torch.bool)
+
+
+def _pointers(weight: BitmaskWeight) -> tuple[int, int, int]:
+    return weight.values.data_ptr(), weight.mask.data_ptr(), weight.offsets.data_ptr()
+
+
+def _code(dtype: torch.dtype) -> int:
+    return VALUE_DTYPES.index(dtype)
+
+
+def threads() -> int:
+    """Threads the kernels use: torch's own count."""
+    return max(1, torch.get_num_threads())
+
+
+_MODULE: object | None = None
+_LOADED = False
+
+
+def _native():
+    """``llmprune._sparse_cpu`` with its instruction set chosen, or None when it is not built (the torch
+    reference below then computes the same results, slowly: ``require_native`` refuses to run so)."""
+    global _MODULE, _LOADED
+    if not _LOADED:
+        _LOADED = True
+        try:
+            from llmprune import _sparse_cpu  # type: ignore[attr-defined]
+        except ImportError:
+            _MODULE = None
+        else:
+            _sparse_cpu.select(_wanted_isa(_sparse_cpu))
+            _MODULE = _sparse_cpu
+    return _MODULE
+
+
+def _wanted_isa(module) -> str:
+    forced = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    supported = module.supported()
+    if not forced:
+        return supported[0]
+    if forced not in ISAS:
+        raise UsageError(f"{ISA_VARIABLE}={forced!r}: expected one of {', '.join(ISAS)}")
+    if forced not in supported:
+        raise UsageError(f"{ISA_VARIABLE}={forced}: this CPU supports only {', '.join(supported)}")
+    return forced
+
+
+def native_problem() -> str | None:
+    """Why the compiled kernels cannot run here (None: they can)."""
+    if _native() is None:
+        return (
+            "llmprune's compiled CPU kernels (llmprune._sparse_cpu) are missing: reinstall llmprune where a "
+            f"C compiler is available ({REINSTALL})"
+        )
+    return None
+
+
+def isa() -> str:
+    """The instruction set the kernels run with ('reference' when the compiled module is missing)."""
+    native = _native()
+    return "reference" if native is None else native.selected()
+
+
+def reset_isa() -> None:
+    """Choose the instruction set again (after ``LLMPRUNE_CPU_KERNEL`` changed)."""
+    global _LOADED
+    _LOADED = False

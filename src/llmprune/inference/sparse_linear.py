@@ -1,0 +1,92 @@
+"""``SparseLinear``: a linear layer that keeps only its weight's kept values and bitmask (``cpu_kernels``).
+
+It replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``[in, out]`` weight is stored transposed) in a
+model served on the CPU. A few tokens at a time (decoding) run the sparse kernel; more (prefill) expand the
+weight into a scratch buffer shared by all layers and run torch's dense matmul, which is then faster.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.inference.cpu_kernels import BitmaskWeight, from_dense, matmul, to_dense
+
+SPARSE_TOKENS = 16
+"""Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
+BREAK_EVEN_SPARSITY = 0.3
+"""Below this sparsity a layer gains too little from the kernels and stays dense."""
+
+
+def too_dense(sparsity: float) -> str | None:
+    """Why a layer of this sparsity stays dense (None: it is sparse enough for the kernels)."""
+    if sparsity < BREAK_EVEN_SPARSITY:
+        return f"sparsity {sparsity:.0%} is below the kernels' break-even of {BREAK_EVEN_SPARSITY:.0%}"
+    return None
+
+
+_scratch = threading.local()
+
+
+def _scratch_for(count: int, dtype: torch.dtype) -> torch.Tensor:
+    """One dense buffer per thread and dtype, grown to the largest layer expanded so far."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < count:
+        buffer = buffers[dtype] = torch.empty(count, dtype=dtype)
+    return buffer
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as a ``BitmaskWeight`` (its tensors are buffers of this module)."""
+
+    def __init__(self, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.cols, weight.rows
+        self.register_buffer("values", weight.values)
+        self.register_buffer("mask", weight.mask)
+        self.register_buffer("offsets", weight.offsets)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseLinear:
+        """From a dense ``[out, in]`` weight (its zeros are dropped)."""
+        return cls(from_dense(weight), bias)
+
+    @property
+    def weight_layout(self) -> BitmaskWeight:
+        return BitmaskWeight(self.out_features, self.in_features, self.values, self.mask, self.offsets)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.weight_layout.density
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a new dense ``[out, in]`` tensor."""
+        return to_dense(self.weight_layout).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= SPARSE_TOKENS:
+            y = matmul(self.weight_layout, flat)
+            if self.bias is not None:
+                y += self.bias
+            y = y.to(x.dtype)
+        else:
+            layout = self.weight_layout
+            dense = to_dense(layout, _scratch_for(layout.rows * layout.cols, layout.dtype))
+            bias = None if self.bias is None else self.bias.to(dense.dtype)
+            y = F.linear(flat.to(dense.dtype), dense, bias)
+            y = y.to(x.dtype)
+        return y.reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"sparsity={self.sparsity:.3f}, dtype={str(self.values.dtype).removeprefix('torch.')}, "
+            f"bias={self.bias is not None}"
+        )

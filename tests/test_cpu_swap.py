@@ -2,9 +2,10 @@
 ``llmprune bench --sparse-kernels --device cpu``, on tiny models.
 
 Every swapped layer is checked against ``F.linear`` of its dense-with-zeros weight, and the swapped model
-against the dense-with-zeros model (logits, greedy tokens, a transformers pipeline). Until the compiled
-kernels are built, ``cpu_kernels`` computes with its torch reference: the swap refuses to run so, which
-the ``kernels_available`` fixture lifts (it tests the swap, not the C).
+against the dense-with-zeros model (logits, greedy tokens, a transformers pipeline). The swap refuses to
+run without the compiled kernels; the ``kernels_available`` fixture lifts that refusal, so these tests run
+the compiled kernels where they are built and ``cpu_kernels``' torch reference (same results) where not:
+they test the swap, ``test_cpu_kernels.py`` the kernels.
 """
 
 from __future__ import annotations

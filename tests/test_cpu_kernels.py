@@ -204,3 +204,17 @@ def test_a_path_that_disagrees_with_the_portable_one_is_refused():
             cpu_kernels._check_selected(Broken())
     finally:
         cpu_kernels.reset_isa()
+
+
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+def test_the_compiled_packing_matches_the_layout_of_first_principles(threads, dtype):
+    weight = sparse_weight(301, 130, 0.5).to(dtype)
+    weight[4] = 0
+    weight[7, 3], weight[7, 5], weight[9, 1] = -0.0, float("nan"), float("inf")  # -0.0 is a zero
+    layout = cpu_kernels.from_dense(weight)
+    bits = weight != 0
+    expected = cpu_kernels._from_bits(bits, weight[bits])
+    assert torch.equal(layout.mask, expected.mask) and torch.equal(layout.offsets, expected.offsets)
+    assert torch.equal(layout.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert layout.values.numel() == int(bits.sum()) + cpu_kernels.PAD

@@ -43,6 +43,9 @@ typedef struct {
     void *dense;
     int64_t rows, cols, tokens, row_bytes;
     int dtype;
+    uint8_t *mask_out;  /* compress: the mask and per-row counts written from `dense`, then the values */
+    int64_t *counts_out;
+    void *values_out;
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -80,6 +83,14 @@ static inline int popcount64(uint64_t w) {
     while (w) { w &= w - 1; n++; }
     return n;
 #endif
+}
+
+/* For each byte i of w, the number of set bits in bytes 0 .. i-1 (byte 0: zero). */
+static inline uint64_t byte_prefix_counts(uint64_t w) {
+    uint64_t c = w - ((w >> 1) & 0x5555555555555555ULL);
+    c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+    c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (c * 0x0101010101010101ULL) << 8;
 }
 
 static inline float bf16_to_float(uint16_t v) {
@@ -131,6 +142,49 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
             while (w) {
                 memcpy(row + (size_t)(64 * word + ctz64(w)) * item, values, item);
                 values += item;
+                w &= w - 1;
+            }
+        }
+    }
+}
+
+/* The bitmask and the per-row non-zero counts of a dense matrix (zero: +0.0 or -0.0). */
+static void mask_rows(const Job *job, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+        uint8_t *mask = job->mask_out + r * job->row_bytes;
+        int64_t count = 0;
+        memset(mask, 0, (size_t)job->row_bytes);
+        if (job->dtype == DTYPE_F32) {
+            const float *row = (const float *)job->dense + r * job->cols;
+            for (int64_t j = 0; j < job->cols; j++) {
+                const int set = row[j] != 0.0f;
+                mask[j >> 3] |= (uint8_t)(set << (j & 7));
+                count += set;
+            }
+        } else {
+            const uint16_t *row = (const uint16_t *)job->dense + r * job->cols;
+            for (int64_t j = 0; j < job->cols; j++) {
+                const int set = (row[j] & 0x7fff) != 0;
+                mask[j >> 3] |= (uint8_t)(set << (j & 7));
+                count += set;
+            }
+        }
+        job->counts_out[r] = count;
+    }
+}
+
+/* The kept values of a dense matrix, row by row, where `mask_rows` marked them. */
+static void gather_rows(const Job *job, int64_t begin, int64_t end) {
+    const size_t item = job->dtype == DTYPE_F32 ? 4 : 2;
+    for (int64_t r = begin; r < end; r++) {
+        const char *row = (const char *)job->dense + (size_t)(r * job->cols) * item;
+        char *out = (char *)job->values_out + (size_t)job->offsets[r] * item;
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        for (int64_t word = 0; word < job->row_bytes / 8; word++) {
+            uint64_t w = load_word(mask + 8 * word);
+            while (w) {
+                memcpy(out, row + (size_t)(64 * word + ctz64(w)) * item, item);
+                out += item;
                 w &= w - 1;
             }
         }
@@ -195,10 +249,10 @@ AVX2 static inline float hsum_avx2(__m256 v) {
             const uint64_t w = load_word(mask + 8 * word);                                                  \
             _mm_prefetch((const char *)values + (k + PREFETCH) * 4, _MM_HINT_T0);                      \
             if (!w) continue;                                                                               \
-            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                                                   \
-                const uint64_t below = b ? (w & ((1ULL << (8 * b)) - 1)) : 0;                               \
-                const __m256 weights =                                                                      \
-                    expand8_avx2(values, k + popcount64(below), (unsigned)(w >> (8 * b)) & 0xff, DT);       \
+            const uint64_t before = byte_prefix_counts(w);                                                  \
+            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
+                const __m256 weights = expand8_avx2(values, k + ((before >> (8 * b)) & 0xff),               \
+                                                    (unsigned)(w >> (8 * b)) & 0xff, DT);                   \
                 const int64_t j = 64 * word + 8 * b;                                                        \
                 for (int t = 0; t < TB; t++)                                                                \
                     acc[t][b % A] =                                                                         \
@@ -543,6 +597,43 @@ static PyObject *py_to_dense(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* mask_of(dense, rows, cols, dtype, mask_out, counts_out, threads) */
+static PyObject *py_mask_of(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[7];
+    if (parse(args, nargs, 7, a) || check_dtype(a[3])) return NULL;
+    Job job = {0};
+    job.dense = (void *)(intptr_t)a[0];
+    job.rows = a[1];
+    job.cols = a[2];
+    job.row_bytes = 8 * ((a[2] + 63) / 64);
+    job.dtype = (int)a[3];
+    job.mask_out = (uint8_t *)(intptr_t)a[4];
+    job.counts_out = (int64_t *)(intptr_t)a[5];
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(mask_rows, &job, (int)a[6], job.rows * job.cols);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* gather(dense, mask, offsets, values_out, rows, cols, dtype, threads) */
+static PyObject *py_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[8];
+    if (parse(args, nargs, 8, a) || check_dtype(a[6])) return NULL;
+    Job job = {0};
+    job.dense = (void *)(intptr_t)a[0];
+    job.mask = (const uint8_t *)(intptr_t)a[1];
+    job.offsets = (const int64_t *)(intptr_t)a[2];
+    job.values_out = (void *)(intptr_t)a[3];
+    job.rows = a[4];
+    job.cols = a[5];
+    job.row_bytes = 8 * ((a[5] + 63) / 64);
+    job.dtype = (int)a[6];
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(gather_rows, &job, (int)a[7], job.rows * job.cols);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
     for (int isa = ISA_AVX512; isa >= ISA_PORTABLE && names; isa--) {
@@ -575,6 +666,8 @@ static PyObject *py_selected(PyObject *self, PyObject *unused) { return PyUnicod
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
+    {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
+    {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},
     {"supported", py_supported, METH_NOARGS, "instruction sets this CPU runs, best first"},
     {"select", py_select, METH_O, "use the kernels of one instruction set"},
     {"selected", py_selected, METH_NOARGS, "the instruction set in use"},

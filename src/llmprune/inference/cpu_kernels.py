@@ -89,8 +89,20 @@ def from_dense(weight: torch.Tensor) -> BitmaskWeight:
     if weight.dim() != 2 or weight.dtype not in VALUE_DTYPES:
         raise ValueError(f"expected a float32 or bfloat16 matrix, got {tuple(weight.shape)} {weight.dtype}")
     weight = weight.detach().cpu().contiguous()
-    bits = weight != 0
-    return _from_bits(bits, weight[bits])
+    native = _native()
+    if native is None:
+        bits = weight != 0
+        return _from_bits(bits, weight[bits])
+    rows, cols = weight.shape
+    mask = torch.empty(rows, row_bytes(cols), dtype=torch.uint8)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    code = _code(weight.dtype)
+    native.mask_of(weight.data_ptr(), rows, cols, code, mask.data_ptr(), offsets.data_ptr() + 8, threads())
+    torch.cumsum(offsets[1:], 0, out=offsets[1:])
+    values = torch.zeros(int(offsets[-1]) + PAD, dtype=weight.dtype)
+    native.gather(weight.data_ptr(), mask.data_ptr(), offsets.data_ptr(), values.data_ptr(), rows, cols, code,
+                  threads())
+    return BitmaskWeight(rows, cols, values, mask, offsets)
 
 
 def to_dense(weight: BitmaskWeight, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,10 +14,13 @@ swapped in by hand where that backend is not there yet). The copy shares every t
     calibration tokens: decode throughput, and perplexity on the first 16 embedded evaluation windows of
     512 tokens, swapped against dense-with-zeros (their 4 significant digits must agree), also with every
     token forced through the sparse kernel (no expansion to dense) on the first ``--kernel-windows``.
+    With ``--cli`` also through the command line: ``llmprune prune`` saves each pruning, then ``llmprune
+    bench PRUNED --baseline PRUNED --sparse-kernels --device cpu --batch 1`` measures it.
 
-Prints markdown tables, the machine and the command; ``--json`` writes everything.
+Prints markdown tables, the machine and the command; ``--json`` writes everything. The full synthetic
+model needs about 11 GB of memory at 50 % (5.9 GB dense, 3.1 GB swapped, working memory).
 
-    python benchmarks/cpu_end_to_end.py --threads 1,2 --json benchmarks/out/cpu_end_to_end.json
+    python benchmarks/cpu_end_to_end.py --threads 1,2 --cli --json benchmarks/out/cpu_end_to_end.json
     python benchmarks/cpu_end_to_end.py --quick       # 1 synthetic layer, tiny settings: checks the script
 """
 
@@ -27,7 +30,9 @@ import argparse
 import contextlib
 import copy
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +120,8 @@ def sparse_copy(dense: nn.Module) -> tuple[nn.Module, dict]:
     kernels; and how they were swapped (the entry point, layers swapped, layers left dense and why)."""
     shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
     model = copy.deepcopy(dense, memo=shared)
+    if model.get_input_embeddings().weight is not dense.get_input_embeddings().weight:
+        raise SystemExit("the copy does not share the dense model's tensors")
     before = {name: module.weight.data_ptr() for name, module in decoder_linears(dense).items()}
     try:
         report = llmprune.use_sparse_kernels(model, backend="cpu")
@@ -222,7 +229,7 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
         prune_by_magnitude(dense, sparsity)
         model, swap = sparse_copy(dense)
         print(
-            f"pruned to {sparsity:.0%} and swapped ({swap['swapped']} layers) in "
+            f"pruned to {sparsity * 100:.0f} % and swapped ({swap['swapped']} layers) in "
             f"{time.perf_counter() - started:.0f} s",
             file=sys.stderr,
             flush=True,
@@ -235,7 +242,9 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
             "linear_bytes_dense": linear_bytes(dense),
             "linear_bytes_sparse": linear_bytes(model),
             "logits_relative_error": logits_error(model, dense, SYNTHETIC["vocab_size"]),
-            "runs": [bench_pair(model, dense, args, t, f"synthetic {sparsity:.0%}") for t in args.threads],
+            "runs": [
+                bench_pair(model, dense, args, t, f"synthetic {sparsity * 100:.0f} %") for t in args.threads
+            ],
         }
         row["linear_bytes_ratio"] = row["linear_bytes_sparse"] / row["linear_bytes_dense"]
         rows.append(row)
@@ -288,6 +297,55 @@ def embedded(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def llmprune_cli(*args: str) -> tuple[int, str, str]:
+    """Run ``llmprune ARGS`` in a child process: its exit status, stdout and stderr."""
+    print("$ llmprune " + " ".join(args), file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "llmprune", *args], capture_output=True, text=True)
+    return done.returncode, done.stdout, done.stderr
+
+
+def through_cli(args: argparse.Namespace) -> list[dict]:
+    """The embedded model's prunings saved by ``llmprune prune``, then ``llmprune bench PRUNED --baseline
+    PRUNED --sparse-kernels --device cpu`` (the issue's command; the baseline loads dense-with-zeros)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llmprune-cpu-e2e-") as work:
+        for label, options in EMBEDDED:
+            pruned = str(Path(work) / label.replace(" ", "-").replace(":", "of").replace("%", "pc"))
+            flags = [part for key, value in options.items() for part in (f"--{key}", str(value))]
+            samples = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+            prune = [
+                "prune", "--method", "wanda", *flags, *samples, "--output", pruned, "--eval-nsamples", "0",
+                "--device", "cpu", "--dtype", "float32",
+            ]  # fmt: skip
+            code, _, err = llmprune_cli(*prune)
+            shown = " ".join(prune).replace(pruned, "PRUNED")
+            if code:
+                raise SystemExit(f"llmprune prune failed ({code}): {err.strip()}")
+            for threads in args.threads:
+                command = [
+                    "bench", pruned, "--baseline", pruned, "--sparse-kernels", "--device", "cpu",
+                    "--dtype", "float32", "--batch", "1", "--prompt-len", str(args.prompt_len),
+                    "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                    "--warmup", str(args.warmup), "--threads", str(threads),
+                ]  # fmt: skip
+                code, out, err = llmprune_cli(*command, "--json")
+                row = {
+                    "pruning": label,
+                    "threads": threads,
+                    "prune_command": f"llmprune {shown}",
+                    "command": "llmprune " + " ".join(command).replace(pruned, "PRUNED"),
+                }
+                if code:
+                    row["error"] = f"exit {code}: " + (err.strip().splitlines() or [""])[-1]
+                else:
+                    report = json.loads(out)
+                    row["decode_speedup"] = report["speedup"]["decode_1"]
+                    row["prefill_speedup"] = report["speedup"]["prefill"]
+                    row["report"] = report
+                rows.append(row)
+    return rows
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 
@@ -314,7 +372,7 @@ def print_synthetic(rows: list[dict]) -> None:
         target = SYNTHETIC_TARGETS.get(row["sparsity"])
         for run in row["runs"]:
             print(
-                f"| {row['sparsity']:.0%} | {run['threads']} | {run['decode_dense']:.2f} | "
+                f"| {row['sparsity'] * 100:.0f} % | {run['threads']} | {run['decode_dense']:.2f} | "
                 f"{run['decode_sparse']:.2f} | **{run['decode_speedup']:.2f}×** | "
                 f"{'—' if target is None else f'≥ {target}×'} | {run['prefill_dense']:.1f} | "
                 f"{run['prefill_sparse']:.1f} | **{run['prefill_speedup']:.2f}×** | ≥ {PREFILL_TARGET}× |"
@@ -328,7 +386,7 @@ def print_synthetic(rows: list[dict]) -> None:
         run = row["runs"][0]
         target = f"≤ {MEMORY_TARGET}×" if row["sparsity"] == 0.5 else "—"
         print(
-            f"| {row['sparsity']:.0%} | {_mb(row['linear_bytes_dense'])} | "
+            f"| {row['sparsity'] * 100:.0f} % | {_mb(row['linear_bytes_dense'])} | "
             f"{_mb(row['linear_bytes_sparse'])} | "
             f"**{row['linear_bytes_ratio']:.3f}×** | {target} | {_mb(run['model_bytes_dense'])} | "
             f"{_mb(run['model_bytes_sparse'])} | {row['logits_relative_error']:.1e} | "
@@ -347,7 +405,7 @@ def print_embedded(rows: list[dict]) -> None:
     for row in rows:
         for run in row["runs"]:
             print(
-                f"| {row['pruning']} | {row['achieved_sparsity']:.1%} | {run['threads']} | "
+                f"| {row['pruning']} | {row['achieved_sparsity'] * 100:.1f} % | {run['threads']} | "
                 f"{run['decode_dense']:.1f} | {run['decode_sparse']:.1f} | **{run['decode_speedup']:.2f}×** "
                 f"| ≥ {EMBEDDED_TARGET}× | {run['prefill_speedup']:.2f}× |"
             )
@@ -374,6 +432,20 @@ def print_embedded(rows: list[dict]) -> None:
         f"the first {first['kernel_windows']}, every token through the sparse kernel); swapped with "
         f"{first['swap']['how']}"
     )
+
+
+def print_cli(rows: list[dict]) -> None:
+    print("\n## Embedded model through the CLI (`llmprune bench --sparse-kernels --device cpu`)\n")
+    print("| pruning | threads | decode | prefill | command |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            figures = f"{row['error']} | —"
+        else:
+            figures = f"**{row['decode_speedup']:.2f}×** | {row['prefill_speedup']:.2f}×"
+        print(f"| {row['pruning']} | {row['threads']} | {figures} | `{row['command']}` |")
+    for command in dict.fromkeys(row["prune_command"] for row in rows):
+        print(f"\nPRUNED from `{command}`")
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -404,6 +476,11 @@ def main() -> None:
         choices=cpu_kernels.ISAS,
         default=None,
         help=f"force the kernels' code path ({cpu_kernels.ISA_VARIABLE})",
+    )
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="also the embedded prunings through llmprune prune and llmprune bench",
     )
     parser.add_argument("--json", type=Path, default=None, help="write everything here")
     parser.add_argument(
@@ -448,6 +525,8 @@ def main() -> None:
         result["synthetic"] = synthetic(args)
     if args.part in ("both", "embedded"):
         result["embedded"] = embedded(args)
+    if args.cli:
+        result["cli"] = through_cli(args)
     result["seconds"] = time.perf_counter() - started
 
     print("\n## Machine\n")
@@ -461,6 +540,8 @@ def main() -> None:
         print_synthetic(result["synthetic"])
     if "embedded" in result:
         print_embedded(result["embedded"])
+    if "cli" in result:
+        print_cli(result["cli"])
     print(f"\n{result['seconds']:.0f} s in all")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

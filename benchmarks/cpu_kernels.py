@@ -339,7 +339,7 @@ def markdown_sweep(rows: list[dict]) -> str:
     lines = ["| sparsity | dense ms | sparse ms | speedup | bytes limit |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['sparsity']:.0%} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
+            f"| {r['sparsity'] * 100:.0f} % | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
             f"**{r['speedup']:.2f}×** | {r['formula_limit']:.2f}× |"
         )
     return "\n".join(lines)
@@ -379,7 +379,9 @@ def plot_sweep(rows: list[dict], shape: tuple[int, int], info: dict, path: Path)
     axes.axhline(1.0, color="black", linewidth=0.8, label="break-even (dense speed)")
     even = break_even_sparsity(rows)
     if even is not None:
-        axes.axvline(even * 100, color="tab:red", linestyle=":", label=f"measured break-even ≤ {even:.0%}")
+        axes.axvline(
+            even * 100, color="tab:red", linestyle=":", label=f"measured break-even ≤ {even * 100:.0f} %"
+        )
     axes.set_xlabel("sparsity (%)")
     axes.set_ylabel("speedup over dense")
     threads = rows[0]["threads"]
@@ -507,7 +509,7 @@ def main() -> None:
         even = result["break_even_sparsity"]
         print(
             "\nbreak-even sparsity (lowest swept from which on the kernel is at least dense speed): "
-            + ("none in the sweep" if even is None else f"{even:.0%}")
+            + ("none in the sweep" if even is None else f"{even * 100:.0f} %")
         )
         print(f"\n## Speedup against tokens: cpu_kernels.matmul vs F.linear, {shape}, 50 %, float32\n")
         print(markdown_tokens(result["token_sweep"], args.threads))

@@ -22,7 +22,9 @@ token counts 1..64 through ``cpu_kernels.matmul`` directly, giving where the ker
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import itertools
 import json
 import math
 import os
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,11 @@ SWEEP_SHAPE = (4096, 4096)
 SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 TOKEN_SWEEP = [1, 2, 4, 8, 16, 24, 32, 48, 64]
 QUICK_SWEEP_SHAPE, QUICK_SWEEP, QUICK_TOKENS = (576, 1536), [0.3, 0.5, 0.9], [1, 16, 32]
+COLD_MB = 512
+"""Copies of each weight are cycled through until the dense ones hold this much: a call then reads its
+weight from memory, as each layer of a model does while decoding, not from a cache that holds it (a sparse
+weight fits in a cache its dense form does not: its speedup would then exceed the bytes limit)."""
+T = TypeVar("T")
 
 
 # ---- machine ------------------------------------------------------------------------------------------
@@ -94,10 +102,20 @@ def machine_info() -> dict:
     except OSError:
         pass
     parallel = [line.strip() for line in torch.__config__.parallel_info().splitlines()]
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = (
+                (index / "size").read_text().strip()
+            )
+        except OSError:
+            continue
     return {
         "cpu": model,
         "logical_cpus": os.cpu_count(),
         "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "caches": caches,
         "isa": cpu_kernels.isa(),
         "isa_forced": os.environ.get(cpu_kernels.ISA_VARIABLE) or None,
         "native_problem": cpu_kernels.native_problem(),
@@ -111,7 +129,11 @@ def machine_info() -> dict:
 def print_machine(info: dict) -> None:
     print(f"- command: `{info['command']}`")
     print(f"- date: {info['date']}")
-    print(f"- CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, flags {' '.join(info['cpu_flags'])}")
+    caches = ", ".join(f"{level} {size}" for level, size in info["caches"].items())
+    print(
+        f"- CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, flags {' '.join(info['cpu_flags'])}; "
+        f"caches per core: {caches or 'unknown'}"
+    )
     forced = f" (forced by {cpu_kernels.ISA_VARIABLE})" if info["isa_forced"] else ""
     print(f"- kernels: {info['isa']}{forced}; {info['torch_parallel']}")
     print(
@@ -185,6 +207,21 @@ def alternated(
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
+def rotation(
+    dense: torch.Tensor, sparse: T, cold_bytes: int, clone: Callable[[T], T] = copy.deepcopy
+) -> tuple[Callable[[], torch.Tensor], Callable[[], T], int]:
+    """Getters that cycle through copies of a dense weight and of its sparse form, as many as make the dense
+    copies hold ``cold_bytes`` (``COLD_MB``), and that count."""
+    count = max(1, math.ceil(cold_bytes / (dense.numel() * dense.element_size())))
+    dense_cycle = itertools.cycle([dense] + [dense.clone() for _ in range(count - 1)])
+    sparse_cycle = itertools.cycle([sparse] + [clone(sparse) for _ in range(count - 1)])
+    return lambda: next(dense_cycle), lambda: next(sparse_cycle), count
+
+
+def clone_layout(layout: cpu_kernels.BitmaskWeight) -> cpu_kernels.BitmaskWeight:
+    return cpu_kernels.BitmaskWeight(layout.rows, layout.cols, *(t.clone() for t in layout.tensors()))
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected).norm() / expected.norm().clamp_min(1e-30))
 
@@ -197,6 +234,7 @@ def layer_cases(
     threads: list[int],
     repeats: int,
     sample_s: float,
+    cold_bytes: int,
 ) -> list[dict]:
     """Dense ``F.linear`` against ``SparseLinear``, per shape, variant, token count and thread count."""
     rows = []
@@ -207,6 +245,7 @@ def layer_cases(
             )
             module = SparseLinear.from_dense(weight)
             limit = bytes_limit(out_features, in_features, module.weight_layout)
+            next_weight, next_module, copies = rotation(weight, module, cold_bytes)
             for tokens in token_counts if variant.every_token_count else [1]:
                 x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
                 x = x.to(variant.dtype)
@@ -214,7 +253,10 @@ def layer_cases(
                 for thread_count in threads:
                     torch.set_num_threads(thread_count)
                     dense_s, sparse_s = alternated(
-                        lambda x=x, w=weight: F.linear(x, w), lambda x=x, m=module: m(x), repeats, sample_s
+                        lambda x=x, w=next_weight: F.linear(x, w()),
+                        lambda x=x, m=next_module: m()(x),
+                        repeats,
+                        sample_s,
                     )
                     target = variant.targets.get(tokens) if (out_features, in_features) in LARGE else None
                     row = {
@@ -232,6 +274,7 @@ def layer_cases(
                         "target": target,
                         "path": "kernel" if tokens <= sparse_linear.SPARSE_TOKENS else "expand + dense",
                         "relative_error": error,
+                        "copies": copies,
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -240,7 +283,12 @@ def layer_cases(
 
 @torch.inference_mode()
 def sparsity_sweep(
-    shape: tuple[int, int], sparsities: list[float], thread_count: int, repeats: int, sample_s: float
+    shape: tuple[int, int],
+    sparsities: list[float],
+    thread_count: int,
+    repeats: int,
+    sample_s: float,
+    cold_bytes: int,
 ) -> list[dict]:
     """Speedup of ``SparseLinear`` at 1 token, float32, against its sparsity."""
     out_features, in_features = shape
@@ -250,8 +298,9 @@ def sparsity_sweep(
     for sparsity in sparsities:
         weight = pruned_weight(out_features, in_features, sparsity, "unstructured", torch.float32)
         module = SparseLinear.from_dense(weight)
+        next_weight, next_module, _ = rotation(weight, module, cold_bytes)
         dense_s, sparse_s = alternated(
-            lambda w=weight: F.linear(x, w), lambda m=module: m(x), repeats, sample_s
+            lambda w=next_weight: F.linear(x, w()), lambda m=next_module: m()(x), repeats, sample_s
         )
         row = {
             "sparsity": sparsity,
@@ -269,19 +318,28 @@ def sparsity_sweep(
 
 @torch.inference_mode()
 def token_sweep(
-    shape: tuple[int, int], token_counts: list[int], threads: list[int], repeats: int, sample_s: float
+    shape: tuple[int, int],
+    token_counts: list[int],
+    threads: list[int],
+    repeats: int,
+    sample_s: float,
+    cold_bytes: int,
 ) -> list[dict]:
     """Speedup of ``cpu_kernels.matmul`` (the kernel itself, at any token count) at 50 %, float32."""
     out_features, in_features = shape
     weight = pruned_weight(out_features, in_features, 0.5, "unstructured", torch.float32)
     layout = cpu_kernels.from_dense(weight)
+    next_weight, next_layout, _ = rotation(weight, layout, cold_bytes, clone_layout)
     rows = []
     for thread_count in threads:
         torch.set_num_threads(thread_count)
         for tokens in token_counts:
             x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
             dense_s, sparse_s = alternated(
-                lambda x=x: F.linear(x, weight), lambda x=x: cpu_kernels.matmul(layout, x), repeats, sample_s
+                lambda x=x: F.linear(x, next_weight()),
+                lambda x=x: cpu_kernels.matmul(next_layout(), x),
+                repeats,
+                sample_s,
             )
             row = {
                 "tokens": tokens,
@@ -439,6 +497,13 @@ def main() -> None:
     parser.add_argument(
         "--tokens", type=int_list, default=[1, 4, 8, 16, 512], help="token counts of the 50 %% float32 case"
     )
+    parser.add_argument(
+        "--cold-mb",
+        type=float,
+        default=None,
+        help=f"cycle through copies of each weight until the dense ones hold this much ({COLD_MB}; with "
+        "--quick 8; 0: one weight, which small shapes then read from a cache)",
+    )
     parser.add_argument("--sweep", type=float_list, default=None, help="sparsities of the sweep (0.3..0.9)")
     parser.add_argument("--sweep-shape", type=parse_shapes, default=None, help="one OUTxIN (4096x4096)")
     parser.add_argument("--sweep-threads", type=int, default=1)
@@ -464,6 +529,8 @@ def main() -> None:
     shapes = args.shapes or (QUICK_SHAPES if quick else LARGE + SMOLLM2)
     repeats = args.repeats or (3 if quick else 15)
     sample_s = (args.sample_ms or (2.0 if quick else 20.0)) / 1e3
+    cold_mb = args.cold_mb if args.cold_mb is not None else (8 if quick else COLD_MB)
+    cold = int(cold_mb * 2**20)
     tokens = list(dict.fromkeys(min(t, 32) for t in args.tokens)) if quick else args.tokens  # 32: expands
     sweep_shape = args.sweep_shape[0] if args.sweep_shape else (QUICK_SWEEP_SHAPE if quick else SWEEP_SHAPE)
     sweep = args.sweep or (QUICK_SWEEP if quick else SWEEP)
@@ -472,12 +539,13 @@ def main() -> None:
     info = machine_info()
     started = time.perf_counter()
 
-    layers = layer_cases(shapes, VARIANTS, tokens, args.threads, repeats, sample_s)
+    layers = layer_cases(shapes, VARIANTS, tokens, args.threads, repeats, sample_s, cold)
     result: dict = {
         "machine": info,
         "settings": {
             "repeats": repeats,
             "sample_ms": sample_s * 1e3,
+            "cold_mb": cold_mb,
             "sparse_tokens": sparse_linear.SPARSE_TOKENS,
         },
         "layers": layers,
@@ -485,8 +553,10 @@ def main() -> None:
     }
     if not args.no_sweeps:
         result["sweep_shape"] = list(sweep_shape)
-        result["sparsity_sweep"] = sparsity_sweep(sweep_shape, sweep, args.sweep_threads, repeats, sample_s)
-        result["token_sweep"] = token_sweep(sweep_shape, token_counts, args.threads, repeats, sample_s)
+        result["sparsity_sweep"] = sparsity_sweep(
+            sweep_shape, sweep, args.sweep_threads, repeats, sample_s, cold
+        )
+        result["token_sweep"] = token_sweep(sweep_shape, token_counts, args.threads, repeats, sample_s, cold)
         result["break_even_sparsity"] = break_even_sparsity(result["sparsity_sweep"])
         result["break_even_tokens"] = {t: break_even_tokens(result["token_sweep"], t) for t in args.threads}
     result["seconds"] = time.perf_counter() - started
@@ -495,6 +565,7 @@ def main() -> None:
     print_machine(info)
     print(
         f"- settings: median of {repeats} alternated samples of ≥ {sample_s * 1e3:g} ms after a warm-up; "
+        f"each call reads the next of copies of its weight that hold ≥ {cold_mb:g} MiB dense (cold caches); "
         f"SparseLinear runs the kernel up to SPARSE_TOKENS = {sparse_linear.SPARSE_TOKENS} tokens"
     )
     print("\n## Single layers: dense F.linear against SparseLinear\n")

@@ -40,6 +40,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels, sparse_linear
 from llmprune.inference.sparse_linear import SparseLinear
 from llmprune.methods.magnitude import magnitude_mask
@@ -152,7 +153,10 @@ def select_isa(forced: str | None) -> None:
     if forced:
         os.environ[cpu_kernels.ISA_VARIABLE] = forced
     cpu_kernels.reset_isa()
-    cpu_kernels.isa()  # a bad or unsupported value fails here, before any measurement
+    try:
+        cpu_kernels.isa()  # a bad or unsupported value fails here, before any measurement
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 # ---- weights ------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ with ``cpu_kernels.from_dense`` into a ``SparseLinear``. Dense ``F.linear(x, W)`
 the same dtype and thread count) and the ``SparseLinear`` forward (the sparse kernel up to
 ``SPARSE_TOKENS`` tokens, expand + dense matmul above) are timed alternately in this one process (dense,
 sparse, dense, sparse, ...) after a warm-up; each sample runs enough calls to last ``--sample-ms``; the
-figures are medians and the speedup is median dense over median sparse. The bytes limit is the dense
-weight's bytes over the sparse layout's (values + mask + offsets): the most a memory-bound product gains.
+figures are medians and the speedup is median dense over median sparse. Each call reads the next of
+several copies of its weight (``--cold-mb``), so that no cache holds it, as in a model. The bytes limit is
+the dense weight's bytes over the sparse layout's (values + mask + offsets): the most a memory-bound
+product gains. Progress goes to stderr as one JSON line per case.
 
 Then, for one large shape (4096×4096, float32, 1 token): a sweep of sparsity 30..90 % plotted against the
 limit 4 / (4·(1 - s) + 1/8), giving the break-even sparsity (``BREAK_EVEN_SPARSITY``), and at 50 % the

@@ -209,8 +209,6 @@ static void build_tables(void) {
     }
 }
 
-/* Values ahead of the current one to prefetch (the loads' addresses wait on the mask's popcounts). */
-#define PREFETCH 256
 
 #define AVX2 __attribute__((target("avx2,fma,popcnt")))
 
@@ -236,7 +234,7 @@ AVX2 static inline float hsum_avx2(__m256 v) {
 
 /* One row against TB tokens; A accumulators per token so that the FMA chains overlap. */
 #define DEFINE_ROW_AVX2(TB, A, DT)                                                                          \
-    AVX2 static void row_avx2_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                                 \
+    AVX2 static void row_avx2_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                          \
         __m256 acc[TB][A];                                                                                  \
         for (int t = 0; t < TB; t++)                                                                        \
             for (int a = 0; a < A; a++) acc[t][a] = _mm256_setzero_ps();                                    \
@@ -247,7 +245,6 @@ AVX2 static inline float hsum_avx2(__m256 v) {
         const int64_t words = job->row_bytes / 8;                                                           \
         for (int64_t word = 0; word < words; word++) {                                                      \
             const uint64_t w = load_word(mask + 8 * word);                                                  \
-            _mm_prefetch((const char *)values + (k + PREFETCH) * 4, _MM_HINT_T0);                      \
             if (!w) continue;                                                                               \
             const uint64_t before = byte_prefix_counts(w);                                                  \
             _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
@@ -276,13 +273,13 @@ DEFINE_ROW_AVX2(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX2(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
-#define ROWS_AVX2(DT)                                                                                        \
+#define ROWS_AVX2(DT)                                                                                       \
     for (int64_t r = begin; r < end; r++) {                                                                 \
         int64_t t = 0;                                                                                      \
-        for (; t + 8 <= job->tokens; t += 8) row_avx2_8_##DT(job, r, t);                                 \
-        if (t + 4 <= job->tokens) { row_avx2_4_##DT(job, r, t); t += 4; }                                \
-        if (t + 2 <= job->tokens) { row_avx2_2_##DT(job, r, t); t += 2; }                                \
-        if (t < job->tokens) row_avx2_1_##DT(job, r, t);                                                 \
+        for (; t + 8 <= job->tokens; t += 8) row_avx2_8_##DT(job, r, t);                                    \
+        if (t + 4 <= job->tokens) { row_avx2_4_##DT(job, r, t); t += 4; }                                   \
+        if (t + 2 <= job->tokens) { row_avx2_2_##DT(job, r, t); t += 2; }                                   \
+        if (t < job->tokens) row_avx2_1_##DT(job, r, t);                                                    \
     }
 
 AVX2 static void matmul_avx2(const Job *job, int64_t begin, int64_t end) {
@@ -336,7 +333,7 @@ AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsig
 }
 
 #define DEFINE_ROW_AVX512(TB, A, DT)                                                                        \
-    AVX512 static void row_avx512_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                             \
+    AVX512 static void row_avx512_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                      \
         __m512 acc[TB][A];                                                                                  \
         for (int t = 0; t < TB; t++)                                                                        \
             for (int a = 0; a < A; a++) acc[t][a] = _mm512_setzero_ps();                                    \
@@ -348,7 +345,7 @@ AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsig
         for (int64_t word = 0; word < words; word++) {                                                      \
             const uint64_t w = load_word(mask + 8 * word);                                                  \
             if (!w) continue;                                                                               \
-            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                                                   \
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
                 const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;                              \
                 const __m512 weights =                                                                      \
                     expand16_avx512(values, k + popcount64(below), (unsigned)(w >> (16 * c)) & 0xffff, DT); \
@@ -375,13 +372,13 @@ DEFINE_ROW_AVX512(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX512(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
 
-#define ROWS_AVX512(DT)                                                                                        \
+#define ROWS_AVX512(DT)                                                                                     \
     for (int64_t r = begin; r < end; r++) {                                                                 \
         int64_t t = 0;                                                                                      \
-        for (; t + 8 <= job->tokens; t += 8) row_avx512_8_##DT(job, r, t);                                 \
-        if (t + 4 <= job->tokens) { row_avx512_4_##DT(job, r, t); t += 4; }                                \
-        if (t + 2 <= job->tokens) { row_avx512_2_##DT(job, r, t); t += 2; }                                \
-        if (t < job->tokens) row_avx512_1_##DT(job, r, t);                                                 \
+        for (; t + 8 <= job->tokens; t += 8) row_avx512_8_##DT(job, r, t);                                  \
+        if (t + 4 <= job->tokens) { row_avx512_4_##DT(job, r, t); t += 4; }                                 \
+        if (t + 2 <= job->tokens) { row_avx512_2_##DT(job, r, t); t += 2; }                                 \
+        if (t < job->tokens) row_avx512_1_##DT(job, r, t);                                                  \
     }
 
 AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {

@@ -29,6 +29,7 @@ from llmprune.inference.sparse_linear import SparseLinear, too_dense
 from llmprune.models.packed import CompressedCheckpoint
 from llmprune.models.packing import Packed, nonzero_bits, position_bits, unpack, unpack_bits, unpack_uints
 from llmprune.models.shards import CheckpointShards, tied_names
+from llmprune.storage import trim_heap
 
 BLOCK = 1 << 22
 """Weights converted at once (a block of whole rows): bounds the temporary bit matrices."""
@@ -132,7 +133,8 @@ def _from_bitmask(packed: Packed, rows: int, cols: int, dtype: torch.dtype) -> B
         raise ValueError(f"a mask of {mask.numel()} bytes for {rows}×{cols} weights")
     nnz = stored.numel()
     if cols % 64 == 0:  # every row is whole 64-bit words: the stored mask is the kernels' mask
-        mask = mask.reshape(rows, cols // 8)
+        # copied: a tensor read from a safetensors file maps the whole file, and would keep it resident
+        mask = mask.reshape(rows, cols // 8).clone()
         counts = torch.from_numpy(np.bitwise_count(mask.numpy()).sum(axis=1, dtype=np.int64))
         offsets = torch.zeros(rows + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=offsets[1:])
@@ -243,6 +245,7 @@ def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Mod
         setattr(model.get_submodule(parent), child, sparse)
         handled.add(f"{name}.bias")
         report.swapped.append(name)
+        trim_heap()  # the dense temporaries of a layer, freed, would otherwise stay resident
     if not report.swapped:
         raise UsageError(
             f"no linear layer of {directory} is sparse enough for the CPU sparse kernels "

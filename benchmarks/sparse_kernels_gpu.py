@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import llmprune
-from llmprune.inference.kernels import BACKENDS, default_backend, hardware_problem, semi_structured
+from llmprune.inference.cuda_kernels import CUDA_BACKENDS, default_backend, hardware_problem, semi_structured
 from llmprune.methods.patterns import n_m_mask
 from llmprune.storage import library_versions
 
@@ -70,7 +70,7 @@ def linear_layers(device: torch.device, check: bool, repeats: int) -> list[dict]
     """Dense against sparse timings of one linear layer per shape, token count and backend."""
     dtype = torch.float16
     shapes, token_counts = (CHECK_SHAPES, CHECK_TOKENS) if check else (SHAPES, TOKENS)
-    backends = [b for b in BACKENDS if b == "cutlass" or torch.backends.cusparselt.is_available()]
+    backends = [b for b in CUDA_BACKENDS if b == "cutlass" or torch.backends.cusparselt.is_available()]
     if check:  # no sparse kernel on the CPU: a dense copy stands in for the conversion
         backends = ["stand_in"]
     rows = []

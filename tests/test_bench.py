@@ -20,7 +20,8 @@ from conftest import VOCAB, invoke, tiny_model
 from llmprune.errors import UsageError
 from llmprune.inference import bench as bench_module
 from llmprune.inference.bench import alternate, decode, peak_working_memory, prefill, speedups
-from llmprune.inference.kernels import classify, ineligibility, shape_limits
+from llmprune.inference.cuda_kernels import ineligibility, shape_limits
+from llmprune.inference.kernels import classify
 from llmprune.methods.patterns import n_m_violations
 
 # ---- eligibility ----------------------------------------------------------------------------------------
@@ -166,8 +167,8 @@ def test_sparse_kernels_on_a_model_that_is_not_two_four_names_the_layers():
 
 
 def test_sparse_kernels_without_a_gpu_says_what_hardware_is_needed():
-    with pytest.raises(UsageError) as error:
-        llmprune.use_sparse_kernels(two_four_llama())
+    with pytest.raises(UsageError) as error:  # on the CPU "auto" picks the CPU kernels: ask for 2:4
+        llmprune.use_sparse_kernels(two_four_llama(), backend="cutlass")
     assert str(error.value) == (
         "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 or newer "
         "(Ampere, Ada, Hopper, Blackwell); this run is on cpu"
@@ -307,8 +308,14 @@ def test_cli_bench_table(capsys, saved):
         (["--batch", "0"], "batch: Input should be greater than or equal to 1"),
         (["--prompt-len", "200"], "--prompt-len 200 is longer than the context of"),
         (["--prompt-len", "100"], "--prompt-len 100 + --new-tokens 64 (164 tokens) is longer than"),
-        (["--sparse-kernels"], "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 or newer"),
-        (["--sparse-kernels", "--device", "cpu", "--dtype", "float16"], "this run is on cpu"),
+        (
+            ["--sparse-kernels", "--kernel-backend", "cutlass"],  # auto on the CPU: the CPU kernels
+            "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 or newer",
+        ),
+        (
+            ["--sparse-kernels", "--kernel-backend", "cusparselt", "--device", "cpu", "--dtype", "float16"],
+            "this run is on cpu",
+        ),
     ],
 )
 def test_cli_bench_bad_input_exits_2_before_loading(capsys, saved, no_model_loading, args, message):

@@ -48,6 +48,10 @@ def result_table(result: BenchReport) -> Table:
         if result.baseline is not None and result.speedup is not None:
             row += [_cell(result.baseline, attribute, fmt), f"{result.speedup[key]:.2f}×"]
         table.add_row(*row)
+    if result.kernels is not None:
+        swapped, skipped = len(result.kernels["swapped"]), len(result.kernels["skipped"])
+        row = ["linear layers on sparse kernels", f"{swapped} of {swapped + skipped}"]
+        table.add_row(*row, *(["0 (dense)", ""] if result.baseline is not None else []))
     return table
 
 
@@ -71,15 +75,12 @@ def bench(model: str | None, as_json: bool, **flags: Any) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    if result.kernels is not None:
-        from llmprune.inference.kernels import LayerChoice, SparseKernelsReport
-
-        kernels = dict(result.kernels)
-        kernels["skipped"] = [
-            LayerChoice(**{**c, "reasons": tuple(c["reasons"])}) for c in kernels["skipped"]
-        ]
-        console.print(SparseKernelsReport(**kernels).summary(), soft_wrap=True, markup=False)
     out.print(result_table(result))
+    if result.kernels is not None:  # which layers: the swapped ones counted, those left dense named
+        from llmprune.inference.kernels import SparseKernelsReport
+
+        summary = SparseKernelsReport.from_dict(result.kernels).summary()
+        out.print(f"MODEL: {summary}", soft_wrap=True, markup=False)
     out.print(f"memory: {result.memory_method}", soft_wrap=True)
     out.print(
         "versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()), soft_wrap=True, markup=False

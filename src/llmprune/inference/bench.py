@@ -37,6 +37,7 @@ from llmprune.inference.kernels import (
     require_sparse_kernels,
     use_sparse_kernels,
 )
+from llmprune.inference.sparse_linear import BREAK_EVEN_SPARSITY
 from llmprune.models.architecture import check_window, context_length
 from llmprune.storage import trim_heap
 
@@ -64,11 +65,13 @@ class BenchConfig(StrictModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     sparse_kernels: bool = Field(
         False,
-        description="run MODEL's 2:4-sparse linear layers on sparse tensor cores (NVIDIA compute capability "
-        ">= 8.0); the baseline stays dense",
+        description="run MODEL's sparse linear layers on sparse kernels: on the CPU llmprune's own (layers "
+        f"with >= {BREAK_EVEN_SPARSITY:.0%} zeros, any pattern), on CUDA 2:4 sparse tensor cores (compute "
+        "capability >= 8.0); the baseline stays dense",
     )
-    kernel_backend: Literal["auto", "cusparselt", "cutlass"] = Field(
-        "auto", description="2:4 kernels: cuSPARSELt where PyTorch has it, else CUTLASS"
+    kernel_backend: Literal["auto", "cpu", "cusparselt", "cutlass"] = Field(
+        "auto",
+        description="auto: cpu on the CPU; on CUDA cuSPARSELt where PyTorch has it, else CUTLASS",
     )
 
     @field_validator("device")
@@ -409,7 +412,7 @@ def _bench(
         device = next(model.parameters()).device
     if config.sparse_kernels:
         dtype = None if isinstance(model, nn.Module) else resolve_dtype(config.dtype, device)
-        require_sparse_kernels(device, dtype)
+        require_sparse_kernels(device, dtype, config.kernel_backend)  # before loading anything
     for source in sources.values():  # every name first: a typo in the second fails before any conversion
         if isinstance(source, str):
             check_model_name(source, tokenizer=config.prompt == "embedded")
@@ -433,11 +436,13 @@ def _measure(
     device: torch.device,
     progress: Callable[[int, int], None] | None,
 ) -> BenchReport:
-    loaded = {label: _load(source, config, device) for label, source in sources.items()}
-    measured = loaded["model"]
+    measured = _load(sources["model"], config, device)
     kernels: SparseKernelsReport | None = None
-    if config.sparse_kernels:
+    if config.sparse_kernels:  # before the baseline is loaded: a model with no sparse layer stops here
         kernels = use_sparse_kernels(measured.model, backend=config.kernel_backend)
+    loaded = {"model": measured}
+    if "baseline" in sources:
+        loaded["baseline"] = _load(sources["baseline"], config, device)
     vocab = min(int(entry.model.config.vocab_size) for entry in loaded.values())
     prompt = make_prompt(config, vocab, measured.tokenizer).to(device)
 

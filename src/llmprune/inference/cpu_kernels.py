@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from llmprune.errors import UsageError
 
@@ -88,8 +89,20 @@ def from_dense(weight: torch.Tensor) -> BitmaskWeight:
     if weight.dim() != 2 or weight.dtype not in VALUE_DTYPES:
         raise ValueError(f"expected a float32 or bfloat16 matrix, got {tuple(weight.shape)} {weight.dtype}")
     weight = weight.detach().cpu().contiguous()
-    bits = weight != 0
-    return _from_bits(bits, weight[bits])
+    native = _native()
+    if native is None:
+        bits = weight != 0
+        return _from_bits(bits, weight[bits])
+    rows, cols = weight.shape
+    mask = torch.empty(rows, row_bytes(cols), dtype=torch.uint8)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    code = _code(weight.dtype)
+    native.mask_of(weight.data_ptr(), rows, cols, code, mask.data_ptr(), offsets.data_ptr() + 8, threads())
+    torch.cumsum(offsets[1:], 0, out=offsets[1:])
+    values = torch.zeros(int(offsets[-1]) + PAD, dtype=weight.dtype)
+    native.gather(weight.data_ptr(), mask.data_ptr(), offsets.data_ptr(), values.data_ptr(), rows, cols, code,
+                  threads())
+    return BitmaskWeight(rows, cols, values, mask, offsets)
 
 
 def to_dense(weight: BitmaskWeight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,19 +124,35 @@ def to_dense(weight: BitmaskWeight, out: torch.Tensor | None = None) -> torch.Te
 
 
 def matmul(weight: BitmaskWeight, x: torch.Tensor) -> torch.Tensor:
-    """``x @ dense(weight).T`` for ``x`` ``[tokens, cols]`` (float32 or bfloat16, any row stride), in
+    """``x @ dense(weight).T`` for ``x`` ``[tokens, cols]`` (float32 or bfloat16, any strides), in
     float32 ``[tokens, rows]`` (accumulated in float32)."""
     if x.dim() != 2 or x.shape[1] != weight.cols:
         raise ValueError(f"expected [tokens, {weight.cols}] inputs, got {tuple(x.shape)}")
-    if x.stride(1) != 1 or x.dtype != torch.float32:
+    return multiply(weight.values, weight.mask, weight.offsets, x, weight.rows)
+
+
+def multiply(
+    values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``matmul`` on a weight's tensors, unchecked: the per-token path of ``SparseLinear``, kept short
+    because a decoding step calls it for every linear layer."""
+    native = _MODULE if _LOADED else _native()
+    if native is None:
+        dense = to_dense(BitmaskWeight(rows, x.shape[1], values, mask, offsets))
+        return x.to(torch.float32) @ dense.to(torch.float32).T
+    return _multiply_with(native, values, mask, offsets, x, rows)
+
+
+def _multiply_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
+    cols, width = x.shape[1], 8 * mask.shape[1]  # the kernels read inputs for whole mask words
+    if width != cols:
+        x = F.pad(x.to(torch.float32), (0, width - cols))
+    elif x.dtype is not torch.float32 or x.stride(1) != 1:
         x = x.to(torch.float32).contiguous()
     tokens = x.shape[0]
-    out = torch.empty(tokens, weight.rows, dtype=torch.float32)
-    native = _native()
-    if native is None:
-        return x @ to_dense(weight).to(torch.float32).T
-    native.matmul(*_pointers(weight), x.data_ptr(), x.stride(0), out.data_ptr(), weight.rows, weight.cols,
-                  tokens, _code(weight.dtype), threads())
+    out = torch.empty(tokens, rows)
+    native.matmul(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), x.data_ptr(), x.stride(0),
+                  out.data_ptr(), rows, cols, tokens, _CODES[values.dtype], torch.get_num_threads())
     return out
 
 
@@ -136,8 +165,11 @@ def _pointers(weight: BitmaskWeight) -> tuple[int, int, int]:
     return weight.values.data_ptr(), weight.mask.data_ptr(), weight.offsets.data_ptr()
 
 
+_CODES = {dtype: code for code, dtype in enumerate(VALUE_DTYPES)}
+
+
 def _code(dtype: torch.dtype) -> int:
-    return VALUE_DTYPES.index(dtype)
+    return _CODES[dtype]
 
 
 def threads() -> int:
@@ -162,6 +194,7 @@ def _native():
         else:
             _sparse_cpu.select(_wanted_isa(_sparse_cpu))
             _MODULE = _sparse_cpu
+            _check_selected(_sparse_cpu)
     return _MODULE
 
 
@@ -175,6 +208,33 @@ def _wanted_isa(module) -> str:
     if forced not in supported:
         raise UsageError(f"{ISA_VARIABLE}={forced}: this CPU supports only {', '.join(supported)}")
     return forced
+
+
+def _check_selected(module) -> None:
+    """Compare the chosen instruction set's kernels with the portable C ones on a small random case, once
+    per process: a wrong result on an untested CPU must fail loudly, not serve garbage."""
+    chosen = module.selected()
+    if chosen == "portable":
+        return
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(67, 200, generator=generator)
+    dense[torch.rand(67, 200, generator=generator) < 0.6] = 0
+    x = torch.randn(11, 200, generator=generator)
+    results = {}
+    for name in (chosen, "portable"):
+        module.select(name)
+        results[name] = [
+            _multiply_with(module, *from_dense(dense.to(dtype)).tensors(), x, dense.shape[0])
+            for dtype in VALUE_DTYPES
+        ]
+    module.select(chosen)
+    for got, expected in zip(results[chosen], results["portable"], strict=True):
+        error = float((got - expected).norm() / expected.norm())
+        if not error <= 1e-5:
+            raise RuntimeError(
+                f"llmprune's {chosen} CPU kernels disagree with the portable ones on this CPU (relative "
+                f"error {error:.2g}); set {ISA_VARIABLE}=portable and report the CPU"
+            )
 
 
 def native_problem() -> str | None:

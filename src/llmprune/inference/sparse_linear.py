@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.inference.cpu_kernels import BitmaskWeight, from_dense, matmul, to_dense
+from llmprune.inference.cpu_kernels import BitmaskWeight, from_dense, multiply, to_dense
 
 SPARSE_TOKENS = 16
 """Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
@@ -69,20 +69,19 @@ class SparseLinear(nn.Module):
         return to_dense(self.weight_layout).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= SPARSE_TOKENS:
-            y = matmul(self.weight_layout, flat)
+            y = multiply(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
                 y += self.bias
-            y = y.to(x.dtype)
         else:
             layout = self.weight_layout
             dense = to_dense(layout, _scratch_for(layout.rows * layout.cols, layout.dtype))
             bias = None if self.bias is None else self.bias.to(dense.dtype)
             y = F.linear(flat.to(dense.dtype), dense, bias)
+        if y.dtype is not x.dtype:
             y = y.to(x.dtype)
-        return y.reshape(*leading, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

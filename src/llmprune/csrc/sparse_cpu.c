@@ -1,0 +1,688 @@
+/*
+ * llmprune._sparse_cpu: sparse linear kernels for CPUs, on raw pointers (no PyTorch headers).
+ *
+ * A [rows, cols] weight is its kept values row by row (float32 or bfloat16, followed by zero padding),
+ * a bitmask (row r at mask + r * row_bytes, bit j of a row at byte j / 8, bit j % 8; row_bytes a multiple
+ * of 8, bits past cols zero) and int64 offsets[rows + 1] (where each row's values start). See
+ * src/llmprune/inference/cpu_kernels.py for the Python side.
+ *
+ *   matmul:   y[t, r] = sum_j W[r, j] x[t, j]   (float32 accumulation, y float32 [tokens, rows])
+ *   to_dense: the dense [rows, cols] matrix in the values' dtype
+ *
+ * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
+ * time; threads over output rows from a small pthread pool (no OpenMP: PyTorch ships its own runtime).
+ * The caller pads each input row to row_bytes * 8 readable floats, so vector loads never leave x.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define LLMPRUNE_X86 1
+#include <immintrin.h>
+#endif
+
+#if !defined(_WIN32)
+#define LLMPRUNE_THREADS 1
+#include <pthread.h>
+#endif
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char *ISA_NAMES[] = {"portable", "avx2", "avx512"};
+
+typedef struct {
+    const void *values;
+    const uint8_t *mask;
+    const int64_t *offsets;
+    const float *x;
+    int64_t x_stride;
+    float *y;
+    void *dense;
+    int64_t rows, cols, tokens, row_bytes;
+    int dtype;
+    uint8_t *mask_out;  /* compress: the mask and per-row counts written from `dense`, then the values */
+    int64_t *counts_out;
+    void *values_out;
+} Job;
+
+typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
+
+/* ---------------------------------------------------------------- portable ---------------------------- */
+
+/* Bits 64 * i .. 64 * i + 63 of a mask row as one little-endian word. */
+static inline uint64_t load_word(const uint8_t *p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t w;
+    memcpy(&w, p, sizeof w);
+    return w;
+#else
+    uint64_t w = 0;
+    for (int i = 7; i >= 0; i--) w = (w << 8) | p[i];
+    return w;
+#endif
+}
+
+static inline int ctz64(uint64_t w) {
+#if defined(__GNUC__)
+    return __builtin_ctzll(w);
+#else
+    int n = 0;
+    while (!(w & 1)) { w >>= 1; n++; }
+    return n;
+#endif
+}
+
+static inline int popcount64(uint64_t w) {
+#if defined(__GNUC__)
+    return __builtin_popcountll(w);
+#else
+    int n = 0;
+    while (w) { w &= w - 1; n++; }
+    return n;
+#endif
+}
+
+/* For each byte i of w, the number of set bits in bytes 0 .. i-1 (byte 0: zero). */
+static inline uint64_t byte_prefix_counts(uint64_t w) {
+    uint64_t c = w - ((w >> 1) & 0x5555555555555555ULL);
+    c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+    c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (c * 0x0101010101010101ULL) << 8;
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float value_at(const Job *job, int64_t k) {
+    if (job->dtype == DTYPE_F32) return ((const float *)job->values)[k];
+    return bf16_to_float(((const uint16_t *)job->values)[k]);
+}
+
+#define TOKEN_BLOCK 8
+
+static void matmul_portable(const Job *job, int64_t begin, int64_t end) {
+    const int64_t words = job->row_bytes / 8;
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        for (int64_t t0 = 0; t0 < job->tokens; t0 += TOKEN_BLOCK) {
+            const int64_t tb = job->tokens - t0 < TOKEN_BLOCK ? job->tokens - t0 : TOKEN_BLOCK;
+            float acc[TOKEN_BLOCK] = {0};
+            int64_t k = job->offsets[r];
+            for (int64_t word = 0; word < words; word++) {
+                uint64_t w = load_word(mask + 8 * word);
+                while (w) {
+                    const int64_t j = 64 * word + ctz64(w);
+                    const float v = value_at(job, k++);
+                    for (int64_t t = 0; t < tb; t++) acc[t] += v * job->x[(t0 + t) * job->x_stride + j];
+                    w &= w - 1;
+                }
+            }
+            for (int64_t t = 0; t < tb; t++) job->y[(t0 + t) * job->rows + r] = acc[t];
+        }
+    }
+}
+
+static void dense_portable(const Job *job, int64_t begin, int64_t end) {
+    const int64_t words = job->row_bytes / 8;
+    const size_t item = job->dtype == DTYPE_F32 ? 4 : 2;
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        char *row = (char *)job->dense + (size_t)(r * job->cols) * item;
+        const char *values = (const char *)job->values + (size_t)job->offsets[r] * item;
+        memset(row, 0, (size_t)job->cols * item);
+        for (int64_t word = 0; word < words; word++) {
+            uint64_t w = load_word(mask + 8 * word);
+            while (w) {
+                memcpy(row + (size_t)(64 * word + ctz64(w)) * item, values, item);
+                values += item;
+                w &= w - 1;
+            }
+        }
+    }
+}
+
+/* The bitmask and the per-row non-zero counts of a dense matrix (zero: +0.0 or -0.0). */
+static void mask_rows(const Job *job, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+        uint8_t *mask = job->mask_out + r * job->row_bytes;
+        int64_t count = 0;
+        memset(mask, 0, (size_t)job->row_bytes);
+        if (job->dtype == DTYPE_F32) {
+            const float *row = (const float *)job->dense + r * job->cols;
+            for (int64_t j = 0; j < job->cols; j++) {
+                const int set = row[j] != 0.0f;
+                mask[j >> 3] |= (uint8_t)(set << (j & 7));
+                count += set;
+            }
+        } else {
+            const uint16_t *row = (const uint16_t *)job->dense + r * job->cols;
+            for (int64_t j = 0; j < job->cols; j++) {
+                const int set = (row[j] & 0x7fff) != 0;
+                mask[j >> 3] |= (uint8_t)(set << (j & 7));
+                count += set;
+            }
+        }
+        job->counts_out[r] = count;
+    }
+}
+
+/* The kept values of a dense matrix, row by row, where `mask_rows` marked them. */
+static void gather_rows(const Job *job, int64_t begin, int64_t end) {
+    const size_t item = job->dtype == DTYPE_F32 ? 4 : 2;
+    for (int64_t r = begin; r < end; r++) {
+        const char *row = (const char *)job->dense + (size_t)(r * job->cols) * item;
+        char *out = (char *)job->values_out + (size_t)job->offsets[r] * item;
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        for (int64_t word = 0; word < job->row_bytes / 8; word++) {
+            uint64_t w = load_word(mask + 8 * word);
+            while (w) {
+                memcpy(out, row + (size_t)(64 * word + ctz64(w)) * item, item);
+                out += item;
+                w &= w - 1;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX2 + FMA -------------------------- */
+#ifdef LLMPRUNE_X86
+
+/* PERMUTE[m]: for the 8 inputs of one mask byte m, which of the next popcount(m) values each lane takes;
+ * the sign bit marks lanes whose bit is clear (vpermps reads only the low 3 bits, vblendvps the sign). */
+static int32_t PERMUTE[256][8];
+
+static void build_tables(void) {
+    for (int m = 0; m < 256; m++) {
+        int k = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            const int set = (m >> lane) & 1;
+            PERMUTE[m][lane] = set ? k : INT32_MIN;
+            k += set;
+        }
+    }
+}
+
+/* Values ahead of the current one to prefetch (the loads' addresses wait on the mask's popcounts). */
+#define PREFETCH 256
+
+#define AVX2 __attribute__((target("avx2,fma,popcnt")))
+
+AVX2 static inline __m256 load8_avx2(const void *values, int64_t k, int dtype) {
+    if (dtype == DTYPE_F32) return _mm256_loadu_ps((const float *)values + k);
+    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)values + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/* The 8 weights of mask byte m as a dense vector (zeros where the bit is clear). */
+AVX2 static inline __m256 expand8_avx2(const void *values, int64_t k, unsigned m, int dtype) {
+    const __m256 v = load8_avx2(values, k, dtype);
+    const __m256i index = _mm256_loadu_si256((const __m256i *)PERMUTE[m]);
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, index), _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+}
+
+AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row against TB tokens; A accumulators per token so that the FMA chains overlap. */
+#define DEFINE_ROW_AVX2(TB, A, DT)                                                                          \
+    AVX2 static void row_avx2_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                                 \
+        __m256 acc[TB][A];                                                                                  \
+        for (int t = 0; t < TB; t++)                                                                        \
+            for (int a = 0; a < A; a++) acc[t][a] = _mm256_setzero_ps();                                    \
+        const uint8_t *mask = job->mask + r * job->row_bytes;                                               \
+        const float *x = job->x + t0 * job->x_stride;                                                       \
+        const void *values = job->values;                                                                   \
+        int64_t k = job->offsets[r];                                                                        \
+        const int64_t words = job->row_bytes / 8;                                                           \
+        for (int64_t word = 0; word < words; word++) {                                                      \
+            const uint64_t w = load_word(mask + 8 * word);                                                  \
+            _mm_prefetch((const char *)values + (k + PREFETCH) * 4, _MM_HINT_T0);                      \
+            if (!w) continue;                                                                               \
+            const uint64_t before = byte_prefix_counts(w);                                                  \
+            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
+                const __m256 weights = expand8_avx2(values, k + ((before >> (8 * b)) & 0xff),               \
+                                                    (unsigned)(w >> (8 * b)) & 0xff, DT);                   \
+                const int64_t j = 64 * word + 8 * b;                                                        \
+                for (int t = 0; t < TB; t++)                                                                \
+                    acc[t][b % A] =                                                                         \
+                        _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * job->x_stride + j), acc[t][b % A]);\
+            }                                                                                               \
+            k += popcount64(w);                                                                             \
+        }                                                                                                   \
+        for (int t = 0; t < TB; t++) {                                                                      \
+            __m256 total = acc[t][0];                                                                       \
+            for (int a = 1; a < A; a++) total = _mm256_add_ps(total, acc[t][a]);                            \
+            job->y[(t0 + t) * job->rows + r] = hsum_avx2(total);                                            \
+        }                                                                                                   \
+    }
+
+DEFINE_ROW_AVX2(1, 4, DTYPE_F32)
+DEFINE_ROW_AVX2(2, 2, DTYPE_F32)
+DEFINE_ROW_AVX2(4, 1, DTYPE_F32)
+DEFINE_ROW_AVX2(8, 1, DTYPE_F32)
+DEFINE_ROW_AVX2(1, 4, DTYPE_BF16)
+DEFINE_ROW_AVX2(2, 2, DTYPE_BF16)
+DEFINE_ROW_AVX2(4, 1, DTYPE_BF16)
+DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
+
+#define ROWS_AVX2(DT)                                                                                        \
+    for (int64_t r = begin; r < end; r++) {                                                                 \
+        int64_t t = 0;                                                                                      \
+        for (; t + 8 <= job->tokens; t += 8) row_avx2_8_##DT(job, r, t);                                 \
+        if (t + 4 <= job->tokens) { row_avx2_4_##DT(job, r, t); t += 4; }                                \
+        if (t + 2 <= job->tokens) { row_avx2_2_##DT(job, r, t); t += 2; }                                \
+        if (t < job->tokens) row_avx2_1_##DT(job, r, t);                                                 \
+    }
+
+AVX2 static void matmul_avx2(const Job *job, int64_t begin, int64_t end) {
+    if (job->dtype == DTYPE_F32) {
+        ROWS_AVX2(DTYPE_F32)
+    } else {
+        ROWS_AVX2(DTYPE_BF16)
+    }
+}
+
+AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
+    if (job->dtype != DTYPE_F32) { dense_portable(job, begin, end); return; }
+    const int64_t full = job->cols / 64;  /* whole words inside the row: vector stores */
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        float *row = (float *)job->dense + r * job->cols;
+        int64_t k = job->offsets[r];
+        for (int64_t word = 0; word < full; word++) {
+            const uint64_t w = load_word(mask + 8 * word);
+            for (int b = 0; b < 8; b++) {
+                const uint64_t below = b ? (w & ((1ULL << (8 * b)) - 1)) : 0;
+                _mm256_storeu_ps(row + 64 * word + 8 * b,
+                                 expand8_avx2(job->values, k + popcount64(below), (unsigned)(w >> (8 * b)) & 0xff,
+                                              DTYPE_F32));
+            }
+            k += popcount64(w);
+        }
+        for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
+        const uint64_t w = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
+        uint64_t rest = w;
+        while (rest) {
+            row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
+            rest &= rest - 1;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512F ---------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,popcnt")))
+
+AVX512 static inline __m512 load16_avx512(const void *values, int64_t k, int dtype) {
+    if (dtype == DTYPE_F32) return _mm512_loadu_ps((const float *)values + k);
+    const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)values + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+/* The 16 weights of mask bits m: vexpandps from a register (its memory form is slow on some cores). */
+AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsigned m, int dtype) {
+    return _mm512_maskz_expand_ps((__mmask16)m, load16_avx512(values, k, dtype));
+}
+
+#define DEFINE_ROW_AVX512(TB, A, DT)                                                                        \
+    AVX512 static void row_avx512_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                             \
+        __m512 acc[TB][A];                                                                                  \
+        for (int t = 0; t < TB; t++)                                                                        \
+            for (int a = 0; a < A; a++) acc[t][a] = _mm512_setzero_ps();                                    \
+        const uint8_t *mask = job->mask + r * job->row_bytes;                                               \
+        const float *x = job->x + t0 * job->x_stride;                                                       \
+        const void *values = job->values;                                                                   \
+        int64_t k = job->offsets[r];                                                                        \
+        const int64_t words = job->row_bytes / 8;                                                           \
+        for (int64_t word = 0; word < words; word++) {                                                      \
+            const uint64_t w = load_word(mask + 8 * word);                                                  \
+            if (!w) continue;                                                                               \
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                                                   \
+                const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;                              \
+                const __m512 weights =                                                                      \
+                    expand16_avx512(values, k + popcount64(below), (unsigned)(w >> (16 * c)) & 0xffff, DT); \
+                const int64_t j = 64 * word + 16 * c;                                                       \
+                for (int t = 0; t < TB; t++)                                                                \
+                    acc[t][c % A] =                                                                         \
+                        _mm512_fmadd_ps(weights, _mm512_loadu_ps(x + t * job->x_stride + j), acc[t][c % A]);\
+            }                                                                                               \
+            k += popcount64(w);                                                                             \
+        }                                                                                                   \
+        for (int t = 0; t < TB; t++) {                                                                      \
+            __m512 total = acc[t][0];                                                                       \
+            for (int a = 1; a < A; a++) total = _mm512_add_ps(total, acc[t][a]);                            \
+            job->y[(t0 + t) * job->rows + r] = _mm512_reduce_add_ps(total);                                 \
+        }                                                                                                   \
+    }
+
+DEFINE_ROW_AVX512(1, 4, DTYPE_F32)
+DEFINE_ROW_AVX512(2, 2, DTYPE_F32)
+DEFINE_ROW_AVX512(4, 1, DTYPE_F32)
+DEFINE_ROW_AVX512(8, 1, DTYPE_F32)
+DEFINE_ROW_AVX512(1, 4, DTYPE_BF16)
+DEFINE_ROW_AVX512(2, 2, DTYPE_BF16)
+DEFINE_ROW_AVX512(4, 1, DTYPE_BF16)
+DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
+
+#define ROWS_AVX512(DT)                                                                                        \
+    for (int64_t r = begin; r < end; r++) {                                                                 \
+        int64_t t = 0;                                                                                      \
+        for (; t + 8 <= job->tokens; t += 8) row_avx512_8_##DT(job, r, t);                                 \
+        if (t + 4 <= job->tokens) { row_avx512_4_##DT(job, r, t); t += 4; }                                \
+        if (t + 2 <= job->tokens) { row_avx512_2_##DT(job, r, t); t += 2; }                                \
+        if (t < job->tokens) row_avx512_1_##DT(job, r, t);                                                 \
+    }
+
+AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
+    if (job->dtype == DTYPE_F32) {
+        ROWS_AVX512(DTYPE_F32)
+    } else {
+        ROWS_AVX512(DTYPE_BF16)
+    }
+}
+
+AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
+    if (job->dtype != DTYPE_F32) { dense_portable(job, begin, end); return; }
+    const int64_t full = job->cols / 64;
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        float *row = (float *)job->dense + r * job->cols;
+        int64_t k = job->offsets[r];
+        for (int64_t word = 0; word < full; word++) {
+            const uint64_t w = load_word(mask + 8 * word);
+            for (int c = 0; c < 4; c++) {
+                const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;
+                _mm512_storeu_ps(row + 64 * word + 16 * c,
+                                 expand16_avx512(job->values, k + popcount64(below),
+                                                 (unsigned)(w >> (16 * c)) & 0xffff, DTYPE_F32));
+            }
+            k += popcount64(w);
+        }
+        for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
+        uint64_t rest = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
+        while (rest) {
+            row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
+            rest &= rest - 1;
+        }
+    }
+}
+#endif /* LLMPRUNE_X86 */
+
+/* ---------------------------------------------------------------- dispatch ---------------------------- */
+
+static int selected = ISA_PORTABLE;
+
+static int isa_supported(int isa) {
+    if (isa == ISA_PORTABLE) return 1;
+#ifdef LLMPRUNE_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+#endif
+    return 0;
+}
+
+static RowsFn matmul_fn(void) {
+#ifdef LLMPRUNE_X86
+    if (selected == ISA_AVX512) return matmul_avx512;
+    if (selected == ISA_AVX2) return matmul_avx2;
+#endif
+    return matmul_portable;
+}
+
+static RowsFn dense_fn(void) {
+#ifdef LLMPRUNE_X86
+    if (selected == ISA_AVX512) return dense_avx512;
+    if (selected == ISA_AVX2) return dense_avx2;
+#endif
+    return dense_portable;
+}
+
+/* ---------------------------------------------------------------- threads ----------------------------- */
+
+#define MAX_THREADS 256
+
+#ifdef LLMPRUNE_THREADS
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
+static int pool_size = 0;          /* worker threads started (the caller is one more) */
+static uint64_t generation = 0;    /* bumped for each parallel call */
+static int remaining = 0;          /* parts of the current call not finished */
+static RowsFn task_fn;
+static const Job *task_job;
+static int task_parts;
+
+static void run_part(RowsFn fn, const Job *job, int part, int parts) {
+    const int64_t begin = job->rows * part / parts, end = job->rows * (part + 1) / parts;
+    if (begin < end) fn(job, begin, end);
+}
+
+static void *worker(void *arg) {
+    const int index = (int)(intptr_t)arg; /* 1.. : part 0 is the caller's */
+    uint64_t seen = 0;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = generation;
+        if (index >= task_parts) continue;
+        RowsFn fn = task_fn;
+        const Job *job = task_job;
+        const int parts = task_parts;
+        pthread_mutex_unlock(&pool_lock);
+        run_part(fn, job, index, parts);
+        pthread_mutex_lock(&pool_lock);
+        if (--remaining == 0) pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static int grow_pool(int workers) {
+    while (pool_size < workers) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, worker, (void *)(intptr_t)(pool_size + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) return pool_size;
+        pool_size++;
+    }
+    return workers;
+}
+
+/* A forked child has none of the parent's workers (and maybe a lock held by a thread that is gone). */
+static void reset_pool_in_child(void) {
+    pthread_mutex_t fresh_mutex = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool_lock = fresh_mutex;
+    call_lock = fresh_mutex;
+    pool_wake = fresh_cond;
+    pool_done = fresh_cond;
+    pool_size = 0;
+    generation = 0;
+    remaining = 0;
+}
+#endif
+
+/* Work below this many multiply-adds runs on the calling thread: waking workers costs more. */
+#define PARALLEL_WORK 65536
+
+static void run_rows(RowsFn fn, const Job *job, int threads, int64_t work) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > job->rows) threads = (int)job->rows;
+    if (threads <= 1 || work < PARALLEL_WORK) {
+        fn(job, 0, job->rows);
+        return;
+    }
+#ifdef LLMPRUNE_THREADS
+    pthread_mutex_lock(&call_lock);
+    pthread_mutex_lock(&pool_lock);
+    threads = grow_pool(threads - 1) + 1;
+    task_fn = fn;
+    task_job = job;
+    task_parts = threads;
+    remaining = threads - 1;
+    generation++;
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run_part(fn, job, 0, threads);
+    pthread_mutex_lock(&pool_lock);
+    while (remaining > 0) pthread_cond_wait(&pool_done, &pool_lock);
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&call_lock);
+#else
+    fn(job, 0, job->rows);
+#endif
+}
+
+/* ---------------------------------------------------------------- Python ------------------------------ */
+
+static int parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, long long *out) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", expected, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static int check_dtype(long long dtype) {
+    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) {
+        PyErr_Format(PyExc_ValueError, "unknown value dtype code %lld", dtype);
+        return -1;
+    }
+    return 0;
+}
+
+/* matmul(values, mask, offsets, x, x_stride, y, rows, cols, tokens, dtype, threads) */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[11];
+    if (parse(args, nargs, 11, a) || check_dtype(a[9])) return NULL;
+    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
+               (const float *)(intptr_t)a[3], a[4], (float *)(intptr_t)a[5], NULL, a[6], a[7], a[8],
+               8 * ((a[7] + 63) / 64), (int)a[9]};
+    const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(matmul_fn(), &job, (int)a[10], nnz * job.tokens);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* to_dense(values, mask, offsets, out, rows, cols, dtype, threads) */
+static PyObject *py_to_dense(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[8];
+    if (parse(args, nargs, 8, a) || check_dtype(a[6])) return NULL;
+    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
+               NULL, 0, NULL, (void *)(intptr_t)a[3], a[4], a[5], 0, 8 * ((a[5] + 63) / 64), (int)a[6]};
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(dense_fn(), &job, (int)a[7], job.rows * job.cols);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* mask_of(dense, rows, cols, dtype, mask_out, counts_out, threads) */
+static PyObject *py_mask_of(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[7];
+    if (parse(args, nargs, 7, a) || check_dtype(a[3])) return NULL;
+    Job job = {0};
+    job.dense = (void *)(intptr_t)a[0];
+    job.rows = a[1];
+    job.cols = a[2];
+    job.row_bytes = 8 * ((a[2] + 63) / 64);
+    job.dtype = (int)a[3];
+    job.mask_out = (uint8_t *)(intptr_t)a[4];
+    job.counts_out = (int64_t *)(intptr_t)a[5];
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(mask_rows, &job, (int)a[6], job.rows * job.cols);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* gather(dense, mask, offsets, values_out, rows, cols, dtype, threads) */
+static PyObject *py_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[8];
+    if (parse(args, nargs, 8, a) || check_dtype(a[6])) return NULL;
+    Job job = {0};
+    job.dense = (void *)(intptr_t)a[0];
+    job.mask = (const uint8_t *)(intptr_t)a[1];
+    job.offsets = (const int64_t *)(intptr_t)a[2];
+    job.values_out = (void *)(intptr_t)a[3];
+    job.rows = a[4];
+    job.cols = a[5];
+    job.row_bytes = 8 * ((a[5] + 63) / 64);
+    job.dtype = (int)a[6];
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(gather_rows, &job, (int)a[7], job.rows * job.cols);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *unused) {
+    PyObject *names = PyList_New(0);
+    for (int isa = ISA_AVX512; isa >= ISA_PORTABLE && names; isa--) {
+        if (!isa_supported(isa)) continue;
+        PyObject *name = PyUnicode_FromString(ISA_NAMES[isa]);
+        if (!name || PyList_Append(names, name)) { Py_XDECREF(name); Py_CLEAR(names); break; }
+        Py_DECREF(name);
+    }
+    return names;
+}
+
+static PyObject *py_select(PyObject *self, PyObject *name) {
+    const char *text = PyUnicode_AsUTF8(name);
+    if (!text) return NULL;
+    for (int isa = ISA_PORTABLE; isa <= ISA_AVX512; isa++) {
+        if (strcmp(text, ISA_NAMES[isa]) != 0) continue;
+        if (!isa_supported(isa)) {
+            PyErr_Format(PyExc_ValueError, "this CPU does not support the %s kernels", text);
+            return NULL;
+        }
+        selected = isa;
+        Py_RETURN_NONE;
+    }
+    PyErr_Format(PyExc_ValueError, "unknown instruction set %s", text);
+    return NULL;
+}
+
+static PyObject *py_selected(PyObject *self, PyObject *unused) { return PyUnicode_FromString(ISA_NAMES[selected]); }
+
+static PyMethodDef methods[] = {
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
+    {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
+    {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
+    {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},
+    {"supported", py_supported, METH_NOARGS, "instruction sets this CPU runs, best first"},
+    {"select", py_select, METH_O, "use the kernels of one instruction set"},
+    {"selected", py_selected, METH_NOARGS, "the instruction set in use"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sparse_cpu", "llmprune's sparse CPU kernels", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__sparse_cpu(void) {
+#ifdef LLMPRUNE_X86
+    build_tables();
+#endif
+#ifdef LLMPRUNE_THREADS
+    pthread_atfork(NULL, NULL, reset_pool_in_child);
+#endif
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,220 @@
+"""The compiled CPU sparse kernels against first principles: ``F.linear`` on the dense-with-zeros weight,
+for every instruction-set path (forced through ``LLMPRUNE_CPU_KERNEL``), every thread count, odd shapes,
+empty rows, 0 % and 99 % sparsity, bfloat16 values and non-contiguous inputs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmprune.errors import UsageError
+from llmprune.inference import cpu_kernels
+from llmprune.inference.sparse_linear import SPARSE_TOKENS, SparseLinear
+
+native = pytest.importorskip("llmprune._sparse_cpu", reason="the compiled CPU kernels are not built")
+SUPPORTED = native.supported()
+
+
+@pytest.fixture(params=cpu_kernels.ISAS)
+def isa(request, monkeypatch):
+    """Each instruction-set path in turn, forced as a user would (skipped where this CPU lacks it)."""
+    if request.param not in SUPPORTED:
+        pytest.skip(f"this CPU has no {request.param} (it runs {', '.join(SUPPORTED)})")
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, request.param)
+    cpu_kernels.reset_isa()
+    assert cpu_kernels.isa() == request.param
+    yield request.param
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE)
+    cpu_kernels.reset_isa()
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[torch.rand(rows, cols, generator=generator) < sparsity] = 0
+    return weight
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+SHAPES = [(1, 1), (7, 13), (37, 70), (64, 64), (129, 200), (256, 1000), (300, 576)]
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_matmul_equals_f_linear_on_every_path_and_thread_count(isa, threads, rows, cols, sparsity):
+    weight = sparse_weight(rows, cols, sparsity)
+    weight[rows // 2] = 0  # a row with no kept weight
+    layout = cpu_kernels.from_dense(weight)
+    for tokens in (1, 2, 3, 5, 8, 11, 16):
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+        got = cpu_kernels.matmul(layout, x)
+        expected = F.linear(x.double(), weight.double())
+        assert got.dtype == torch.float32 and got.shape == (tokens, rows)
+        assert relative_error(got, expected) <= 1e-5, (tokens, relative_error(got, expected))
+        assert torch.all(got[:, rows // 2] == 0)
+
+
+def test_a_large_layer_splits_over_threads_and_agrees(isa, threads):
+    weight = sparse_weight(1031, 777, 0.6, seed=3)
+    layout = cpu_kernels.from_dense(weight)
+    x = torch.randn(4, 777)
+    assert relative_error(cpu_kernels.matmul(layout, x), F.linear(x.double(), weight.double())) <= 1e-5
+    assert torch.equal(cpu_kernels.to_dense(layout), weight)
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 9), (64, 128), (129, 200)])
+def test_bfloat16_values_accumulate_in_float32(isa, rows, cols):
+    weight = sparse_weight(rows, cols, 0.5).to(torch.bfloat16)
+    layout = cpu_kernels.from_dense(weight)
+    assert layout.values.dtype == torch.bfloat16
+    for x in (torch.randn(3, cols), torch.randn(3, cols).to(torch.bfloat16)):
+        expected = F.linear(x.double(), weight.double())  # the bf16 weights exactly, in float64
+        assert relative_error(cpu_kernels.matmul(layout, x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_to_dense_rebuilds_the_weight_bit_for_bit(isa, threads, dtype, rows, cols):
+    weight = sparse_weight(rows, cols, 0.7).to(dtype)
+    layout = cpu_kernels.from_dense(weight)
+    scratch = torch.full((rows * cols + 17,), 5.0, dtype=dtype)  # a reused buffer holding old values
+    assert torch.equal(cpu_kernels.to_dense(layout, scratch), weight)
+
+
+def test_non_contiguous_and_strided_inputs(isa):
+    weight = sparse_weight(48, 80, 0.5)
+    layout = cpu_kernels.from_dense(weight)
+    wide = torch.randn(6, 200)
+    for x in (wide[:, 40:120], torch.randn(80, 6).t(), wide[::2, :80], torch.randn(80).expand(4, 80)):
+        assert relative_error(cpu_kernels.matmul(layout, x), F.linear(x.double(), weight.double())) <= 1e-5
+
+
+def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(40, 96, 0.5))
+    module = SparseLinear.from_dense(linear.weight, linear.bias)
+    for tokens in (1, SPARSE_TOKENS, SPARSE_TOKENS + 1, 70):  # kernel, kernel, expand + dense, expand + dense
+        x = torch.randn(2, tokens, 96)
+        with torch.no_grad():
+            assert relative_error(module(x), linear(x)) <= 1e-5
+    assert module.dense_weight().equal(linear.weight.detach())
+
+
+def test_two_python_threads_calling_at_once_get_their_own_results(threads):
+    weights = [sparse_weight(700, 300, 0.5, seed=s) for s in range(2)]
+    layouts = [cpu_kernels.from_dense(w) for w in weights]
+    x = torch.randn(8, 300)
+    errors: list[float] = []
+
+    def work(index: int) -> None:
+        for _ in range(20):
+            got = cpu_kernels.matmul(layouts[index], x)
+            errors.append(relative_error(got, F.linear(x.double(), weights[index].double())))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(errors) == 40 and max(errors) <= 1e-5
+
+
+def test_a_forked_child_runs_the_threaded_kernels(tmp_path):
+    script = (
+        "import os, torch\n"
+        "from llmprune.inference import cpu_kernels as k\n"
+        "torch.set_num_threads(2)\n"
+        "w = torch.randn(2000, 300); w[w.abs() < 0.7] = 0\n"
+        "layout = k.from_dense(w); x = torch.randn(4, 300)\n"
+        "expected = k.matmul(layout, x)\n"  # the parent's pool is started
+        "pid = os.fork()\n"
+        "if pid == 0:\n"  # only the kernels in the child: torch's own OpenMP pool is not fork-safe
+        "    os._exit(0 if k.matmul(layout, x).equal(expected) else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
+    )
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_best_supported_path_is_the_default(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    cpu_kernels.reset_isa()
+    assert cpu_kernels.isa() == SUPPORTED[0]
+    assert SUPPORTED[-1] == "portable"
+
+
+def test_forcing_an_unknown_or_unsupported_path_is_one_line(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, "sse9")
+    cpu_kernels.reset_isa()
+    with pytest.raises(UsageError, match="CPU_KERNEL='sse9': expected one of avx512, avx2, portable"):
+        cpu_kernels.isa()
+    missing = [name for name in cpu_kernels.ISAS if name not in SUPPORTED]
+    if missing:
+        monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, missing[0])
+        cpu_kernels.reset_isa()
+        with pytest.raises(UsageError, match="this CPU supports only"):
+            cpu_kernels.isa()
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE)
+    cpu_kernels.reset_isa()
+
+
+def test_a_path_that_disagrees_with_the_portable_one_is_refused():
+    class Broken:
+        """The module with a wrong fast path ("fake"): its matmul leaves zeros in the output."""
+
+        name = "fake"
+
+        def select(self, name):
+            self.name = name
+
+        def selected(self):
+            return self.name
+
+        def matmul(self, *args):
+            native.select("portable")
+            native.matmul(*args)
+            if self.name == "fake":
+                out, rows, tokens = args[5], args[6], args[8]
+                ctypes.memset(out, 0, rows * tokens * 4)
+
+    try:
+        with pytest.raises(RuntimeError, match="fake CPU kernels disagree with the portable ones"):
+            cpu_kernels._check_selected(Broken())
+    finally:
+        cpu_kernels.reset_isa()
+
+
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+def test_the_compiled_packing_matches_the_layout_of_first_principles(threads, dtype):
+    weight = sparse_weight(301, 130, 0.5).to(dtype)
+    weight[4] = 0
+    weight[7, 3], weight[7, 5], weight[9, 1] = -0.0, float("nan"), float("inf")  # -0.0 is a zero
+    layout = cpu_kernels.from_dense(weight)
+    bits = weight != 0
+    expected = cpu_kernels._from_bits(bits, weight[bits])
+    assert torch.equal(layout.mask, expected.mask) and torch.equal(layout.offsets, expected.offsets)
+    assert torch.equal(layout.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert layout.values.numel() == int(bits.sum()) + cpu_kernels.PAD

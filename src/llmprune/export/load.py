@@ -75,7 +75,7 @@ def load(
 def _check_sparse_kernels(sparse_kernels: object, dtype: str, device: str) -> torch.dtype:
     """The dtype to load with ``sparse_kernels``, or a one-line UsageError before anything is read (an
     unknown value, a device other than the CPU, a dtype or a machine the kernels do not take)."""
-    from llmprune.export.sparse_load import require_cpu_kernels
+    from llmprune.inference.kernels import require_sparse_kernels
     from llmprune.models.loading import resolve_dtype
 
     if sparse_kernels not in SPARSE_KERNELS:
@@ -83,7 +83,7 @@ def _check_sparse_kernels(sparse_kernels: object, dtype: str, device: str) -> to
     if device not in ("auto", "cpu"):
         raise UsageError(f"sparse_kernels='cpu' runs on the CPU: pass device='cpu' or 'auto', not {device!r}")
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
-    require_cpu_kernels(torch_dtype)
+    require_sparse_kernels(torch.device("cpu"), torch_dtype, backend="cpu")
     return torch_dtype
 
 

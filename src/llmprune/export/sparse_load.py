@@ -24,7 +24,12 @@ from transformers.pytorch_utils import Conv1D
 from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels
 from llmprune.inference.cpu_kernels import PAD, VALUE_DTYPES, BitmaskWeight, row_bytes
-from llmprune.inference.kernels import LayerChoice, SparseKernelsReport, describe_choices
+from llmprune.inference.kernels import (
+    LayerChoice,
+    SparseKernelsReport,
+    describe_choices,
+    require_sparse_kernels,
+)
 from llmprune.inference.sparse_linear import SparseLinear, too_dense
 from llmprune.models.packed import CompressedCheckpoint
 from llmprune.models.packing import Packed, nonzero_bits, position_bits, unpack, unpack_bits, unpack_uints
@@ -204,34 +209,22 @@ class _Weights:
         return self.compressed.read(name) if self.compressed is not None else self.shards.read(name)
 
 
-def require_cpu_kernels(dtype: torch.dtype) -> None:
-    """Raise a one-line UsageError unless the compiled kernels are here and take ``dtype``."""
-    problem = cpu_kernels.native_problem()
-    if problem is not None:
-        raise UsageError(problem)
-    if dtype not in VALUE_DTYPES:
-        raise UsageError(
-            f"sparse_kernels='cpu' runs float32 or bfloat16 weights, not {_short(dtype)} "
-            "(load with dtype='float32' or 'bfloat16')"
-        )
-
-
 def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Module:
     """The causal LM of checkpoint ``directory`` in eval mode on the CPU, its linear layers sparse enough
     for the kernels as ``SparseLinear`` (``model.sparse_kernels_report``: those swapped, those left dense
     and why). Raises a one-line UsageError, returning nothing, when the compiled kernels are missing, the
     checkpoint is damaged or lacks a tensor of the model, or no layer is sparse enough."""
-    require_cpu_kernels(dtype)
+    require_sparse_kernels(torch.device("cpu"), dtype, backend="cpu")
     weights = _Weights(directory, compressed)  # headers and sizes checked here, before any tensor is read
     model = _skeleton(directory, dtype)
     available = set(weights.names())
     tied = tied_names(model)
-    report = SparseKernelsReport("cpu")
+    report = SparseKernelsReport("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads())
     handled = set(tied)
     for name, module in _linear_modules(model):
         key = f"{name}.weight"
-        if key in tied:
-            reason = ("weight tied to the input embeddings",)
+        if key in tied:  # the LM head stays the embeddings' own tensor, for the lookup
+            reason = (f"weight shared with {_tied_to(model, key)}",)
             report.skipped.append(LayerChoice(name, tuple(module.weight.shape), _short(dtype), reason))
             continue
         if key not in available:
@@ -248,8 +241,8 @@ def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Mod
         trim_heap()  # the dense temporaries of a layer, freed, would otherwise stay resident
     if not report.swapped:
         raise UsageError(
-            f"no linear layer of {directory} is sparse enough for the CPU sparse kernels "
-            f"({len(report.skipped)} checked): " + describe_choices(report.skipped)
+            f"no linear layer of {directory} can use the CPU sparse kernels ({len(report.skipped)} checked): "
+            + describe_choices(report.skipped)
         )
     expected = _checkpoint_names(model)
     for name in weights.names():
@@ -283,6 +276,13 @@ def _generation_config(model: nn.Module, directory: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
+def _tied_to(model: nn.Module, key: str) -> str:
+    """The module whose weight ``key`` is tied to (``model.embed_tokens``), as the model declares it."""
+    declared = getattr(model, "_tied_weights_keys", None)
+    target = declared.get(key) if isinstance(declared, dict) else None
+    return target.removesuffix(".weight") if isinstance(target, str) else "the input embeddings"
+
+
 def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
 
@@ -311,7 +311,7 @@ def _convert(
     out, cols = (packed.shape[1], packed.shape[0]) if transposed else packed.shape
     sparsity = 1.0 - stored_nonzeros(packed) / max(1, out * cols)
     reason = too_dense(sparsity)
-    choice = LayerChoice(name, (out, cols), _short(dtype), () if reason is None else (reason,))
+    choice = LayerChoice(name, (out, cols), _short(dtype), () if reason is None else (reason,), sparsity)
     if reason is not None:
         _set(model, key, _decoded(weights, key, packed), dtype)
         return choice, None

@@ -197,6 +197,10 @@ static void gather_rows(const Job *job, int64_t begin, int64_t end) {
 /* PERMUTE[m]: for the 8 inputs of one mask byte m, which of the next popcount(m) values each lane takes;
  * the sign bit marks lanes whose bit is clear (vpermps reads only the low 3 bits, vblendvps the sign). */
 static int32_t PERMUTE[256][8];
+/* SHUFFLE16[m]: the same for bfloat16 values, as vpshufb byte indices into 8 values (16 bytes, in both
+ * 128-bit halves): lane j gets its value's two bytes as the high half of a float32 (bfloat16 is the top
+ * 16 bits of a float32), the low half and clear lanes zero (index -1). One shuffle expands and widens. */
+static int8_t SHUFFLE16[256][32];
 
 static void build_tables(void) {
     for (int m = 0; m < 256; m++) {
@@ -204,6 +208,9 @@ static void build_tables(void) {
         for (int lane = 0; lane < 8; lane++) {
             const int set = (m >> lane) & 1;
             PERMUTE[m][lane] = set ? k : INT32_MIN;
+            SHUFFLE16[m][4 * lane] = SHUFFLE16[m][4 * lane + 1] = -1;
+            SHUFFLE16[m][4 * lane + 2] = set ? (int8_t)(2 * k) : -1;
+            SHUFFLE16[m][4 * lane + 3] = set ? (int8_t)(2 * k + 1) : -1;
             k += set;
         }
     }
@@ -212,15 +219,14 @@ static void build_tables(void) {
 
 #define AVX2 __attribute__((target("avx2,fma,popcnt")))
 
-AVX2 static inline __m256 load8_avx2(const void *values, int64_t k, int dtype) {
-    if (dtype == DTYPE_F32) return _mm256_loadu_ps((const float *)values + k);
-    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)values + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
 /* The 8 weights of mask byte m as a dense vector (zeros where the bit is clear). */
 AVX2 static inline __m256 expand8_avx2(const void *values, int64_t k, unsigned m, int dtype) {
-    const __m256 v = load8_avx2(values, k, dtype);
+    if (dtype == DTYPE_BF16) {
+        const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)values + k));
+        const __m256i shuffle = _mm256_loadu_si256((const __m256i *)SHUFFLE16[m]);
+        return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(half), shuffle));
+    }
+    const __m256 v = _mm256_loadu_ps((const float *)values + k);
     const __m256i index = _mm256_loadu_si256((const __m256i *)PERMUTE[m]);
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, index), _mm256_setzero_ps(), _mm256_castsi256_ps(index));
 }

@@ -218,3 +218,20 @@ def test_the_compiled_packing_matches_the_layout_of_first_principles(threads, dt
     assert torch.equal(layout.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        expected.values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert layout.values.numel() == int(bits.sum()) + cpu_kernels.PAD
+
+
+def test_the_openmp_spin_note_follows_threads_and_the_wait_policy(monkeypatch):
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch here does not run on OpenMP")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        assert "OMP_WAIT_POLICY=PASSIVE" in cpu_kernels.thread_contention()
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert cpu_kernels.thread_contention() is None
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        torch.set_num_threads(1)
+        assert cpu_kernels.thread_contention() is None
+    finally:
+        torch.set_num_threads(before)

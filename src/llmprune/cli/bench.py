@@ -79,8 +79,10 @@ def bench(model: str | None, as_json: bool, **flags: Any) -> None:
     if result.kernels is not None:  # which layers: the swapped ones counted, those left dense named
         from llmprune.inference.kernels import SparseKernelsReport
 
-        summary = SparseKernelsReport.from_dict(result.kernels).summary()
-        out.print(f"MODEL: {summary}", soft_wrap=True, markup=False)
+        report = SparseKernelsReport.from_dict(result.kernels)
+        out.print(f"MODEL: {report.summary()}", soft_wrap=True, markup=False)
+        for note in report.notes:
+            out.print(f"note: {note}", soft_wrap=True, markup=False)
     out.print(f"memory: {result.memory_method}", soft_wrap=True)
     out.print(
         "versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()), soft_wrap=True, markup=False

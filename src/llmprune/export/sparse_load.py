@@ -220,6 +220,7 @@ def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Mod
     available = set(weights.names())
     tied = tied_names(model)
     report = SparseKernelsReport("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads())
+    report.notes = [note for note in [cpu_kernels.thread_contention()] if note]
     handled = set(tied)
     for name, module in _linear_modules(model):
         key = f"{name}.weight"

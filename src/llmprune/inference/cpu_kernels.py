@@ -177,6 +177,21 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def thread_contention() -> str | None:
+    """A note when torch's OpenMP threads will compete with the kernels' threads: by default they spin
+    for a while after each torch operation, on the cores the kernels' threads then need (measured: a
+    layer called right after a parallel torch operation took twice as long). ``OMP_WAIT_POLICY=PASSIVE``,
+    set before Python starts, makes them sleep instead."""
+    if threads() < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        return None
+    return (
+        "torch's OpenMP threads spin between operations and slow the sparse kernels' own threads: "
+        "set OMP_WAIT_POLICY=PASSIVE in the environment before starting Python (or use 1 thread)"
+    )
+
+
 _MODULE: object | None = None
 _LOADED = False
 

@@ -72,6 +72,8 @@ class SparseKernelsReport:
     skipped: list[LayerChoice] = field(default_factory=list)
     isa: str | None = None
     threads: int | None = None
+    notes: list[str] = field(default_factory=list)
+    """What may slow the kernels on this machine (``cpu_kernels.thread_contention``)."""
 
     @property
     def kernels(self) -> str:
@@ -95,7 +97,8 @@ class SparseKernelsReport:
             LayerChoice(**{**c, "shape": tuple(c["shape"]), "reasons": tuple(c["reasons"])})
             for c in data["skipped"]
         ]
-        return cls(**{**data, "swapped": list(data["swapped"]), "skipped": skipped})
+        return cls(**{**data, "swapped": list(data["swapped"]), "skipped": skipped,
+                      "notes": list(data.get("notes", []))})
 
 
 def describe_choices(choices: list[LayerChoice], limit: int = 5) -> str:
@@ -224,6 +227,7 @@ def use_sparse_kernels(
     report = SparseKernelsReport(backend, skipped=skipped)
     if backend == "cpu":
         report.isa, report.threads = cpu_kernels.isa(), cpu_kernels.threads()
+        report.notes = [note for note in [cpu_kernels.thread_contention()] if note]
     if not eligible:
         kind = "CPU" if backend == "cpu" else "2:4"
         raise UsageError(

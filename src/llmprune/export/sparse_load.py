@@ -32,7 +32,15 @@ from llmprune.inference.kernels import (
 )
 from llmprune.inference.sparse_linear import SparseLinear, too_dense
 from llmprune.models.packed import CompressedCheckpoint
-from llmprune.models.packing import Packed, nonzero_bits, position_bits, unpack, unpack_bits, unpack_uints
+from llmprune.models.packing import (
+    Packed,
+    dtype_name,
+    nonzero_bits,
+    position_bits,
+    unpack,
+    unpack_bits,
+    unpack_uints,
+)
 from llmprune.models.shards import CheckpointShards, tied_names
 from llmprune.storage import trim_heap
 
@@ -84,7 +92,7 @@ def _row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
 def _value_dtype(dtype: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
     dtype = stored if dtype is None else dtype
     if dtype not in VALUE_DTYPES:
-        raise ValueError(f"the kernels take float32 or bfloat16 values, not {_short(dtype)}")
+        raise ValueError(f"the kernels take float32 or bfloat16 values, not {dtype_name(dtype)}")
     return dtype
 
 
@@ -226,7 +234,7 @@ def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Mod
         key = f"{name}.weight"
         if key in tied:  # the LM head stays the embeddings' own tensor, for the lookup
             reason = (f"weight shared with {_tied_to(model, key)}",)
-            report.skipped.append(LayerChoice(name, tuple(module.weight.shape), _short(dtype), reason))
+            report.skipped.append(LayerChoice(name, tuple(module.weight.shape), dtype_name(dtype), reason))
             continue
         if key not in available:
             raise UsageError(f"{directory}: checkpoint has no tensor {key}")
@@ -293,10 +301,6 @@ def _checkpoint_names(model: nn.Module) -> set[str]:
     return set(model.state_dict(keep_vars=True))
 
 
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _convert(
     weights: _Weights, model: nn.Module, name: str, module: nn.Module, dtype: torch.dtype
 ) -> tuple[LayerChoice, SparseLinear | None]:
@@ -312,7 +316,7 @@ def _convert(
     out, cols = (packed.shape[1], packed.shape[0]) if transposed else packed.shape
     sparsity = 1.0 - stored_nonzeros(packed) / max(1, out * cols)
     reason = too_dense(sparsity)
-    choice = LayerChoice(name, (out, cols), _short(dtype), () if reason is None else (reason,), sparsity)
+    choice = LayerChoice(name, (out, cols), dtype_name(dtype), () if reason is None else (reason,), sparsity)
     if reason is not None:
         _set(model, key, _decoded(weights, key, packed), dtype)
         return choice, None

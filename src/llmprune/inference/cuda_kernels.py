@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmprune.methods.patterns import n_m_violations
+from llmprune.models.packing import dtype_name
 
 CUDA_BACKENDS = ("cusparselt", "cutlass")
 # Float dtypes a transformers Linear runs in. The kernels also take int8 (and cuSPARSELt float8), but only
@@ -27,10 +28,6 @@ HARDWARE = "an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Ada, Hoppe
 # A swapped layer must reproduce the dense-with-zeros layer to this relative L2 error (fp16/bf16 rounding
 # of the accumulation order; a wrong metadata layout gives errors of order 1).
 TOLERANCE = 1e-2
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def shape_limits(backend: str, dtype: torch.dtype) -> tuple[int, int] | None:
@@ -65,7 +62,7 @@ def ineligibility(weight: torch.Tensor, backend: str) -> list[str]:
                 f"(first: row {row}, inputs {4 * group}-{4 * group + 3})"
             )
     if weight.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {_short(weight.dtype)} (the kernels take float16, bfloat16)")
+        reasons.append(f"dtype {dtype_name(weight.dtype)} (the kernels take float16, bfloat16)")
     else:
         limits = shape_limits(backend, weight.dtype)
         if limits is None:
@@ -98,7 +95,7 @@ def cuda_problem(device: torch.device, dtype: torch.dtype | None = None) -> str 
     """Why the 2:4 kernels cannot run on ``device`` in ``dtype`` (None: they can)."""
     problem = hardware_problem(device)
     if problem is None and dtype is not None and dtype not in KERNEL_DTYPES:
-        problem = f"2:4 sparse kernels take float16 or bfloat16 weights, not {_short(dtype)}"
+        problem = f"2:4 sparse kernels take float16 or bfloat16 weights, not {dtype_name(dtype)}"
     return problem
 
 

@@ -35,15 +35,12 @@ from llmprune.inference.cuda_kernels import (
     semi_structured,
 )
 from llmprune.inference.sparse_linear import SPARSE_TOKENS, SparseLinear, too_dense
+from llmprune.models.packing import dtype_name
 
 BACKENDS = (*CUDA_BACKENDS, "cpu")
 # A CPU layer must reproduce F.linear of its dense weight to this relative L2 error: float32 rounding of
 # another summation order; with bfloat16 weights the output is rounded to bfloat16 (unit roundoff 2^-8).
 CPU_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def _sparsity(weight: torch.Tensor) -> float:
 def _cpu_reasons(weight: torch.Tensor, sparsity: float) -> list[str]:
     reasons = []
     if weight.dtype not in cpu_kernels.VALUE_DTYPES:
-        reasons.append(f"dtype {_short(weight.dtype)} (the CPU kernels take float32, bfloat16)")
+        reasons.append(f"dtype {dtype_name(weight.dtype)} (the CPU kernels take float32, bfloat16)")
     dense = too_dense(sparsity)
     if dense:
         reasons.append(dense)
@@ -132,7 +129,7 @@ def classify(model: nn.Module, backend: str) -> list[LayerChoice]:
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             shape = (module.out_features, module.in_features)
-            dtype = _short(module.values.dtype)
+            dtype = dtype_name(module.values.dtype)
             choices.append(LayerChoice(name, shape, dtype, ("already swapped",), module.sparsity))
             continue
         if not isinstance(module, nn.Linear | Conv1D):
@@ -154,7 +151,7 @@ def classify(model: nn.Module, backend: str) -> list[LayerChoice]:
         sharing = [other for other in owners[id(module.weight)] if other != name]
         if sharing:
             reasons.append(f"weight shared with {', '.join(sharing)}")
-        choices.append(LayerChoice(name, shape, _short(weight.dtype), tuple(reasons), sparsity))
+        choices.append(LayerChoice(name, shape, dtype_name(weight.dtype), tuple(reasons), sparsity))
     return choices
 
 
@@ -172,7 +169,7 @@ def _cpu_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
         return f"the CPU sparse kernels need the model on the CPU; this run is on {device}"
     problem = cpu_kernels.native_problem()
     if problem is None and dtype is not None and dtype not in cpu_kernels.VALUE_DTYPES:
-        problem = f"the CPU sparse kernels take float32 or bfloat16 weights, not {_short(dtype)}"
+        problem = f"the CPU sparse kernels take float32 or bfloat16 weights, not {dtype_name(dtype)}"
     return problem
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.inference.cpu_kernels import BitmaskWeight, from_dense, multiply, to_dense
+from llmprune.models.packing import dtype_name
 
 SPARSE_TOKENS = 16
 """Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
@@ -86,6 +87,6 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"sparsity={self.sparsity:.3f}, dtype={str(self.values.dtype).removeprefix('torch.')}, "
+            f"sparsity={self.sparsity:.3f}, dtype={dtype_name(self.values.dtype)}, "
             f"bias={self.bias is not None}"
         )

@@ -22,7 +22,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import UsageError
-from llmprune.inference import cpu_kernels
 from llmprune.inference.cpu_kernels import PAD, VALUE_DTYPES, BitmaskWeight, row_bytes
 from llmprune.inference.kernels import (
     LayerChoice,
@@ -227,8 +226,7 @@ def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Mod
     model = _skeleton(directory, dtype)
     available = set(weights.names())
     tied = tied_names(model)
-    report = SparseKernelsReport("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads())
-    report.notes = [note for note in [cpu_kernels.thread_contention()] if note]
+    report = SparseKernelsReport.for_cpu()
     handled = set(tied)
     for name, module in _linear_modules(model):
         key = f"{name}.weight"

@@ -88,6 +88,13 @@ class SparseKernelsReport:
         return text
 
     @classmethod
+    def for_cpu(cls) -> SparseKernelsReport:
+        """An empty report for the CPU kernels: the instruction set and threads they run with, and what may
+        slow them here."""
+        note = cpu_kernels.thread_contention()
+        return cls("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads(), notes=[note] if note else [])
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseKernelsReport:
         """The report back from ``dataclasses.asdict`` (as ``BenchReport.kernels`` holds it)."""
         skipped = [
@@ -221,10 +228,8 @@ def use_sparse_kernels(
     choices = classify(model, backend)
     skipped = [c for c in choices if not c.eligible]
     eligible = [c for c in choices if c.eligible]
-    report = SparseKernelsReport(backend, skipped=skipped)
-    if backend == "cpu":
-        report.isa, report.threads = cpu_kernels.isa(), cpu_kernels.threads()
-        report.notes = [note for note in [cpu_kernels.thread_contention()] if note]
+    report = SparseKernelsReport.for_cpu() if backend == "cpu" else SparseKernelsReport(backend)
+    report.skipped = skipped
     if not eligible:
         kind = "CPU" if backend == "cpu" else "2:4"
         raise UsageError(

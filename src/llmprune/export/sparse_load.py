@@ -22,6 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import UsageError
+from llmprune.inference import cpu_kernels
 from llmprune.inference.cpu_kernels import PAD, VALUE_DTYPES, BitmaskWeight, row_bytes
 from llmprune.inference.kernels import (
     LayerChoice,
@@ -104,6 +105,8 @@ def dense_to_bitmask(
     if tensor.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(tensor.shape)}")
     dtype = _value_dtype(dtype, tensor.dtype)
+    if not transposed and dtype == tensor.dtype:  # nothing to transpose or cast: packed in C, in one pass
+        return cpu_kernels.from_dense(tensor)
     weight = tensor.t() if transposed else tensor
     rows, cols = weight.shape
     out = _Rows(rows, cols, int(torch.count_nonzero(tensor)), dtype)

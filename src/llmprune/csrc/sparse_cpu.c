@@ -191,6 +191,17 @@ static void gather_rows(const Job *job, int64_t begin, int64_t end) {
     }
 }
 
+/* The end of a float32 row past its last whole mask word (the vector paths store whole words only):
+ * zeros, then the remaining kept values, from value k on. */
+static void dense_row_tail(const Job *job, float *row, const uint8_t *mask, int64_t full, int64_t k) {
+    for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
+    uint64_t rest = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
+    while (rest) {
+        row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
+        rest &= rest - 1;
+    }
+}
+
 /* ---------------------------------------------------------------- AVX2 + FMA -------------------------- */
 #ifdef LLMPRUNE_X86
 
@@ -279,20 +290,21 @@ DEFINE_ROW_AVX2(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX2(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
-#define ROWS_AVX2(DT)                                                                                       \
+/* Each row in blocks of 8, 4, 2 and 1 tokens (the kernels of ISA for values DT). */
+#define TOKEN_BLOCKS(ISA, DT)                                                                               \
     for (int64_t r = begin; r < end; r++) {                                                                 \
         int64_t t = 0;                                                                                      \
-        for (; t + 8 <= job->tokens; t += 8) row_avx2_8_##DT(job, r, t);                                    \
-        if (t + 4 <= job->tokens) { row_avx2_4_##DT(job, r, t); t += 4; }                                   \
-        if (t + 2 <= job->tokens) { row_avx2_2_##DT(job, r, t); t += 2; }                                   \
-        if (t < job->tokens) row_avx2_1_##DT(job, r, t);                                                    \
+        for (; t + 8 <= job->tokens; t += 8) row_##ISA##_8_##DT(job, r, t);                                 \
+        if (t + 4 <= job->tokens) { row_##ISA##_4_##DT(job, r, t); t += 4; }                                \
+        if (t + 2 <= job->tokens) { row_##ISA##_2_##DT(job, r, t); t += 2; }                                \
+        if (t < job->tokens) row_##ISA##_1_##DT(job, r, t);                                                 \
     }
 
 AVX2 static void matmul_avx2(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) {
-        ROWS_AVX2(DTYPE_F32)
+        TOKEN_BLOCKS(avx2, DTYPE_F32)
     } else {
-        ROWS_AVX2(DTYPE_BF16)
+        TOKEN_BLOCKS(avx2, DTYPE_BF16)
     }
 }
 
@@ -313,13 +325,7 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
             }
             k += popcount64(w);
         }
-        for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
-        const uint64_t w = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
-        uint64_t rest = w;
-        while (rest) {
-            row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
-            rest &= rest - 1;
-        }
+        dense_row_tail(job, row, mask, full, k);
     }
 }
 
@@ -378,20 +384,11 @@ DEFINE_ROW_AVX512(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX512(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
 
-#define ROWS_AVX512(DT)                                                                                     \
-    for (int64_t r = begin; r < end; r++) {                                                                 \
-        int64_t t = 0;                                                                                      \
-        for (; t + 8 <= job->tokens; t += 8) row_avx512_8_##DT(job, r, t);                                  \
-        if (t + 4 <= job->tokens) { row_avx512_4_##DT(job, r, t); t += 4; }                                 \
-        if (t + 2 <= job->tokens) { row_avx512_2_##DT(job, r, t); t += 2; }                                 \
-        if (t < job->tokens) row_avx512_1_##DT(job, r, t);                                                  \
-    }
-
 AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) {
-        ROWS_AVX512(DTYPE_F32)
+        TOKEN_BLOCKS(avx512, DTYPE_F32)
     } else {
-        ROWS_AVX512(DTYPE_BF16)
+        TOKEN_BLOCKS(avx512, DTYPE_BF16)
     }
 }
 
@@ -412,12 +409,7 @@ AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
             }
             k += popcount64(w);
         }
-        for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
-        uint64_t rest = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
-        while (rest) {
-            row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
-            rest &= rest - 1;
-        }
+        dense_row_tail(job, row, mask, full, k);
     }
 }
 #endif /* LLMPRUNE_X86 */

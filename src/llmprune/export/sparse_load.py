@@ -24,12 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels
 from llmprune.inference.cpu_kernels import PAD, VALUE_DTYPES, BitmaskWeight, row_bytes
-from llmprune.inference.kernels import (
-    LayerChoice,
-    SparseKernelsReport,
-    describe_choices,
-    require_sparse_kernels,
-)
+from llmprune.inference.kernels import LayerChoice, SparseKernelsReport, describe_choices
 from llmprune.inference.sparse_linear import SparseLinear, too_dense
 from llmprune.models.packed import CompressedCheckpoint
 from llmprune.models.packing import (
@@ -222,9 +217,9 @@ class _Weights:
 def load_sparse(directory: Path, compressed: bool, dtype: torch.dtype) -> nn.Module:
     """The causal LM of checkpoint ``directory`` in eval mode on the CPU, its linear layers sparse enough
     for the kernels as ``SparseLinear`` (``model.sparse_kernels_report``: those swapped, those left dense
-    and why). Raises a one-line UsageError, returning nothing, when the compiled kernels are missing, the
-    checkpoint is damaged or lacks a tensor of the model, or no layer is sparse enough."""
-    require_sparse_kernels(torch.device("cpu"), dtype, backend="cpu")
+    and why). The caller has checked that the kernels run here in ``dtype`` (``llmprune.load`` does, before
+    anything is read). Raises a one-line UsageError, returning nothing, when the checkpoint is damaged or
+    lacks a tensor of the model, or no layer is sparse enough."""
     weights = _Weights(directory, compressed)  # headers and sizes checked here, before any tensor is read
     model = _skeleton(directory, dtype)
     available = set(weights.names())

@@ -217,6 +217,19 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖got − expected‖ / ‖expected‖, computed in float64."""
+    return float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture
+def kernels_available(monkeypatch):
+    """The compiled CPU kernels count as built (their torch reference runs where they are not)."""
+    from llmprune.inference import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "native_problem", lambda: None)
+
+
 def structured_prune_args(source, text, output, *options) -> list[str]:
     """``llmprune prune`` of ``source`` with structured pruning: 4 x 16 calibration tokens and 2 x 16
     evaluation tokens from the text file ``text``, then ``options``."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import relative_error
 from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels
 from llmprune.inference.sparse_linear import SPARSE_TOKENS, SparseLinear
@@ -49,9 +50,6 @@ def sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch
     weight[torch.rand(rows, cols, generator=generator) < sparsity] = 0
     return weight
 
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
 
 
 SHAPES = [(1, 1), (7, 13), (37, 70), (64, 64), (129, 200), (256, 1000), (300, 576)]

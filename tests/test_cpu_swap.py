@@ -19,18 +19,13 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 import llmprune
-from conftest import VOCAB, invoke, tiny_calibration, tiny_llama_for, tiny_model
+from conftest import VOCAB, invoke, relative_error, tiny_calibration, tiny_llama_for, tiny_model
 from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels
 from llmprune.inference.kernels import BACKENDS, classify, model_bytes, require_sparse_kernels
 from llmprune.inference.sparse_linear import SPARSE_TOKENS, SparseLinear
 
 BREAK_EVEN = "is below the kernels' break-even of 30%"
-
-
-@pytest.fixture
-def kernels_available(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "native_problem", lambda: None)
 
 
 def pruned(family: str = "llama", tie: bool = False, dtype=torch.float32, **options) -> torch.nn.Module:
@@ -48,9 +43,6 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     return weight.t() if isinstance(module, Conv1D) else weight
 
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.float() - expected.float()).norm() / expected.float().norm())
 
 
 def decoder_linears(model) -> list[str]:

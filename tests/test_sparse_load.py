@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import llmprune
-from conftest import tiny_calibration, tiny_model
+from conftest import relative_error, tiny_calibration, tiny_model
 from llmprune.errors import UsageError
 from llmprune.export import sparse_load
 from llmprune.export.sparse_load import dense_to_bitmask, packed_to_bitmask
@@ -36,10 +36,7 @@ TOKENS = tiny_calibration(nsamples=2, seqlen=12, seed=3)
 PREFILL = tiny_calibration(nsamples=1, seqlen=40, seed=4)  # more than SPARSE_TOKENS: the dense path
 
 
-@pytest.fixture(autouse=True)
-def kernels_available(monkeypatch):
-    """The compiled kernels count as built (their torch reference runs where they are not)."""
-    monkeypatch.setattr(cpu_kernels, "native_problem", lambda: None)
+pytestmark = pytest.mark.usefixtures("kernels_available")  # conftest: the kernels count as built
 
 
 def assert_same_layout(got, expected) -> None:
@@ -165,9 +162,6 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str, str], Path]:
     assert len(list(saved["llama", "unstructured", "compressed"].glob(f"*{SUFFIX}"))) > 1
     return saved
 
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.float() - expected.float()).norm() / expected.float().norm())
 
 
 def run(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

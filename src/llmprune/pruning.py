@@ -108,7 +108,8 @@ def prune_model(
     rows = calibration_rows(calibration)
     total_tokens = sum(row.numel() for row in rows)
     batches = calibration_batches(rows, options.batch_size)  # the same batches for any number of processes
-    share = comm.share(len(batches), len(rows))
+    total_batches = len(batches)
+    share = comm.share(total_batches, len(rows))
     offset = sum(batch.numel() for batch in batches[: share.start])  # index of this process's first token
     batches = batches[share]
     stride = max(1, total_tokens // options.error_tokens)
@@ -123,7 +124,7 @@ def prune_model(
         model,
         batches,
         [step],
-        WalkContext(comm, stride, offset, report.layers),
+        WalkContext(comm, stride, offset, report.layers, share.start, total_batches),
         layers_from=layers_from,
         activations=activations,
         checkpoint=checkpoint,

@@ -10,8 +10,9 @@ streamed perplexity (no steps).
 A step (``LayerStep``) says which linear layers' inputs it needs (``targets``), what to accumulate about
 them (``statistic``) and when it works (``timing``):
 
-- ``after``: the layer runs on every batch, feeding the statistics (stopping early once they are fed);
-  ``apply`` then works on the layer (and may return a new, smaller one), whose outputs are computed after;
+- ``after``: the layer runs on every batch, feeding the statistics (stopping early once they are fed;
+  not at all when the step names no targets); ``apply`` then works on the layer (and may return a new,
+  smaller one), whose outputs are computed after;
 - ``during``: ``apply`` runs inside the layer's own forward, in a pre-forward hook, for each target as
   soon as every batch has fed its statistics (true-sequential: each linear layer is pruned from the inputs
   it actually receives, after the pruned sublayers before it); the outputs are those of that forward;
@@ -56,6 +57,10 @@ class WalkContext:
     """Every ``stride``-th calibration token is kept to measure reconstruction error (None: none kept)."""
     offset: int = 0
     """Index of this process's first calibration token."""
+    first_batch: int = 0
+    """Index of this process's first calibration batch among all processes' batches."""
+    total_batches: int | None = None
+    """Calibration batches of all processes together (None: this process's are all of them)."""
     rows: list[LinearReport] = field(default_factory=list)
     """Report rows of the layers done so far (checkpointed with each layer, restored on resuming)."""
 
@@ -74,6 +79,8 @@ class LayerContext:
     position: int
     """``during``: how many of this layer's targets were applied before this one (0 otherwise)."""
     walk: WalkContext
+    calls: Sequence[LayerCall] = ()
+    """The layer's other call arguments, one per batch (``run_layer(layer, inputs[b], calls[b])``)."""
 
 
 class LayerStep(Protocol):
@@ -308,7 +315,10 @@ def _run_step(
     """One step on one layer: the layer to go on with, and its outputs if the step computed them."""
     if step.timing == "during":
         return layer, _apply_during(step, layer, targets, context, calls)
-    stats, context.outputs = _statistics_pass(step, layer, targets, context.inputs, calls, context.walk)
+    if step.timing == "after" and not targets:  # nothing to collect: no pass over the batches
+        stats, context.outputs = {}, None
+    else:
+        stats, context.outputs = _statistics_pass(step, layer, targets, context.inputs, calls, context.walk)
     result = step.apply(layer, stats, context)
     if step.timing == "observe" and result is not layer:
         raise TypeError("an observing step must keep the layer")
@@ -370,7 +380,7 @@ def walk_layers(
             targets = step.targets(index, prefix, layer)
             if targets is None:
                 continue
-            layer_context = LayerContext(index, prefix, hidden, None, 0, context)
+            layer_context = LayerContext(index, prefix, hidden, None, 0, context, calls)
             changed, outputs = _run_step(step, layer, targets, calls, layer_context)
             if changed is not layer:
                 layer = layers[index] = changed

@@ -124,7 +124,7 @@ def prune_model(
         model,
         batches,
         [step],
-        WalkContext(comm, stride, offset, report.layers, share.start, total_batches),
+        WalkContext(comm, stride, offset, share.start, total_batches, report.layers),
         layers_from=layers_from,
         activations=activations,
         checkpoint=checkpoint,

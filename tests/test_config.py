@@ -27,15 +27,23 @@ NON_DEFAULTS = {
     "include": ["*.mlp.*", "*.self_attn.q_proj"],
     "exclude": ["*.down_proj"],
     "layer_sparsity": {r"q_proj": 0.3},
-    "schedule": "depth",
+    "schedule": "owl",
     "schedule_spread": 0.05,
+    "owl_threshold": 4.0,
+    "owl_lambda": 0.1,
     "true_sequential": True,
     "blocksize": 16,
     "damp": 0.02,
+    "refine": ["swaps", "resolve"],
+    "refine_iterations": 10,
+    "swap_rounds": 5,
+    "reconstruct_steps": 4,
+    "reconstruct_lr": 1e-3,
+    "preset": "best",
     "magnitude_scope": "row",
     "units": ["channels"],
     "unit_score": "wanda",
-    "reconstruct": False,
+    "reconstruct": "dense",
     "head_mode": "groups",
     "widths": "uniform",  # adaptive needs pattern=structured; test_structured passes it through the API
     "batch_size": 2,
@@ -242,8 +250,11 @@ def test_field_groups():
     output = ["output", "overwrite", "save_format", "resume", "offload", "max_memory"]
     assert fields_in(RunConfig, Group.OUTPUT) == output
     assert fields_in(RunConfig, Group.EVALUATION) == ["eval_data", "eval_nsamples", "eval_seqlen"]
-    assert fields_in(RunConfig, Group.UNSTRUCTURED) == ["layer_sparsity", "schedule", "schedule_spread"]
-    structured = ["units", "unit_score", "reconstruct", "head_mode", "widths"]
+    unstructured = ["layer_sparsity", "schedule", "schedule_spread", "owl_threshold", "owl_lambda"]
+    assert fields_in(RunConfig, Group.UNSTRUCTURED) == unstructured
+    refine = ["refine", "refine_iterations", "swap_rounds", "reconstruct_steps", "reconstruct_lr"]
+    assert fields_in(RunConfig, Group.REFINE) == refine
+    structured = ["units", "unit_score", "head_mode", "widths"]
     assert fields_in(RunConfig, Group.STRUCTURED) == structured
     assert fields_in(SweepConfig, Group.OUTPUT) == ["output", "save_models"]
     gradual = ["initial", "final", "start", "end", "frequency", "curve", "score", "pattern"]
@@ -260,7 +271,9 @@ def test_the_recipe_is_every_field_but_output_and_evaluation():
 
 def test_a_sweep_shares_the_run_options_that_apply_to_every_cell():
     run = ["model", "calibration", "nsamples", "seqlen", "seed", "dtype", "device"]
-    algorithm = ["include", "exclude", "true_sequential", "blocksize", "damp", "magnitude_scope"]
+    refine = ["refine", "refine_iterations", "swap_rounds", "reconstruct_steps", "reconstruct_lr", "preset"]
+    algorithm = ["include", "exclude", "true_sequential", "blocksize", "damp", *refine, "magnitude_scope"]
+    algorithm.append("reconstruct")
     shared = (*run, "eval_data", "eval_seqlen", *algorithm, "batch_size", "error_tokens")
     assert shared == SHARED_FIELDS
     assert SweepConfig(output="a", save_models=True).identity() == SweepConfig(output="b").identity()

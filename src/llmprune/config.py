@@ -48,6 +48,15 @@ WindowLength = Annotated[int, Field(ge=2, le=MAX_COUNT)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 """A seed for ``torch.Generator.manual_seed``, which takes 0 .. 2**64 - 1."""
 EvalSeqlen = Annotated[WindowLength, Field(description="tokens per evaluation window")]
+Reconstruct = Literal["auto", "none", "refit", "layer", "dense", "sublayer"]
+BLOCK_RECONSTRUCTION = ("layer", "dense", "sublayer")
+"""The ``reconstruct`` modes that run optimiser steps on a pruned decoder layer (unstructured and N:M)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "best": {"method": "sparsegpt", "refine": ["swaps", "resolve"], "reconstruct": "layer"},
+}
+"""What each ``preset`` sets; options given explicitly override it."""
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -98,6 +107,7 @@ class Group(enum.Enum):
     STRUCTURED = "applies to structured pruning only"
     UNSTRUCTURED = "applies to unstructured pruning only"
     GRADUAL = "applies to gradual pruning only"
+    REFINE = "refines what a method did (unstructured and N:M)"
     OUTPUT = "where and how a run writes and streams its result; not in the recipe"
     EVALUATION = "how the result is measured; not in the recipe"
 
@@ -149,17 +159,50 @@ class PruneOptions(StrictModel):
         default_factory=dict,
         description="per-layer sparsity: REGEX=SPARSITY on module names (first match wins)",
     )
-    schedule: Annotated[Literal["uniform", "depth"], Group.UNSTRUCTURED] = Field(
-        "uniform", description="depth: sparsity rises linearly over decoder layers, same mean"
+    schedule: Annotated[Literal["uniform", "depth", "owl"], Group.UNSTRUCTURED] = Field(
+        "uniform",
+        description="per-decoder-layer sparsity around the same mean: depth rises linearly with depth; owl "
+        "(outlier-weighed, arXiv 2310.05175) prunes layers with fewer outlier Wanda scores more",
     )
     schedule_spread: Annotated[float, Group.UNSTRUCTURED] = Field(
         0.1, ge=0.0, lt=1.0, description="depth schedule: first layer at mean-spread, last at mean+spread"
+    )
+    owl_threshold: Annotated[float, Group.UNSTRUCTURED] = Field(
+        5.0, gt=0.0, description="owl: a score is an outlier above this many times its layer's mean score (M)"
+    )
+    owl_lambda: Annotated[float, Group.UNSTRUCTURED] = Field(
+        0.08, ge=0.0, lt=1.0, description="owl: layer sparsities stay within mean ± this (λ)"
     )
     true_sequential: bool = Field(
         False, description="prune each sublayer from inputs that went through the pruned sublayers before it"
     )
     blocksize: Count = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
-    damp: float = Field(0.01, gt=0.0, description="SparseGPT: damping as a fraction of mean(diag H)")
+    damp: float = Field(
+        0.01, gt=0.0, description="SparseGPT and --refine resolve: damping as a fraction of mean(diag H)"
+    )
+    refine: Annotated[list[Literal["swaps", "resolve"]], Group.REFINE] = Field(
+        default_factory=list,
+        description="after the method's mask, on each linear layer's Hessian: swaps (exchange a kept and a "
+        "pruned weight of a row, or N:M group, while the error drops; SparseSwaps), then resolve (re-fit the "
+        "kept weights by least squares, mask fixed; conjugate gradients as ALPS)",
+    )
+    refine_iterations: Annotated[Count, Group.REFINE] = Field(
+        50, ge=1, description="--refine resolve: conjugate-gradient iterations per linear layer"
+    )
+    swap_rounds: Annotated[Count, Group.REFINE] = Field(
+        100, ge=1, description="--refine swaps: at most this many swaps per row"
+    )
+    reconstruct_steps: Annotated[Count, Group.REFINE] = Field(
+        16, ge=1, description="--reconstruct layer/dense/sublayer: optimiser steps per decoder layer"
+    )
+    reconstruct_lr: Annotated[float, Group.REFINE] = Field(
+        1e-4, gt=0.0, description="--reconstruct layer/dense/sublayer: Adam learning rate"
+    )
+    preset: Literal["none", "best"] = Field(
+        "none",
+        description="a tested combination of options (best: the recommended setting, see the README); "
+        "options given explicitly override it",
+    )
     magnitude_scope: Literal["matrix", "row"] = Field(
         "matrix", description="magnitude: one threshold per matrix or per output row"
     )
@@ -172,8 +215,13 @@ class PruneOptions(StrictModel):
         validation_alias=AliasChoices("unit_score", "score"),  # its name in 0.1 (--score) still works
         description="structured: unit score: weight magnitude, |W|·||X|| (Wanda-style), or FLAP fluctuation",
     )
-    reconstruct: Annotated[bool, Group.STRUCTURED] = Field(
-        True, description="structured: re-fit o_proj/down_proj by least squares on the calibration inputs"
+    reconstruct: Reconstruct = Field(
+        "auto",
+        description="after each decoder layer is pruned: refit (structured: o_proj/down_proj re-fitted by "
+        "least squares), or, unstructured and N:M, a few optimiser steps on its kept weights so that its "
+        "output matches the dense layer's on the same inputs (layer), the dense model's hidden state "
+        "(dense), or attention and MLP matched separately (sublayer); none; auto = refit for structured, "
+        "none otherwise",
     )
     head_mode: Annotated[Literal["queries", "groups"], Group.STRUCTURED] = Field(
         "queries",
@@ -195,10 +243,27 @@ class PruneOptions(StrictModel):
     def _pattern(cls, value: Any) -> str:
         return str(Pattern.parse(str(value)))
 
-    @field_validator("include", "exclude", "units", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_and_older_reconstruct(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        if isinstance(values.get("reconstruct"), bool):  # 0.x: a structured on/off switch
+            values = {**values, "reconstruct": "refit" if values["reconstruct"] else "none"}
+        preset = values.get("preset", "none")
+        if isinstance(preset, str) and preset in PRESETS:
+            values = {**PRESETS[preset], **values}  # what is given explicitly wins
+        return values
+
+    @field_validator("include", "exclude", "units", "refine", mode="before")
     @classmethod
     def _globs(cls, value: Any) -> list[str]:
         return names_list(value)
+
+    @field_validator("refine")
+    @classmethod
+    def _refine(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=["swaps", "resolve"].index)  # the order they run in
 
     @field_validator("units")
     @classmethod
@@ -244,13 +309,31 @@ class PruneOptions(StrictModel):
                 raise ValueError("structured pruning needs --units: heads, channels and/or layers")
             if self.widths == "adaptive" and self.units == ["layers"]:
                 raise ValueError("--widths adaptive needs --units heads and/or channels")
+            if self.reconstruct in BLOCK_RECONSTRUCTION:
+                raise ValueError(
+                    f"--reconstruct {self.reconstruct} applies to unstructured and N:M pruning; "
+                    "structured pruning takes refit or none"
+                )
+            if self.refine or self.preset != "none":
+                what = "--refine" if self.refine else f"--preset {self.preset}"
+                raise ValueError(f"{what} applies to unstructured and N:M pruning")
         elif self.widths != "uniform":
             raise ValueError("--widths applies to structured pruning (--pattern structured)")
+        elif self.reconstruct == "refit":
+            raise ValueError(
+                "--reconstruct refit applies to structured pruning; unstructured and N:M take "
+                f"{', '.join(BLOCK_RECONSTRUCTION)} or none"
+            )
+        self._check_refinement()
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.implied_sparsity) > 1e-9:
                 raise ValueError(
                     f"pattern {pattern} fixes sparsity at {pattern.implied_sparsity:g}; "
                     f"drop --sparsity {self.sparsity:g}"
+                )
+            if self.schedule == "owl":
+                raise ValueError(
+                    "--schedule owl would give each layer its own N; mixed N:M patterns are not supported"
                 )
             if self.layer_sparsity or self.schedule != "uniform":
                 raise ValueError("per-layer sparsity and schedules apply to unstructured pruning only")
@@ -261,7 +344,40 @@ class PruneOptions(StrictModel):
             )
             if low < 0 or high >= 1:
                 raise ValueError(f"depth schedule would span [{low:g}, {high:g}], outside [0, 1)")
+        if self.schedule == "owl":
+            mean, spread = self.target_sparsity, self.owl_lambda
+            if spread >= mean or mean + spread >= 1:
+                raise ValueError(
+                    f"--owl-lambda {spread:g} must be below the sparsity {mean:g} and below 1 - sparsity "
+                    f"(layers would span [{mean - spread:g}, {mean + spread:g}])"
+                )
         return self
+
+    def _check_refinement(self) -> None:
+        """Options of a refinement that was not asked for are refused: they would do nothing."""
+        given = self.model_fields_set
+        orphans = {
+            "refine_iterations": "resolve" in self.refine,
+            "swap_rounds": "swaps" in self.refine,
+            "reconstruct_steps": self.reconstruct in BLOCK_RECONSTRUCTION,
+            "reconstruct_lr": self.reconstruct in BLOCK_RECONSTRUCTION,
+        }
+        unused = [name for name, applies in orphans.items() if name in given and not applies]
+        if unused:
+            needs = {"refine_iterations": "--refine resolve", "swap_rounds": "--refine swaps"}
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            need = needs.get(unused[0], "--reconstruct layer, dense or sublayer")
+            raise ValueError(f"{flags} appl{'ies' if len(unused) == 1 else 'y'} only with {need}")
+        if self.schedule != "owl":
+            unused = [name for name in ("owl_threshold", "owl_lambda") if name in given]
+            if unused:
+                flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+                raise ValueError(f"{flags} appl{'ies' if len(unused) == 1 else 'y'} only with --schedule owl")
+
+    @property
+    def refits(self) -> bool:
+        """Whether structured pruning re-fits the consumers by least squares (``reconstruct``)."""
+        return self.reconstruct in ("auto", "refit")
 
     @property
     def pattern_spec(self) -> Pattern:

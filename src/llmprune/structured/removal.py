@@ -319,7 +319,7 @@ class UnitRemoval:
         bias = consumer.bias.data.float() if consumer.bias is not None else None
         has_bias = bias is not None or self.use_bias
         damp = None
-        if self.options.reconstruct:
+        if self.options.refits:
             gram, sums, tokens = stats.gram_matrix(), stats.sums, stats.tokens
             refit = least_squares_refit(weight, bias, gram, sums, tokens, keep, has_bias, self.options.damp)
             new_weight, new_bias, damp = refit.weight, refit.bias, refit.damp

@@ -29,6 +29,8 @@ __getattr__, __dir__, _names = attach(
             "embedded_text",
             "evaluation_data",
             "evaluation_windows",
+            "heldout_data",
+            "heldout_windows",
         ),
         "llmprune.errors": ("LlmpruneError", "UsageError"),
         "llmprune.evaluation.perplexity": ("perplexity",),

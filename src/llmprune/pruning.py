@@ -46,9 +46,15 @@ class PruningStep(LayerStep, Protocol):
     """Whether it works on streamed layers (``layers_from``) and with checkpoints."""
 
     def prepare(
-        self, model: nn.Module, batches: list[torch.Tensor], comm: Communicator, report: PruneReport
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        comm: Communicator,
+        report: PruneReport,
+        layers_from: LayerSource,
     ) -> None:
-        """Work before the walk (e.g. dense scoring passes), given this process's calibration batches."""
+        """Work before the walk (e.g. dense scoring passes), given this process's calibration batches and
+        where the decoder layers come from (streamed or in memory)."""
         ...
 
     def finish(self, model: nn.Module, report: PruneReport) -> None:
@@ -119,7 +125,7 @@ def prune_model(
     report = PruneReport(options.method, options.pattern, options.target_sparsity)
     if not step.streams and (type(layers_from) is not LayerSource or checkpoint is not None):
         raise UsageError(f"{step.what} does not stream layers or checkpoint them yet")
-    step.prepare(model, batches, comm, report)
+    step.prepare(model, batches, comm, report, layers_from)
     walked = walk_layers(
         model,
         batches,

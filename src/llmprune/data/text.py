@@ -109,6 +109,39 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     return torch.stack([tokens[s : s + seqlen] for s in starts])
 
 
+def heldout_windows(
+    tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0, window: int = 512, count: int = 8
+) -> torch.Tensor:
+    """Up to ``count`` non-overlapping ``window``-token windows of the calibration text that share no token
+    with the ``nsamples`` × ``seqlen`` calibration windows drawn with ``seed``: data to choose
+    hyperparameters on, never seen by calibration and apart from the evaluation text."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, max(1, len(tokens) - seqlen), (nsamples,), generator=generator)
+    used = torch.zeros(len(tokens) + 1, dtype=torch.int32)  # +1 at each start, -1 past each end
+    used.index_add_(0, starts, torch.ones(nsamples, dtype=torch.int32))
+    ends = (starts + seqlen).clamp(max=len(tokens))
+    used.index_add_(0, ends, torch.full((nsamples,), -1, dtype=torch.int32))
+    covered = used.cumsum(0)[: len(tokens)] > 0
+    free = [s for s in range(0, len(tokens) - window + 1, window) if not bool(covered[s : s + window].any())]
+    if not free:
+        raise UsageError(f"no {window}-token window of the calibration text is left out of calibration")
+    return torch.stack([tokens[s : s + window] for s in free[:count]])
+
+
+def heldout_data(
+    tokenizer,
+    source: str = EMBEDDED,
+    nsamples: int = 32,
+    seqlen: int = 256,
+    seed: int = 0,
+    window: int = 512,
+    count: int = 8,
+) -> torch.Tensor:
+    """``heldout_windows`` of a source's calibration text (for tuning: not calibration, not evaluation)."""
+    tokens = tokens_for(tokenizer, source, "calibration")
+    return heldout_windows(tokens, nsamples, seqlen, seed, window, count)
+
+
 def _check_memory(size: int, what: str) -> None:
     """Refuse to build ``size`` bytes of token ids past half the free memory (an absurd count would
     otherwise run for minutes, then be killed)."""

@@ -19,6 +19,25 @@ class LinearReport:
     """SparseGPT: relative damping used."""
     damp_raised: bool = False
     """SparseGPT: Cholesky failed at the requested damping and was retried with more."""
+    refined_from: float | None = None
+    """``--refine``: relative error ||W X - W' X|| / ||W X|| over every calibration token (from the
+    Hessian) of the method's weights, before refinement."""
+    refined_to: float | None = None
+    """``--refine``: the same after refinement."""
+    swaps: int | None = None
+    """``--refine swaps``: kept and pruned weights exchanged."""
+
+
+@dataclass
+class BlockReport:
+    """``--reconstruct``: one decoder layer's output error before and after its optimiser steps."""
+
+    layer: int
+    error_before: float
+    """||f'(x) - target|| / ||target|| over the calibration batches, before the steps."""
+    error_after: float
+    restored: bool = False
+    """The steps made the error worse (or non-finite), so the layer's weights before them were kept."""
 
 
 @dataclass
@@ -35,6 +54,12 @@ class PruneReport:
     parameters_after: int | None = None
     removed_layers: list[int] = field(default_factory=list)
     """Structured pruning: original indices of the decoder layers removed."""
+    layer_sparsities: list[float] | None = None
+    """Target sparsity of each decoder layer, when a schedule (depth, owl) gives them their own."""
+    outlier_ratios: list[float] | None = None
+    """``--schedule owl``: each decoder layer's share of outlier Wanda scores, from the dense model."""
+    blocks: list[BlockReport] = field(default_factory=list)
+    """``--reconstruct``: each decoder layer's output error before and after reconstruction."""
 
     @property
     def achieved_sparsity(self) -> float:

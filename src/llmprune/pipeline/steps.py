@@ -21,7 +21,8 @@ from torch import nn
 
 from llmprune.config import PruneOptions
 from llmprune.errors import UsageError
-from llmprune.methods import METHODS, LayerTask, Method, PruneOutcome
+from llmprune.methods import METHODS, LayerTask, Method, PruneOutcome, refine
+from llmprune.methods.owl import owl_sparsities
 from llmprune.models.architecture import (
     check_pattern_fits,
     linear_layers,
@@ -30,6 +31,8 @@ from llmprune.models.architecture import (
     write_weight,
 )
 from llmprune.pipeline.distributed import Communicator
+from llmprune.pipeline.offload import LayerSource
+from llmprune.pipeline.owl import outlier_ratios
 from llmprune.pipeline.report import LinearReport, PruneReport
 from llmprune.pipeline.statistics import InputStatistics, error_from_terms, error_terms
 from llmprune.pipeline.walk import LayerContext, Timing, check_finite
@@ -47,16 +50,22 @@ class Target:
 
 
 def layer_sparsities(options: PruneOptions, num_layers: int) -> list[float]:
-    """Sparsity of each decoder layer: uniform, or rising linearly with depth around the same mean."""
+    """Sparsity of each decoder layer: uniform, or rising linearly with depth around the same mean (owl:
+    uniform until ``LinearStep.prepare`` has scored the dense model)."""
     mean = options.target_sparsity
-    if options.schedule == "uniform" or num_layers == 1:
+    if options.schedule in ("uniform", "owl") or num_layers == 1:
         return [mean] * num_layers
     spread = options.schedule_spread
     return [mean - spread + 2 * spread * i / (num_layers - 1) for i in range(num_layers)]
 
 
-def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
-    """The linear layers to prune in each decoder layer, with their tasks; validates shapes first."""
+def plan_targets(
+    model: nn.Module, options: PruneOptions, sparsities: list[float] | None = None
+) -> list[list[Target]]:
+    """The linear layers to prune in each decoder layer, with their tasks; validates shapes first.
+
+    ``sparsities``: each decoder layer's sparsity (default: from the options' schedule); per-layer
+    overrides (``layer_sparsity``) still win."""
     pattern = options.pattern_spec
     candidates = linear_layers(model)
     _check_selection([name for modules in candidates for name in modules], options)
@@ -65,7 +74,7 @@ def plan_targets(model: nn.Module, options: PruneOptions) -> list[list[Target]]:
         for modules in candidates
     ]
     check_pattern_fits({name: module for modules in selected for name, module in modules.items()}, pattern)
-    sparsities = layer_sparsities(options, len(candidates))
+    sparsities = sparsities or layer_sparsities(options, len(candidates))
     overrides = [(re.compile(regex), value) for regex, value in options.layer_sparsity.items()]
     plan = []
     for index, modules in enumerate(selected):
@@ -102,20 +111,89 @@ def _check_selection(names: list[str], options: PruneOptions) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """What ``--refine`` does to each linear layer after the method (``methods/refine.py``)."""
+
+    steps: tuple[str, ...] = ()
+    """``swaps`` and/or ``resolve``, in that order."""
+    iterations: int = 50
+    swap_rounds: int = 100
+
+    @classmethod
+    def of(cls, options: PruneOptions) -> Refinement:
+        return cls(tuple(options.refine), options.refine_iterations, options.swap_rounds)
+
+
+@dataclass
+class Refined:
+    """A linear layer's refinement: errors over every calibration token before and after, swaps made."""
+
+    before: float
+    after: float
+    swaps: int | None
+    damp: float | None
+
+
+def _hessian(stats: InputStatistics) -> torch.Tensor:
+    """The Hessian (2/N) Σ x xᵀ of an input, computed once and shared by the layers that read it."""
+    if "hessian" not in stats.prepared:
+        stats.prepared["hessian"] = stats.statistic()
+        stats.gram = None  # the matrix above replaces the float64 sums
+    return stats.prepared["hessian"]
+
+
+def _method_statistic(method: Method, stats: InputStatistics) -> torch.Tensor | None:
+    """The statistic ``method`` reads, also when a refinement made the walk collect the Hessian."""
+    if method.statistic == "hessian":
+        return _hessian(stats)
+    if method.statistic == "input_norms":
+        return stats.energy()  # Σx², also the Hessian's diagonal sums
+    return None
+
+
+def _refine(
+    dense: torch.Tensor, outcome: PruneOutcome, hessian: torch.Tensor, task: LayerTask, how: Refinement
+) -> tuple[PruneOutcome, Refined]:
+    """``how``'s steps on one layer's outcome, from the dense weights and the input's Hessian."""
+    weight, mask, swaps, damp = outcome.weight, outcome.mask, None, outcome.damp
+    before = refine.layer_error(dense, weight, hessian)
+    if "swaps" in how.steps:
+        swapped = refine.swap_mask(dense, weight, mask, hessian, task.pattern, how.swap_rounds)
+        weight, mask, swaps = swapped.weight, swapped.mask, swapped.swaps
+    if "resolve" in how.steps:
+        solved = refine.resolve_weights(dense, weight, mask, hessian, how.iterations, task.damp)
+        weight, damp = solved.weight, solved.damp
+    after = refine.layer_error(dense, weight, hessian)
+    return PruneOutcome(weight, mask, damp), Refined(before, after, swaps, damp)
+
+
 def _solve(
-    targets: list[Target], method: Method, stats: InputStatistics
-) -> tuple[list[torch.Tensor], list[PruneOutcome]]:
-    """The dense fp32 weights of linear layers sharing one input, and the method's outcomes for them."""
+    targets: list[Target], method: Method, stats: InputStatistics, how: Refinement
+) -> tuple[list[torch.Tensor], list[PruneOutcome], list[Refined | None]]:
+    """The dense fp32 weights of linear layers sharing one input, the outcomes of the method and of the
+    refinement for them, and what the refinement did to each."""
     dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
     for target, weight in zip(targets, dense, strict=True):
         check_finite(weight, f"weights of {target.name}")
     key = (method.name, targets[0].task.damp)  # damping is the only task field a preparation reads
     if key not in stats.prepared:
-        statistic = stats.statistic()
-        stats.gram = None  # the Hessian above replaces it; freed before the factorisation needs memory
+        if how.steps:
+            statistic = _method_statistic(method, stats)
+        else:
+            statistic = stats.statistic()
+            stats.gram = None  # the Hessian above replaces it; freed before the factorisation needs memory
         stats.prepared[key] = method.prepare(statistic, targets[0].task)
         del statistic
-    return dense, method.prune(dense, stats.prepared[key], [t.task for t in targets])
+    outcomes = method.prune(dense, stats.prepared[key], [t.task for t in targets])
+    if not how.steps:
+        return dense, outcomes, [None] * len(targets)
+    hessian = _hessian(stats)
+    refined = [
+        _refine(weight, outcome, hessian, target.task, how)
+        for weight, outcome, target in zip(dense, outcomes, targets, strict=True)
+    ]
+    return dense, [outcome for outcome, _ in refined], [what for _, what in refined]
 
 
 def prune_groups(
@@ -124,6 +202,7 @@ def prune_groups(
     stats: list[InputStatistics],
     comm: Communicator,
     first_owner: int = 0,
+    how: Refinement = Refinement(),
 ) -> list[LinearReport]:
     """Prune groups of linear layers in place (each group reads one input, ``stats[g]``); report each.
 
@@ -136,25 +215,29 @@ def prune_groups(
     for start in range(0, len(groups), comm.world_size):
         turn = range(start, min(start + comm.world_size, len(groups)))
         owners = {g: (first_owner + g) % comm.world_size for g in turn}
-        solved = {g: _solve(groups[g], method, stats[g]) for g in turn if owners[g] == comm.rank}
+        solved = {g: _solve(groups[g], method, stats[g], how) for g in turn if owners[g] == comm.rank}
         for g in turn:
             targets, device = groups[g], stats[g].device
+            # Per layer: damping used, error before and after refinement, swaps (NaN: none).
+            facts = torch.full((len(targets), 4), math.nan, dtype=torch.float64)
             if g in solved:
-                dense, outcomes = solved.pop(g)
-                for target, outcome in zip(targets, outcomes, strict=True):
+                dense, outcomes, refined = solved.pop(g)
+                for k, (target, outcome, what) in enumerate(zip(targets, outcomes, refined, strict=True)):
                     write_weight(target.module, outcome.weight)
-                damps = [math.nan if o.damp is None else o.damp for o in outcomes]
+                    facts[k, 0] = math.nan if outcome.damp is None else outcome.damp
+                    if what is not None:
+                        facts[k, 1:3] = torch.tensor([what.before, what.after], dtype=torch.float64)
+                        facts[k, 3] = math.nan if what.swaps is None else what.swaps
             else:
                 dense = [read_weight(t.module).to(torch.float32, copy=True) for t in targets]
-                damps = [math.nan] * len(targets)
             if comm.world_size > 1:
                 for target in targets:
                     comm.broadcast(target.module.weight.data, owners[g])
-                shared = torch.tensor(damps, dtype=torch.float64, device=device)
-                comm.broadcast(shared, owners[g])
-                damps = shared.tolist()
+                facts = facts.to(device)
+                comm.broadcast(facts, owners[g])
             samples = stats[g].sample_batches()
-            for target, weight, damp in zip(targets, dense, damps, strict=True):
+            for target, weight, row in zip(targets, dense, facts.tolist(), strict=True):
+                damp, before, after, swaps = (None if math.isnan(value) else value for value in row)
                 stored = read_weight(target.module)
                 terms.append(error_terms(weight, stored.float(), samples))
                 reports.append(
@@ -165,8 +248,11 @@ def prune_groups(
                         target_sparsity=target.task.sparsity,
                         achieved_sparsity=1.0 - int(torch.count_nonzero(stored)) / stored.numel(),
                         relative_error=0.0,  # below, once every process's terms are summed
-                        damp=None if math.isnan(damp) else damp,
-                        damp_raised=not math.isnan(damp) and damp > target.task.damp * (1 + 1e-9),
+                        damp=damp,
+                        damp_raised=damp is not None and damp > target.task.damp * (1 + 1e-9),
+                        refined_from=before,
+                        refined_to=after,
+                        swaps=None if swaps is None else int(swaps),
                     )
                 )
     totals = torch.stack(terms)
@@ -190,15 +276,35 @@ class LinearStep:
 
     def __init__(self, model: nn.Module, options: PruneOptions) -> None:
         self.method = METHODS[options.method]
+        self.options = options
         self.plan = plan_targets(model, options)
-        self.statistic = self.method.statistic
+        self.refinement = Refinement.of(options)
+        # A refinement works on the Hessian, whatever the method reads.
+        self.statistic = "hessian" if self.refinement.steps else self.method.statistic
         self.timing: Timing = "during" if options.true_sequential else "after"
         self._by_name = {target.name: target for targets in self.plan for target in targets}
 
     def prepare(
-        self, model: nn.Module, batches: list[torch.Tensor], comm: Communicator, report: PruneReport
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        comm: Communicator,
+        report: PruneReport,
+        layers_from: LayerSource,
     ) -> None:
-        """Nothing to do before the walk."""
+        """``--schedule owl``: score the dense model once and give each decoder layer its sparsity."""
+        options = self.options
+        if options.schedule == "depth":
+            report.layer_sparsities = layer_sparsities(options, len(self.plan))
+        if options.schedule != "owl":
+            return
+        modules = [{target.name: target.module for target in targets} for targets in self.plan]
+        ratios = outlier_ratios(model, batches, comm, modules, options.owl_threshold, layers_from)
+        sizes = [sum(target.module.weight.numel() for target in targets) for targets in self.plan]
+        sparsities = owl_sparsities(ratios, options.target_sparsity, options.owl_lambda, sizes)
+        self.plan = plan_targets(model, options, sparsities)
+        self._by_name = {target.name: target for targets in self.plan for target in targets}
+        report.outlier_ratios, report.layer_sparsities = ratios, sparsities
 
     def finish(self, model: nn.Module, report: PruneReport) -> None:
         """Nothing to do after the walk."""
@@ -223,6 +329,7 @@ class LinearStep:
             groups, first_owner = list(by_key.values()), 0
             group_stats = [stats[group[0].name] for group in groups]
             names = [target.name for target in targets]
-        rows = {row.name: row for row in prune_groups(groups, self.method, group_stats, comm, first_owner)}
+        solved = prune_groups(groups, self.method, group_stats, comm, first_owner, self.refinement)
+        rows = {row.name: row for row in solved}
         context.walk.rows.extend(rows[name] for name in names)
         return layer

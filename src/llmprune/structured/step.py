@@ -16,6 +16,7 @@ from torch import nn
 from llmprune.config import PruneOptions
 from llmprune.models.architecture import decoder_layers
 from llmprune.pipeline.distributed import Communicator
+from llmprune.pipeline.offload import LayerSource
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.statistics import InputStatistics
 from llmprune.pipeline.walk import LayerContext, WalkContext, walk_layers
@@ -177,7 +178,12 @@ class StructuredStep:
         self.removal: UnitRemoval | None = None
 
     def prepare(
-        self, model: nn.Module, batches: list[torch.Tensor], comm: Communicator, report: PruneReport
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        comm: Communicator,
+        report: PruneReport,
+        layers_from: LayerSource,
     ) -> None:
         """Remove whole layers, plan each layer's units (both from dense passes over the calibration data)."""
         report.parameters_before = decoder_parameters(model)

@@ -1,0 +1,149 @@
+"""Beyond SparseGPT (issue 17): OWL, re-solve, swaps, block reconstruction and the preset, on the embedded
+model with the public protocol of the core benchmark. Run by hand; writes JSON as each cell finishes.
+
+Protocol: calibration = 32 windows x 256 tokens drawn with seed 0 from the first 70 % of the embedded
+text; evaluation = the first 16 non-overlapping 512-token windows of its last 20 %. Hyperparameters are
+chosen on held-out windows: 8 non-overlapping 512-token windows of the first 70 % that share no token with
+the calibration windows (``llmprune.heldout_data``). ``tune`` measures the held-out perplexity only and
+never touches the evaluation windows; ``run`` measures both.
+
+Every cell starts from the same dense weights in one process, so prune times are ratios to the plain
+SparseGPT cell of the same pattern measured in the same invocation.
+
+    python benchmarks/beyond.py tune --grid owl --out benchmarks/out/beyond_tune_owl.json
+    python benchmarks/beyond.py run --grid targets --out benchmarks/out/beyond_targets.json
+    python benchmarks/beyond.py run --grid ablation --out benchmarks/out/beyond_ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import llmprune
+
+NSAMPLES, SEQLEN, SEED, EVAL_WINDOWS, EVAL_SEQLEN = 32, 256, 0, 16, 512
+
+PATTERNS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7}}
+PATTERNS |= {"2:4": {"pattern": "2:4"}, "4:8": {"pattern": "4:8"}}
+
+
+def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(pattern, setting, options) cells of a named grid."""
+    settings: dict[str, dict[str, Any]]
+    if name == "owl":  # λ and M on top of Wanda and SparseGPT (unstructured only)
+        settings = {"sparsegpt": {"method": "sparsegpt"}}
+        for lam in (0.04, 0.08, 0.12, 0.16):
+            for m in (3.0, 5.0, 7.0):
+                settings[f"sparsegpt owl λ={lam} M={m:g}"] = {
+                    "method": "sparsegpt", "schedule": "owl", "owl_lambda": lam, "owl_threshold": m
+                }
+    elif name == "refine":
+        settings = {"sparsegpt": {"method": "sparsegpt"}}
+        for it in (10, 30, 100):
+            settings[f"sparsegpt resolve {it}"] = {"method": "sparsegpt", "refine": "resolve", "refine_iterations": it}
+            settings[f"wanda resolve {it}"] = {"method": "wanda", "refine": "resolve", "refine_iterations": it}
+        for rounds in (30, 100, 300):
+            settings[f"sparsegpt swaps {rounds}"] = {"method": "sparsegpt", "refine": "swaps,resolve",
+                                                   "swap_rounds": rounds}
+            settings[f"wanda swaps {rounds}"] = {"method": "wanda", "refine": "swaps,resolve", "swap_rounds": rounds}
+    elif name == "reconstruct":
+        settings = {"sparsegpt": {"method": "sparsegpt"}}
+        for mode in ("layer", "dense", "sublayer"):
+            for lr in (3e-5, 1e-4, 3e-4):
+                for steps in (16, 32):
+                    settings[f"sparsegpt {mode} lr={lr:g} steps={steps}"] = {
+                        "method": "sparsegpt", "reconstruct": mode, "reconstruct_lr": lr,
+                        "reconstruct_steps": steps,
+                    }
+    elif name == "ablation":
+        settings = {}
+        for method in ("wanda", "sparsegpt"):
+            settings[method] = {"method": method}
+            settings[f"{method} + resolve"] = {"method": method, "refine": "resolve"}
+            settings[f"{method} + swaps"] = {"method": method, "refine": "swaps"}
+            settings[f"{method} + swaps + resolve"] = {"method": method, "refine": "swaps,resolve"}
+            settings[f"{method} + reconstruct"] = {"method": method, "reconstruct": "layer"}
+            settings[f"{method} + resolve + reconstruct"] = {"method": method, "refine": "resolve",
+                                                            "reconstruct": "layer"}
+            settings[f"{method} + all"] = {"method": method, "preset": "best"}
+            settings[f"{method} + owl"] = {"method": method, "schedule": "owl"}
+    elif name == "targets":
+        settings = {"sparsegpt": {"method": "sparsegpt"}, "best": {"preset": "best"}}
+    else:
+        raise SystemExit(f"unknown grid {name!r}")
+    cells = []
+    for pattern in patterns:
+        for setting, options in settings.items():
+            if "schedule" in options and pattern in ("2:4", "4:8"):
+                continue  # OWL gives each layer its own sparsity: not for N:M
+            cells.append((pattern, setting, {**PATTERNS[pattern], **options}))
+    return cells
+
+
+def _perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    return llmprune.perplexity(model, windows, seqlen=windows.shape[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")
+    parser.add_argument("--grid", required=True, help="owl, refine, reconstruct, ablation or targets")
+    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated, of {', '.join(PATTERNS)}")
+    parser.add_argument("--only", default="", help="run only settings whose name contains this")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
+    calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
+    heldout = llmprune.heldout_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED, EVAL_SEQLEN, 8)
+    evaluation = llmprune.evaluation_data(tokenizer, "embedded", EVAL_SEQLEN, EVAL_WINDOWS)
+    dense_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    results: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "dense": {"heldout": _perplexity(model, heldout)},
+        "cells": [],
+    }
+    if args.mode == "run":
+        results["dense"]["evaluation"] = _perplexity(model, evaluation)
+    print(json.dumps(results["dense"]), flush=True)
+    baseline: dict[str, float] = {}
+    for pattern, setting, options in _grid(args.grid, args.patterns.split(",")):
+        if args.only and args.only not in setting and setting != "sparsegpt":
+            continue
+        model.load_state_dict(dense_state)
+        start = time.perf_counter()
+        report = llmprune.prune(model, calibration, **options)
+        seconds = time.perf_counter() - start
+        if setting == "sparsegpt":
+            baseline[pattern] = seconds
+        row: dict[str, Any] = {
+            "pattern": pattern,
+            "setting": setting,
+            "options": options,
+            "seconds": seconds,
+            "time_ratio": seconds / baseline[pattern] if pattern in baseline else None,
+            "achieved_sparsity": report.achieved_sparsity,
+            "heldout": _perplexity(model, heldout),
+            "layer_sparsities": report.layer_sparsities,
+            "damping_raised": report.damping_raised,
+        }
+        if args.mode == "run":
+            row["evaluation"] = _perplexity(model, evaluation)
+        results["cells"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("options", "layer_sparsities")}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -306,7 +306,7 @@ def fit_layer(
                     master.grad.copy_(flat[start : start + master.numel()].view_as(master))
                     start += master.numel()
                 del flat
-            if not all(bool(torch.isfinite(master.grad).all()) for master in trained.masters):
+            if not bool(torch.stack([torch.isfinite(master.grad).all() for master in trained.masters]).all()):
                 reason = f"the gradient of step {step + 1} is not finite"
                 break
             optimiser.step()

@@ -27,20 +27,25 @@ class Architecture:
 
     layers: str
     final_norm: str | None
+    attention: str | None = None
+    """The attention sublayer's name inside a decoder layer (None: unknown)."""
+    mlp: str | None = None
+    """The MLP sublayer's name inside a decoder layer (None: no MLP module, e.g. OPT's fc1/fc2 sit on the
+    layer itself, or unknown)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("model.layers", "model.norm"),
-    "mistral": Architecture("model.layers", "model.norm"),
-    "qwen2": Architecture("model.layers", "model.norm"),
-    "qwen3": Architecture("model.layers", "model.norm"),
-    "gemma": Architecture("model.layers", "model.norm"),
-    "gemma2": Architecture("model.layers", "model.norm"),
-    "gemma3_text": Architecture("model.layers", "model.norm"),
-    "phi3": Architecture("model.layers", "model.norm"),
-    "opt": Architecture("model.decoder.layers", "model.decoder.final_layer_norm"),
-    "gpt2": Architecture("transformer.h", "transformer.ln_f"),
-    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    "llama": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "mistral": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "qwen2": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "qwen3": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "gemma": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "gemma2": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "gemma3_text": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "phi3": Architecture("model.layers", "model.norm", "self_attn", "mlp"),
+    "opt": Architecture("model.decoder.layers", "model.decoder.final_layer_norm", "self_attn", None),
+    "gpt2": Architecture("transformer.h", "transformer.ln_f", "attn", "mlp"),
+    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.final_layer_norm", "attention", "mlp"),
 }
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
@@ -97,6 +102,13 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted path and the ``ModuleList`` of decoder layers."""
     path = describe(model).layers
     return path, model.get_submodule(path)
+
+
+def sublayer_names(model: nn.Module) -> tuple[str | None, str | None]:
+    """The attention and MLP sublayers' names inside each decoder layer of ``model`` (None where the
+    family has no such module or is not in the table)."""
+    arch = describe(model)
+    return arch.attention, arch.mlp
 
 
 def prunable_modules(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:

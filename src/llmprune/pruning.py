@@ -16,10 +16,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from llmprune.config import PruneOptions
+from llmprune.config import BLOCK_RECONSTRUCTION, PruneOptions
 from llmprune.errors import UsageError
 from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.offload import ActivationStore, LayerSource
+from llmprune.pipeline.reconstruct import ReconstructionSteps
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.steps import LinearStep, plan_targets
@@ -87,6 +88,23 @@ def step_name(options: PruneOptions) -> str:
     raise UsageError(f"no registered pruning step does pattern {options.pattern!r} with {options.method}")
 
 
+def _with_reconstruction(model: nn.Module, step: PruningStep, options: PruneOptions) -> list[LayerStep]:
+    """The steps of the walk: the pruning step, between those of block reconstruction if asked for."""
+    if options.reconstruct not in BLOCK_RECONSTRUCTION:
+        return [step]
+    if not isinstance(step, LinearStep):
+        raise UsageError(f"--reconstruct {options.reconstruct} does not apply to {step.what}")
+
+    def pruned(index: int, prefix: str, layer: nn.Module) -> list[nn.Module]:
+        # Read when each layer is reached: --schedule owl re-plans in prepare.
+        return [target.module for target in step.plan[index]]
+
+    recon = ReconstructionSteps(
+        model, options.reconstruct, options.reconstruct_steps, options.reconstruct_lr, pruned
+    )
+    return [recon.before, step, recon.after]
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -126,11 +144,12 @@ def prune_model(
     if not step.streams and (type(layers_from) is not LayerSource or checkpoint is not None):
         raise UsageError(f"{step.what} does not stream layers or checkpoint them yet")
     step.prepare(model, batches, comm, report, layers_from)
+    walk = WalkContext(comm, stride, offset, share.start, total_batches, report.layers, report.blocks)
     walked = walk_layers(
         model,
         batches,
-        [step],
-        WalkContext(comm, stride, offset, share.start, total_batches, report.layers),
+        _with_reconstruction(model, step, options),
+        walk,
         layers_from=layers_from,
         activations=activations,
         checkpoint=checkpoint,

@@ -94,6 +94,12 @@ def layer_table(report: PruneReport) -> Table:
     table.add_column("sparsity", justify="right")
     for column in columns:
         table.add_column(column, justify="right")
+    refined = any(r.refined_from is not None for r in report.layers)
+    if refined:
+        table.add_column("refine (all tokens)", justify="right")
+    fitted = {block.layer: block for block in report.blocks}
+    if fitted:
+        table.add_column("block output", justify="right")
     table.add_column("notes")
     blocks: dict[int, list] = {}
     for row in report.layers:
@@ -102,8 +108,18 @@ def layer_table(report: PruneReport) -> Table:
         weights = sum(r.shape[0] * r.shape[1] for r in rows)
         sparsity = sum(r.achieved_sparsity * r.shape[0] * r.shape[1] for r in rows) / weights
         errors = {_short(r.name): f"{r.relative_error:.3f}" for r in rows}
-        notes = ", ".join(f"{_short(r.name)}: damp raised to {r.damp:g}" for r in rows if r.damp_raised)
-        table.add_row(str(block), f"{sparsity:.2%}", *(errors.get(c, "-") for c in columns), notes)
+        notes = [f"{_short(r.name)}: damp raised to {r.damp:g}" for r in rows if r.damp_raised]
+        extra = []
+        if refined:  # the mean over the layer's linear layers, before -> after
+            pairs = [(r.refined_from, r.refined_to) for r in rows if r.refined_from is not None]
+            extra.append(" → ".join(f"{sum(p[k] for p in pairs) / len(pairs):.3f}" for k in (0, 1)))
+        if fitted:
+            fit = fitted.get(block)
+            extra.append("-" if fit is None else f"{fit.error_before:.3f} → {fit.error_after:.3f}")
+            if fit is not None and fit.restored:
+                notes.append("reconstruction did not help: kept the weights before it")
+        cells = [errors.get(column, "-") for column in columns]
+        table.add_row(str(block), f"{sparsity:.2%}", *cells, *extra, ", ".join(notes))
     return table
 
 

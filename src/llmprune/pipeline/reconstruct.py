@@ -33,7 +33,6 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -43,27 +42,12 @@ from llmprune.errors import UsageError
 from llmprune.models.architecture import prunable_modules, sublayer_names
 from llmprune.pipeline.capture import LayerCall, run_layer
 from llmprune.pipeline.distributed import Communicator
+from llmprune.pipeline.report import BlockReport
 from llmprune.pipeline.statistics import Collected, InputStatistics
 from llmprune.pipeline.walk import LayerContext, Timing
 
 Mode = Literal["layer", "dense", "sublayer"]
 RECONSTRUCTION_MODES: tuple[str, ...] = ("layer", "dense", "sublayer")
-
-
-@dataclass
-class FitReport:
-    """The outcome of reconstructing one decoder layer."""
-
-    error_before: float
-    """‖f(x) − target‖ / ‖target‖ over every calibration batch of every process, before fitting."""
-    error_after: float
-    """The same after fitting (equal to ``error_before`` when the start weights were restored)."""
-    steps: int
-    """Optimiser steps taken."""
-    restored: str | None = None
-    """Why the start weights were put back (None: the fit was kept)."""
-    layer: int | None = None
-    """Index of the decoder layer (set by ``ReconstructionSteps``)."""
 
 
 class Objective(Protocol):
@@ -265,7 +249,7 @@ def fit_layer(
     comm: Communicator | None = None,
     first_batch: int = 0,
     total_batches: int | None = None,
-) -> FitReport:
+) -> BlockReport:
     """Fit the weights and biases of ``modules`` (linear layers inside ``layer``) so that the layer's
     output on ``inputs``/``calls`` (this process's batches, ``first_batch`` the first one's global index of
     ``total_batches``) matches ``objective``; everything else stays frozen and every zero weight stays
@@ -283,7 +267,7 @@ def fit_layer(
     with _frozen(layer):
         before = layer_error(layer, inputs, calls, objective, comm)
         if not math.isfinite(before):
-            return FitReport(before, before, 0, "the error before fitting is not finite")
+            return BlockReport(before, before, 0, "the error before fitting is not finite")
         optimiser = torch.optim.Adam(trained.masters, lr=lr)
         taken, reason = 0, None
         for step in range(steps):
@@ -321,9 +305,9 @@ def fit_layer(
             elif after > before:
                 reason = f"the error rose from {before:.4g} to {after:.4g}"
             else:
-                return FitReport(before, after, taken)
+                return BlockReport(before, after, taken)
         trained.restore()
-        return FitReport(before, before, taken, reason)
+        return BlockReport(before, before, taken, reason)
 
 
 def check_reconstruction(model: nn.Module, mode: str) -> tuple[str, ...]:
@@ -373,7 +357,7 @@ class ReconstructionSteps:
     ``walk_layers(model, batches, [recon.before, pruning_step, recon.after], ...)``.
 
     ``modules(index, prefix, layer)`` names the linear layers to train in decoder layer ``index`` (the
-    pruned ones; default: every linear layer of the layer). ``reports`` holds one ``FitReport`` per fitted
+    pruned ones; default: every linear layer of the layer). ``reports`` holds one ``BlockReport`` per fitted
     layer, in order.
     """
 
@@ -389,7 +373,7 @@ class ReconstructionSteps:
         check_fit_options(steps, lr)
         self.mode, self.steps, self.lr = mode, steps, lr
         self._modules = modules or _every_linear
-        self.reports: list[FitReport] = []
+        self.reports: list[BlockReport] = []
         self.before = _Step(self, after=False)
         self.after = _Step(self, after=True)
         self._dense: nn.Module | None = None  # sublayer: the dense layer
@@ -459,3 +443,4 @@ class ReconstructionSteps:
             del objective, targets
         report.layer = context.index
         self.reports.append(report)
+        walk.blocks.append(report)  # the walk's record, checkpointed with each layer

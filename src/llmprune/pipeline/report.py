@@ -32,12 +32,16 @@ class LinearReport:
 class BlockReport:
     """``--reconstruct``: one decoder layer's output error before and after its optimiser steps."""
 
-    layer: int
     error_before: float
-    """||f'(x) - target|| / ||target|| over the calibration batches, before the steps."""
+    """‖f(x) − target‖ / ‖target‖ over every calibration batch of every process, before fitting."""
     error_after: float
-    restored: bool = False
-    """The steps made the error worse (or non-finite), so the layer's weights before them were kept."""
+    """The same after fitting (equal to ``error_before`` when the start weights were restored)."""
+    steps: int
+    """Optimiser steps taken."""
+    restored: str | None = None
+    """Why the start weights were put back (None: the fit was kept)."""
+    layer: int | None = None
+    """Index of the decoder layer."""
 
 
 @dataclass

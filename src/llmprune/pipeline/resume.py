@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmprune.errors import UsageError
-from llmprune.pipeline.report import LinearReport
+from llmprune.pipeline.report import BlockReport, LinearReport
 from llmprune.storage import write_atomically
 
 STATE_FILE = "state.json"
@@ -122,7 +122,12 @@ class LayerCheckpoint:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def save(
-        self, index: int, layer: nn.Module, hidden: list[torch.Tensor], rows: list[LinearReport]
+        self,
+        index: int,
+        layer: nn.Module,
+        hidden: list[torch.Tensor],
+        rows: list[LinearReport],
+        blocks: Sequence[BlockReport] = (),
     ) -> None:
         """Record that decoder layer ``index`` is done: its weights, its outputs, the report so far."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +140,7 @@ class LayerCheckpoint:
             "next_layer": index + 1,
             "hidden": hidden_name,
             "layers": [asdict(row) for row in rows],
+            "blocks": [asdict(block) for block in blocks],
         }
         write_atomically(self.state_path, lambda temporary: temporary.write_text(json.dumps(state)))
         for stale in self.directory.glob("hidden-*.safetensors"):  # only now that nothing points to them
@@ -146,9 +152,9 @@ class LayerCheckpoint:
         layers: nn.ModuleList,
         device: torch.device,
         receive: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-    ) -> tuple[int, list[torch.Tensor], list[LinearReport]] | None:
+    ) -> tuple[int, list[torch.Tensor], list[LinearReport], list[BlockReport]] | None:
         """Hand each finished layer's weights to ``receive(index, state_dict)`` (default: load them into
-        ``layers``); return the next layer, its inputs and the report rows so far."""
+        ``layers``); return the next layer, its inputs, and the report rows and block reports so far."""
         state = self._state()
         if state is None:
             return None
@@ -156,6 +162,7 @@ class LayerCheckpoint:
         try:  # the structure of state.json (report rows first: nothing is loaded from a bad one)
             next_layer, hidden_name = int(state["next_layer"]), str(state["hidden"])
             rows = [LinearReport(**{**row, "shape": tuple(row["shape"])}) for row in state["layers"]]
+            blocks = [BlockReport(**block) for block in state.get("blocks", [])]
         except KeyError as exc:
             raise self._damaged(f"{STATE_FILE} lacks {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -172,4 +179,4 @@ class LayerCheckpoint:
         if sorted(saved) != sorted(map(str, range(len(saved)))):
             raise self._damaged(f"{hidden_name} does not hold one tensor per calibration batch")
         hidden = [saved[str(i)] for i in range(len(saved))]
-        return next_layer, hidden, rows
+        return next_layer, hidden, rows, blocks

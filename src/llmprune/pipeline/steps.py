@@ -47,6 +47,8 @@ class Target:
     """Index of the decoder layer holding it."""
     module: nn.Module
     task: LayerTask
+    scheduled: bool = True
+    """Its sparsity is its decoder layer's (not set by a ``layer_sparsity`` override)."""
 
 
 def layer_sparsities(options: PruneOptions, num_layers: int) -> list[float]:
@@ -80,9 +82,10 @@ def plan_targets(
     for index, modules in enumerate(selected):
         targets = []
         for name, module in modules.items():
-            sparsity = next((value for regex, value in overrides if regex.search(name)), sparsities[index])
+            override = next((value for regex, value in overrides if regex.search(name)), None)
+            sparsity = sparsities[index] if override is None else override
             task = LayerTask(sparsity, pattern, options.blocksize, options.damp, options.magnitude_scope)
-            targets.append(Target(name, index, module, task))
+            targets.append(Target(name, index, module, task, override is None))
         plan.append(targets)
     return plan
 
@@ -300,7 +303,8 @@ class LinearStep:
             return
         modules = [{target.name: target.module for target in targets} for targets in self.plan]
         ratios = outlier_ratios(model, batches, comm, modules, options.owl_threshold, layers_from)
-        sizes = [sum(target.module.weight.numel() for target in targets) for targets in self.plan]
+        # The mean is over the weights the schedule sets: per-layer overrides keep their own sparsity.
+        sizes = [sum(t.module.weight.numel() for t in targets if t.scheduled) for targets in self.plan]
         sparsities = owl_sparsities(ratios, options.target_sparsity, options.owl_lambda, sizes)
         self.plan = plan_targets(model, options, sparsities)
         self._by_name = {target.name: target for targets in self.plan for target in targets}

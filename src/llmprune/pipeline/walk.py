@@ -39,7 +39,7 @@ from llmprune.pipeline.capture import LayerCall, capture_layer_inputs, model_dev
 from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.lockstep import Lockstep
 from llmprune.pipeline.offload import ActivationStore, LayerSource
-from llmprune.pipeline.report import LinearReport
+from llmprune.pipeline.report import BlockReport, LinearReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.statistics import Collected, InputStatistics
 
@@ -63,6 +63,8 @@ class WalkContext:
     """Calibration batches of all processes together (None: this process's are all of them)."""
     rows: list[LinearReport] = field(default_factory=list)
     """Report rows of the layers done so far (checkpointed with each layer, restored on resuming)."""
+    blocks: list[BlockReport] = field(default_factory=list)
+    """Block reconstruction of the layers done so far (checkpointed and restored as ``rows``)."""
 
 
 @dataclass
@@ -365,8 +367,9 @@ def walk_layers(
     if checkpoint is not None:
         restored = checkpoint.restore(layers, device, lambda i, w: layers_from.restore(i, layers[i], w))
     if restored is not None:
-        first, captured.hidden, finished = restored
+        first, captured.hidden, finished, blocks = restored
         context.rows.extend(finished)
+        context.blocks.extend(blocks)
     hidden = activations.start(captured.hidden)
     captured.hidden = []  # the store holds them now
     if progress is not None:
@@ -390,7 +393,7 @@ def walk_layers(
             outputs = _checked(outputs, f"the outputs of decoder layer {index}")
         hidden = activations.keep(outputs)
         if checkpoint is not None:
-            checkpoint.save(index, layer, list(hidden), context.rows)
+            checkpoint.save(index, layer, list(hidden), context.rows, context.blocks)
         layers_from.finish(index, layer)
         if progress is not None:
             progress(index + 1, len(layers))

@@ -33,6 +33,12 @@ from llmprune.pipeline.statistics import InputStatistics
 from llmprune.pruning import prune_model
 
 CASES = [("wanda", False), ("wanda", True), ("sparsegpt", False), ("sparsegpt", True)]
+# Beyond the reference methods: OWL's scoring pass, refinement by each group's owner, reconstruction's
+# gradients summed over processes.
+BEYOND = {
+    "owl-swaps-resolve-layer": {"schedule": "owl", "refine": "swaps,resolve", "reconstruct": "layer"},
+    "2:4-dense": {"method": "sparsegpt", "pattern": "2:4", "refine": "resolve", "reconstruct": "dense"},
+}
 WORLDS = (2, 3)
 # 8 samples in batches of 2: 4 batches, shared 2 + 2 by two processes and 1 + 1 + 2 by three.
 NSAMPLES, BATCH_SIZE = 8, 2
@@ -46,14 +52,21 @@ def decoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def prune_tiny(method: str, true_sequential: bool, comm: Communicator | None = None) -> tuple[dict, dict]:
+def prune_tiny(
+    method: str, true_sequential: bool, comm: Communicator | None = None, **extra
+) -> tuple[dict, dict]:
     """Prune a tiny Llama; its decoder weights and the report's layer rows."""
     model = tiny_model("llama")
     # Errors are measured on every 5th token, which each process picks from its global token offset.
-    values = {"method": method, "true_sequential": true_sequential, "batch_size": BATCH_SIZE}
+    values = {"method": method, "true_sequential": true_sequential, "batch_size": BATCH_SIZE, **extra}
     options = build(PruneOptions, {**values, "error_tokens": 48})
     report = prune_model(model, tiny_calibration(nsamples=NSAMPLES), options, comm=comm)
-    return decoder_weights(model), report.to_dict()["layers"]
+    return decoder_weights(model), {"rows": report.to_dict()["layers"], "blocks": report.to_dict()["blocks"]}
+
+
+def prune_beyond(case: str, comm: Communicator | None = None) -> tuple[dict, dict]:
+    options = {"method": "wanda", **BEYOND[case], "reconstruct_lr": 1e-3}
+    return prune_tiny(options.pop("method"), False, comm, **options)
 
 
 def _join(rank: int, world: int, init_file: str) -> Communicator:
@@ -79,6 +92,7 @@ def _tiny_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     comm = _join(rank, world, init_file)
     try:
         results = {case: prune_tiny(*case, comm=comm) for case in CASES}
+        results.update({case: prune_beyond(case, comm) for case in BEYOND})
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         comm.close()
@@ -102,6 +116,23 @@ def test_processes_match_one_bit_for_bit(distributed_results, world, method, tru
         different = [name for name, want in expected_weights.items() if not torch.equal(weights[name], want)]
         assert not different, f"{len(different)} of {len(weights)} weights differ, first {different[0]}"
         assert rows == expected_rows
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", sorted(BEYOND))
+def test_processes_match_one_with_owl_refinement_and_reconstruction(distributed_results, world, case):
+    expected_weights, expected = prune_beyond(case)
+    assert expected["blocks"] and all(row["refined_to"] is not None for row in expected["rows"])
+    for results in distributed_results[world]:
+        weights, got = results[case]
+        for name, want in expected_weights.items():
+            assert torch.equal(weights[name] == 0, want == 0), name  # the same masks
+            torch.testing.assert_close(weights[name], want, rtol=1e-4, atol=1e-6)
+        assert [row["name"] for row in got["rows"]] == [row["name"] for row in expected["rows"]]
+        for row, want in zip(got["rows"], expected["rows"], strict=True):
+            assert row["refined_to"] == pytest.approx(want["refined_to"], rel=1e-4)
+        for block, want in zip(got["blocks"], expected["blocks"], strict=True):
+            assert block["error_after"] == pytest.approx(want["error_after"], rel=1e-4)
 
 
 def _digests(model: nn.Module) -> dict[str, str]:

@@ -65,6 +65,7 @@ def state(directory: Path) -> dict[str, torch.Tensor]:
         ("llama", False, "wanda", {"true_sequential": True}),
         ("gpt2", True, "sparsegpt", {}),
         ("opt", True, "magnitude", {}),
+        ("llama", False, "wanda", {"schedule": "owl", "refine": "swaps,resolve", "reconstruct": "layer"}),
     ],
 )
 def test_streamed_output_equals_the_in_memory_output(

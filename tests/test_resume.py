@@ -64,8 +64,17 @@ def run_with_checkpoint(
         {"method": "sparsegpt"},
         {"method": "sparsegpt", "pattern": "2:4", "true_sequential": True, "batch_size": 3},
         {"method": "magnitude", "schedule": "depth"},
+        {"method": "wanda", "schedule": "owl", "refine": "swaps,resolve", "reconstruct": "layer"},
+        {"method": "sparsegpt", "pattern": "2:4", "refine": "resolve", "reconstruct": "sublayer"},
     ],
-    ids=["wanda", "sparsegpt", "sparsegpt-2:4-true-sequential", "magnitude-depth"],
+    ids=[
+        "wanda",
+        "sparsegpt",
+        "sparsegpt-2:4-true-sequential",
+        "magnitude-depth",
+        "wanda-owl-all",
+        "2:4-refined",
+    ],
 )
 @pytest.mark.parametrize("stop_after", [0, 1, 2])
 def test_resumed_run_is_bit_identical(tmp_path, options, stop_after):
@@ -81,6 +90,7 @@ def test_resumed_run_is_bit_identical(tmp_path, options, stop_after):
     assert calls[0] == stop_after + 1  # the finished layers were not pruned again
     same_weights(resumed, expected)
     assert [asdict(r) for r in report.layers] == [asdict(r) for r in expected_report.layers]
+    assert [asdict(b) for b in report.blocks] == [asdict(b) for b in expected_report.blocks]
     # one hidden-state file at a time, one weight file per layer
     assert sorted(p.name for p in checkpoint.directory.iterdir()) == [
         "hidden-00002.safetensors",

@@ -299,6 +299,9 @@ class PruneOptions(StrictModel):
     def _consistent(self) -> PruneOptions:
         pattern = self.pattern_spec
         if pattern.structured:
+            if self.refine or self.preset != "none":  # before --method: the preset sets one
+                what = f"--preset {self.preset}" if self.preset != "none" else "--refine"
+                raise ValueError(f"{what} applies to unstructured and N:M pruning")
             if self.method != "wanda":  # the default
                 raise ValueError("--method does not apply to structured pruning; choose a --unit-score")
             if self.layer_sparsity or self.schedule != "uniform" or self.true_sequential:
@@ -314,9 +317,6 @@ class PruneOptions(StrictModel):
                     f"--reconstruct {self.reconstruct} applies to unstructured and N:M pruning; "
                     "structured pruning takes refit or none"
                 )
-            if self.refine or self.preset != "none":
-                what = "--refine" if self.refine else f"--preset {self.preset}"
-                raise ValueError(f"{what} applies to unstructured and N:M pruning")
         elif self.widths != "uniform":
             raise ValueError("--widths applies to structured pruning (--pattern structured)")
         elif self.reconstruct == "refit":
@@ -444,6 +444,15 @@ class RunConfig(PruneOptions):
         if value is not None:
             parse_size(value)
         return value
+
+    @model_validator(mode="after")
+    def _resumable(self) -> RunConfig:
+        if self.resume and self.reconstruct == "dense":
+            raise ValueError(
+                "--reconstruct dense carries a dense stream of activations that is not checkpointed: it "
+                "cannot --resume (layer and sublayer can)"
+            )
+        return self
 
     def windows(self) -> dict[str, int]:
         """The token windows the run feeds the model, by the flag that sets them (each must fit in the

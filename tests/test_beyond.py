@@ -164,6 +164,15 @@ def test_cli_reports_and_saves_what_each_component_did(capsys, files, tmp_path):
     assert [block["layer"] for block in report["blocks"]] == [0, 1]
 
 
+def test_opt_refuses_sublayer_reconstruction_before_loading(capsys, tmp_path, tokenizer, no_model_loading):
+    source = tmp_path / "opt"
+    tiny_model("opt").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    files = {"model": source, "text": save_text(tmp_path / "text.txt")}
+    result = invoke(capsys, *prune_args(files, "--output", tmp_path / "out", "--reconstruct", "sublayer"))
+    assert "--reconstruct sublayer does not apply to opt" in result.error_line
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -38,7 +38,7 @@ from llmprune.pipeline.distributed import Communicator, communicator_from_enviro
 from llmprune.pipeline.offload import ActivationStore, LayerSource, StreamedLayers
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
-from llmprune.pruning import ProgressCallback, plan_targets, prune_model
+from llmprune.pruning import ProgressCallback, check_plan, prune_model
 from llmprune.storage import prepare_output, staged_directory
 from llmprune.structured.layout import unit_layout
 
@@ -135,7 +135,7 @@ def _run(config: RunConfig, save: bool, progress: ProgressCallback | None, comm:
     sources = [config.calibration, *([config.eval_data] if config.eval_nsamples and main else [])]
     checked = preflight(config.model, comm.device, config.dtype, sources=sources, windows=config.windows())
     options = config.prune_options()
-    plan_targets(checked.skeleton, options)  # the layers to prune (N:M widths, --include/--exclude)
+    check_plan(checked.skeleton, options)  # the layers to prune, the reconstruction asked for
     streamed = config.offload or not fits_in_memory(checked.model_bytes, comm.device)
     share = -(-config.nsamples // comm.world_size)  # this process's calibration samples, at most
     checked.check_activations(share, config.seqlen, config.max_memory_bytes)

@@ -20,7 +20,7 @@ from llmprune.config import BLOCK_RECONSTRUCTION, PruneOptions
 from llmprune.errors import UsageError
 from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.offload import ActivationStore, LayerSource
-from llmprune.pipeline.reconstruct import ReconstructionSteps
+from llmprune.pipeline.reconstruct import ReconstructionSteps, check_reconstruction
 from llmprune.pipeline.report import PruneReport
 from llmprune.pipeline.resume import LayerCheckpoint
 from llmprune.pipeline.steps import LinearStep, plan_targets
@@ -34,7 +34,15 @@ from llmprune.pipeline.walk import (
 )
 from llmprune.structured.step import StructuredStep
 
-__all__ = ["STEPS", "ProgressCallback", "PruningStep", "plan_targets", "prune_model", "step_name"]
+__all__ = [
+    "STEPS",
+    "ProgressCallback",
+    "PruningStep",
+    "check_plan",
+    "plan_targets",
+    "prune_model",
+    "step_name",
+]
 
 
 class PruningStep(LayerStep, Protocol):
@@ -86,6 +94,14 @@ def step_name(options: PruneOptions) -> str:
         if factory.wanted(options):
             return name
     raise UsageError(f"no registered pruning step does pattern {options.pattern!r} with {options.method}")
+
+
+def check_plan(skeleton: nn.Module, options: PruneOptions) -> None:
+    """What can be checked on a weightless model before loading one: the layers to prune (N:M widths,
+    --include/--exclude, --layer-sparsity) and whether its family does the block reconstruction asked for."""
+    plan_targets(skeleton, options)
+    if options.reconstruct in BLOCK_RECONSTRUCTION:
+        check_reconstruction(skeleton, options.reconstruct)
 
 
 def _with_reconstruction(model: nn.Module, step: PruningStep, options: PruneOptions) -> list[LayerStep]:

@@ -29,7 +29,7 @@ from llmprune.evaluation.perplexity import perplexity
 from llmprune.export.save import save_pruned
 from llmprune.jobs import calibration_record, configured, perplexity_record, preflight, run_metadata
 from llmprune.models.loading import fits_in_memory, load_plain_model, load_tokenizer, models_checked_once
-from llmprune.pruning import ProgressCallback, plan_targets, prune_model
+from llmprune.pruning import ProgressCallback, check_plan, prune_model
 from llmprune.storage import is_own_output, library_versions, output_lock, write_atomically
 from llmprune.sweeps.config import Cell, SweepConfig
 from llmprune.sweeps.report import write_report
@@ -130,7 +130,7 @@ def _check_cheaply(config: SweepConfig) -> None:
     sources = [config.calibration, config.eval_data]
     checked = preflight(config.model, config.device, config.dtype, sources=sources, windows=config.windows())
     for cell in config.cells():
-        plan_targets(checked.skeleton, config.cell_config(cell).prune_options())
+        check_plan(checked.skeleton, config.cell_config(cell).prune_options())
     if not fits_in_memory(2 * checked.model_bytes, torch.device("cpu")):
         raise UsageError("a sweep keeps the model and a CPU copy of its dense weights in memory; too large")
     checked.check_activations(config.nsamples, config.seqlen)

@@ -37,7 +37,8 @@ class ResolveResult:
 @dataclass
 class SwapResult:
     weight: torch.Tensor
-    """W' after the swaps, fp32 ``[out, in]``: restored weights take their dense value, pruned ones +0.0."""
+    """W' after the swaps, fp32 ``[out, in]``: a restored weight takes its dense value (with ``refit``, its
+    best value given the others), a pruned one +0.0, the others are as given."""
     mask: torch.Tensor
     """The refined mask (True = removed): same count per row, and per N:M group, as the start."""
     swaps: int

@@ -38,13 +38,12 @@ PATTERNS |= {"2:4": {"pattern": "2:4"}, "4:8": {"pattern": "4:8"}}
 def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(pattern, setting, options) cells of a named grid."""
     settings: dict[str, dict[str, Any]]
-    if name == "owl":  # λ and M on top of Wanda and SparseGPT (unstructured only)
+    if name == "owl":  # λ (and M) on top of SparseGPT (unstructured only)
         settings = {"sparsegpt": {"method": "sparsegpt"}}
-        for lam in (0.04, 0.08, 0.12, 0.16):
-            for m in (3.0, 5.0, 7.0):
-                settings[f"sparsegpt owl λ={lam} M={m:g}"] = {
-                    "method": "sparsegpt", "schedule": "owl", "owl_lambda": lam, "owl_threshold": m
-                }
+        for lam, m in ((0.04, 5.0), (0.08, 5.0), (0.12, 5.0), (0.08, 3.0), (0.08, 7.0)):
+            settings[f"sparsegpt owl λ={lam} M={m:g}"] = {
+                "method": "sparsegpt", "schedule": "owl", "owl_lambda": lam, "owl_threshold": m
+            }
     elif name == "refine":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
         for it in (10, 30, 100):
@@ -56,11 +55,10 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
             settings[f"wanda swaps {rounds}"] = {"method": "wanda", "refine": "swaps,resolve", "swap_rounds": rounds}
     elif name == "reconstruct":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
-        for mode in ("layer", "dense", "sublayer"):
-            for lr in (3e-4, 1e-3):
-                settings[f"sparsegpt {mode} lr={lr:g}"] = {
-                    "method": "sparsegpt", "reconstruct": mode, "reconstruct_lr": lr,
-                }
+        for mode, lr in (("layer", 1e-3), ("dense", 1e-3), ("sublayer", 1e-3), ("layer", 3e-4), ("layer", 3e-3)):
+            settings[f"sparsegpt {mode} lr={lr:g}"] = {
+                "method": "sparsegpt", "reconstruct": mode, "reconstruct_lr": lr,
+            }
     elif name == "ablation":
         settings = {}
         for method in ("wanda", "sparsegpt"):

@@ -182,9 +182,9 @@ class PruneOptions(StrictModel):
     )
     refine: Annotated[list[Literal["swaps", "resolve"]], Group.REFINE] = Field(
         default_factory=list,
-        description="after the method's mask, on each linear layer's Hessian: swaps (exchange a kept and a "
-        "pruned weight of a row, or N:M group, while the error drops; SparseSwaps), then resolve (re-fit the "
-        "kept weights by least squares, mask fixed; conjugate gradients as ALPS)",
+        description="after the method, on each linear layer's Hessian: resolve (re-fit the kept weights by "
+        "least squares, mask fixed; conjugate gradients as ALPS), swaps (exchange a kept and a pruned weight "
+        "of a row, or N:M group, while the error drops; SparseSwaps); both: resolve, swaps, resolve",
     )
     refine_iterations: Annotated[Count, Group.REFINE] = Field(
         50, ge=1, description="--refine resolve: conjugate-gradient iterations per linear layer"

@@ -161,12 +161,20 @@ def _refine(
     """``how``'s steps on one layer's outcome, from the dense weights and the input's Hessian."""
     weight, mask, swaps, damp = outcome.weight, outcome.mask, None, outcome.damp
     before = refine.layer_error(dense, weight, hessian)
+
+    def resolve(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+        solved = refine.resolve_weights(dense, weight, mask, hessian, how.iterations, task.damp)
+        return solved.weight, solved.damp if damp is None else max(damp, solved.damp)
+
+    # With both: re-solve first, so that swaps weigh each exchange against the best kept weights, then
+    # re-solve the new support.
+    if "resolve" in how.steps and "swaps" in how.steps:
+        weight, damp = resolve(weight)
     if "swaps" in how.steps:
         swapped = refine.swap_mask(dense, weight, mask, hessian, task.pattern, how.swap_rounds)
         weight, mask, swaps = swapped.weight, swapped.mask, swapped.swaps
     if "resolve" in how.steps:
-        solved = refine.resolve_weights(dense, weight, mask, hessian, how.iterations, task.damp)
-        weight, damp = solved.weight, solved.damp
+        weight, damp = resolve(weight)
     after = refine.layer_error(dense, weight, hessian)
     return PruneOutcome(weight, mask, damp), Refined(before, after, swaps, damp)
 

@@ -46,13 +46,10 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
             }
     elif name == "refine":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
-        for it in (10, 30, 100):
+        for it in (20, 50, 100):
             settings[f"sparsegpt resolve {it}"] = {"method": "sparsegpt", "refine": "resolve", "refine_iterations": it}
-            settings[f"wanda resolve {it}"] = {"method": "wanda", "refine": "resolve", "refine_iterations": it}
-        for rounds in (30, 100, 300):
-            settings[f"sparsegpt swaps {rounds}"] = {"method": "sparsegpt", "refine": "swaps,resolve",
-                                                   "swap_rounds": rounds}
-            settings[f"wanda swaps {rounds}"] = {"method": "wanda", "refine": "swaps,resolve", "swap_rounds": rounds}
+        settings["sparsegpt swaps,resolve"] = {"method": "sparsegpt", "refine": "swaps,resolve"}
+        settings["wanda swaps,resolve"] = {"method": "wanda", "refine": "swaps,resolve"}
     elif name == "reconstruct":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
         for mode, lr in (("layer", 1e-3), ("dense", 1e-3), ("sublayer", 1e-3), ("layer", 3e-4), ("layer", 3e-3)):

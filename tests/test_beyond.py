@@ -191,7 +191,6 @@ def test_opt_refuses_sublayer_reconstruction_before_loading(capsys, tmp_path, to
         (["--reconstruct", "refit"], "--reconstruct refit applies to structured pruning"),
         (["--preset", "best", "--pattern", "structured"], "--preset best applies to unstructured and N:M"),
         (["--preset", "fastest"], "preset"),
-        (["--reconstruct", "dense", "--resume"], "--reconstruct dense carries a dense stream"),
     ],
 )
 def test_bad_options_are_refused_before_loading(capsys, files, tmp_path, no_model_loading, flags, message):

@@ -15,6 +15,7 @@ from conftest import relative_error, tiny_calibration, tiny_model
 from llmprune.config import PruneOptions, build
 from llmprune.errors import UsageError
 from llmprune.models.architecture import PRUNABLE_TYPES, decoder_layers, sublayer_names
+from llmprune.pipeline import reconstruct
 from llmprune.pipeline.capture import capture_layer_inputs, run_layer
 from llmprune.pipeline.distributed import Communicator
 from llmprune.pipeline.reconstruct import (
@@ -45,6 +46,14 @@ class HalfByMagnitude:
                 threshold = weight.abs().float().flatten().kthvalue(weight.numel() // 2).values
                 weight[weight.abs() <= threshold] = 0
         return layer
+
+
+
+@pytest.fixture(autouse=True)
+def errors_on_every_batch(monkeypatch):
+    """The fits measure their error on every batch here, so that it can be checked against a direct sum
+    (runs measure it on every ``ERROR_EVERY``-th batch, tested below)."""
+    monkeypatch.setattr(reconstruct, "ERROR_EVERY", 1)
 
 
 def batches(nsamples: int = 8) -> list[torch.Tensor]:
@@ -257,6 +266,19 @@ def test_error_is_the_relative_norm_over_all_batches():
     assert report.error_after == pytest.approx(relative_error(torch.cat(after), torch.cat(targets)), rel=1e-9)
 
 
+def test_runs_measure_the_error_on_every_error_every_th_batch(monkeypatch):
+    monkeypatch.setattr(reconstruct, "ERROR_EVERY", 2)
+    _, layer, inputs, calls = first_layer("gpt_neox")
+    assert len(inputs) == 4
+    dense = tiny_model("gpt_neox").gpt_neox.layers[0]
+    with torch.no_grad():
+        targets = [run_layer(dense, h, c) for h, c in zip(inputs, calls, strict=True)]
+        outputs = [run_layer(layer, h, c) for h, c in zip(inputs, calls, strict=True)]
+    report = fit_layer(layer, inputs, calls, OutputTargets(targets), [layer.mlp.dense_4h_to_h], 4, 1e-3)
+    expected = relative_error(torch.cat(outputs[::2]), torch.cat(targets[::2]))
+    assert report.error_before == pytest.approx(expected, rel=1e-9)
+
+
 def test_sublayer_terms_are_each_sublayer_against_its_dense_copy_on_the_same_input():
     _, layer, inputs, calls = first_layer("llama")
     dense = tiny_model("llama").model.layers[0]
@@ -350,7 +372,7 @@ def test_dense_mode_refuses_to_start_past_layer_zero():
         def apply(self, layer, stats, context):
             return self.step.apply(layer, stats, context)
 
-    with pytest.raises(UsageError, match="cannot resume"):
+    with pytest.raises(UsageError, match="needs its dense stream"):
         walk_layers(model, batches(), [SkipFirst(recon.before), HalfByMagnitude(), SkipFirst(recon.after)])
 
 

@@ -64,7 +64,7 @@ def run_with_checkpoint(
         {"method": "sparsegpt"},
         {"method": "sparsegpt", "pattern": "2:4", "true_sequential": True, "batch_size": 3},
         {"method": "magnitude", "schedule": "depth"},
-        {"method": "wanda", "schedule": "owl", "refine": "swaps,resolve", "reconstruct": "layer"},
+        {"method": "wanda", "schedule": "owl", "refine": "swaps,resolve", "reconstruct": "dense"},
         {"method": "sparsegpt", "pattern": "2:4", "refine": "resolve", "reconstruct": "sublayer"},
     ],
     ids=[

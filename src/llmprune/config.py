@@ -445,15 +445,6 @@ class RunConfig(PruneOptions):
             parse_size(value)
         return value
 
-    @model_validator(mode="after")
-    def _resumable(self) -> RunConfig:
-        if self.resume and self.reconstruct == "dense":
-            raise ValueError(
-                "--reconstruct dense carries a dense stream of activations that is not checkpointed: it "
-                "cannot --resume (layer and sublayer can)"
-            )
-        return self
-
     def windows(self) -> dict[str, int]:
         """The token windows the run feeds the model, by the flag that sets them (each must fit in the
         model's context)."""

@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,23 @@ def _describe(value: Any) -> str:
     if value is None:
         return "default"
     return value if isinstance(value, str) else json.dumps(value)
+
+
+CARRIED = "carried/"
+"""Prefix of the carried tensors' names in a checkpoint's hidden-state file."""
+
+
+@dataclass
+class Restored:
+    """What a checkpoint gives back to the walk."""
+
+    next_layer: int
+    hidden: list[torch.Tensor]
+    """The inputs of ``next_layer``, one per calibration batch."""
+    rows: list[LinearReport]
+    blocks: list[BlockReport]
+    carried: dict[str, torch.Tensor]
+    """The tensors the steps carried past the last finished layer, by name."""
 
 
 class LayerCheckpoint:
@@ -128,12 +145,16 @@ class LayerCheckpoint:
         hidden: list[torch.Tensor],
         rows: list[LinearReport],
         blocks: Sequence[BlockReport] = (),
+        carried: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record that decoder layer ``index`` is done: its weights, its outputs, the report so far."""
+        """Record that decoder layer ``index`` is done: its weights, its outputs, the report so far, and the
+        tensors steps carry to the next layer (``carried``, by name: e.g. a dense stream of activations)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         _save_tensors(self.directory / f"layer-{index:05d}.safetensors", layer.state_dict())
         hidden_name = f"hidden-{index:05d}.safetensors"
-        _save_tensors(self.directory / hidden_name, {str(i): h for i, h in enumerate(hidden)})
+        tensors = {str(i): h for i, h in enumerate(hidden)}
+        tensors.update({CARRIED + name: tensor for name, tensor in (carried or {}).items()})
+        _save_tensors(self.directory / hidden_name, tensors)
         state = {
             "fingerprint": self.fingerprint,
             "recipe": self.recipe,
@@ -152,9 +173,9 @@ class LayerCheckpoint:
         layers: nn.ModuleList,
         device: torch.device,
         receive: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-    ) -> tuple[int, list[torch.Tensor], list[LinearReport], list[BlockReport]] | None:
+    ) -> Restored | None:
         """Hand each finished layer's weights to ``receive(index, state_dict)`` (default: load them into
-        ``layers``); return the next layer, its inputs, and the report rows and block reports so far."""
+        ``layers``); return the next layer, its inputs, the report so far and the carried tensors."""
         state = self._state()
         if state is None:
             return None
@@ -176,7 +197,8 @@ class LayerCheckpoint:
             else:
                 receive(index, weights)
         saved = self._read(hidden_name, str(device))
+        carried = {name[len(CARRIED) :]: saved.pop(name) for name in list(saved) if name.startswith(CARRIED)}
         if sorted(saved) != sorted(map(str, range(len(saved)))):
             raise self._damaged(f"{hidden_name} does not hold one tensor per calibration batch")
         hidden = [saved[str(i)] for i in range(len(saved))]
-        return next_layer, hidden, rows, blocks
+        return Restored(next_layer, hidden, rows, blocks, carried)

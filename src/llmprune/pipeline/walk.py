@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -101,6 +101,20 @@ class LayerStep(Protocol):
     ) -> nn.Module:
         """Do the work on ``layer`` from the statistics of its targets' inputs (``during``: of one target;
         summed over processes); returns the layer to go on with (``after``: possibly a new one)."""
+        ...
+
+
+@runtime_checkable
+class Carrying(Protocol):
+    """A step that carries tensors from one decoder layer to the next (e.g. a second, dense stream of
+    activations): the walk checkpoints them with each layer and hands them back on resuming."""
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """The tensors to carry past the layer just finished, by name."""
+        ...
+
+    def restore_carried(self, next_layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Resuming at ``next_layer``: the tensors ``carried`` gave after the layer before it."""
         ...
 
 
@@ -367,9 +381,14 @@ def walk_layers(
     if checkpoint is not None:
         restored = checkpoint.restore(layers, device, lambda i, w: layers_from.restore(i, layers[i], w))
     if restored is not None:
-        first, captured.hidden, finished, blocks = restored
-        context.rows.extend(finished)
-        context.blocks.extend(blocks)
+        first, captured.hidden = restored.next_layer, restored.hidden
+        context.rows.extend(restored.rows)
+        context.blocks.extend(restored.blocks)
+        for k, step in enumerate(steps):
+            if isinstance(step, Carrying):
+                prefix = f"{k}/"
+                mine = {n[len(prefix) :]: t for n, t in restored.carried.items() if n.startswith(prefix)}
+                step.restore_carried(first, mine)
     hidden = activations.start(captured.hidden)
     captured.hidden = []  # the store holds them now
     if progress is not None:
@@ -393,7 +412,13 @@ def walk_layers(
             outputs = _checked(outputs, f"the outputs of decoder layer {index}")
         hidden = activations.keep(outputs)
         if checkpoint is not None:
-            checkpoint.save(index, layer, list(hidden), context.rows, context.blocks)
+            carried = {
+                f"{k}/{name}": tensor
+                for k, step in enumerate(steps)
+                if isinstance(step, Carrying)
+                for name, tensor in step.carried().items()
+            }
+            checkpoint.save(index, layer, list(hidden), context.rows, context.blocks, carried)
         layers_from.finish(index, layer)
         if progress is not None:
             progress(index + 1, len(layers))

@@ -56,6 +56,19 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
             settings[f"sparsegpt {mode} lr={lr:g}"] = {
                 "method": "sparsegpt", "reconstruct": mode, "reconstruct_lr": lr,
             }
+    elif name == "combine":  # re-solve with block reconstruction, steps and learning rate
+        settings = {"sparsegpt": {"method": "sparsegpt"}}
+        base = {"method": "sparsegpt", "refine": "resolve", "refine_iterations": 20, "reconstruct": "dense"}
+        for steps, lr in ((8, 1e-3), (8, 3e-3), (16, 1e-3)):
+            settings[f"sparsegpt resolve 20 dense steps={steps} lr={lr:g}"] = {
+                **base, "reconstruct_steps": steps, "reconstruct_lr": lr
+            }
+    elif name == "swaps":  # swaps are costly: few rounds, with and without
+        settings = {"sparsegpt": {"method": "sparsegpt"}}
+        for method in ("sparsegpt", "wanda"):
+            resolve = {"method": method, "refine": "resolve", "refine_iterations": 20}
+            settings[f"{method} resolve 20"] = resolve
+            settings[f"{method} swaps 10 resolve 20"] = {**resolve, "refine": "swaps,resolve", "swap_rounds": 10}
     elif name == "ablation":
         settings = {}
         for method in ("wanda", "sparsegpt"):

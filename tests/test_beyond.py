@@ -21,7 +21,7 @@ from conftest import (
     tiny_calibration,
     tiny_model,
 )
-from llmprune.config import PRESETS, PruneOptions, build
+from llmprune.config import PRESETS, PRESETS_UNSTRUCTURED, PruneOptions, build
 from llmprune.methods.patterns import Pattern
 from llmprune.models.architecture import linear_layers, read_weight
 from llmprune.storage import METADATA_FILE
@@ -115,11 +115,18 @@ def test_reconstruction_lowers_each_blocks_error_and_keeps_zeros_exact():
 
 def test_the_preset_sets_its_options_and_explicit_ones_win():
     best = build(PruneOptions, {"preset": "best"})
-    for name, value in PRESETS["best"].items():
+    for name, value in {**PRESETS["best"], **PRESETS_UNSTRUCTURED["best"]}.items():
         assert getattr(best, name) == value
     assert build(PruneOptions, {"preset": "best", "method": "wanda"}).method == "wanda"
     assert build(PruneOptions, {"preset": "best", "reconstruct": "none"}).reconstruct == "none"
     assert build(PruneOptions, {"preset": "none"}).refine == []
+    assert build(PruneOptions, {"preset": "best"}).schedule == "owl"  # unstructured: OWL too
+    assert build(PruneOptions, {"preset": "best", "pattern": "2:4"}).schedule == "uniform"
+    # A preset's setting of a dependent option goes with the option it refines.
+    swaps = build(PruneOptions, {"preset": "best", "refine": "swaps"})
+    assert swaps.refine == ["swaps"] and "refine_iterations" not in swaps.model_fields_set
+    layer = build(PruneOptions, {"preset": "best", "reconstruct": "layer"})
+    assert "reconstruct_steps" not in layer.model_fields_set
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))

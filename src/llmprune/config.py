@@ -54,9 +54,28 @@ BLOCK_RECONSTRUCTION = ("layer", "dense", "sublayer")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
-    "best": {"method": "sparsegpt", "refine": ["swaps", "resolve"], "reconstruct": "layer"},
+    "best": {
+        "method": "sparsegpt",
+        "refine": ["resolve"],
+        "refine_iterations": 20,
+        "reconstruct": "dense",
+        "reconstruct_steps": 8,
+        "reconstruct_lr": 1e-3,
+    },
 }
-"""What each ``preset`` sets; options given explicitly override it."""
+"""What each ``preset`` sets (chosen on held-out calibration windows: docs/benchmarks.md); options given
+explicitly override it."""
+PRESETS_UNSTRUCTURED: dict[str, dict[str, Any]] = {"none": {}, "best": {"schedule": "owl"}}
+"""What a preset adds for unstructured sparsity (OWL's per-layer sparsities do not apply to N:M)."""
+_PRESET_DEPENDS = {
+    "refine_iterations": "refine",
+    "swap_rounds": "refine",
+    "reconstruct_steps": "reconstruct",
+    "reconstruct_lr": "reconstruct",
+    "owl_lambda": "schedule",
+    "owl_threshold": "schedule",
+}
+"""A preset's setting of an option that refines another is dropped when that other is given explicitly."""
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -252,7 +271,14 @@ class PruneOptions(StrictModel):
             values = {**values, "reconstruct": "refit" if values["reconstruct"] else "none"}
         preset = values.get("preset", "none")
         if isinstance(preset, str) and preset in PRESETS:
-            values = {**PRESETS[preset], **values}  # what is given explicitly wins
+            chosen = dict(PRESETS[preset])
+            with contextlib.suppress(ValueError):  # a bad pattern is the pattern field's to refuse
+                if not Pattern.parse(str(values.get("pattern", "unstructured"))).is_nm:
+                    chosen.update(PRESETS_UNSTRUCTURED[preset])
+            for name, parent in _PRESET_DEPENDS.items():
+                if parent in values:
+                    chosen.pop(name, None)
+            values = {**chosen, **values}  # what is given explicitly wins
         return values
 
     @field_validator("include", "exclude", "units", "refine", mode="before")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import llmprune
+from llmprune.config import PRESETS
 
 NSAMPLES, SEQLEN, SEED, EVAL_WINDOWS, EVAL_SEQLEN = 32, 256, 0, 16, 512
 
@@ -47,12 +48,14 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
     elif name == "refine":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
         for it in (20, 50, 100):
-            settings[f"sparsegpt resolve {it}"] = {"method": "sparsegpt", "refine": "resolve", "refine_iterations": it}
+            options = {"method": "sparsegpt", "refine": "resolve", "refine_iterations": it}
+            settings[f"sparsegpt resolve {it}"] = options
         settings["sparsegpt swaps,resolve"] = {"method": "sparsegpt", "refine": "swaps,resolve"}
         settings["wanda swaps,resolve"] = {"method": "wanda", "refine": "swaps,resolve"}
     elif name == "reconstruct":
         settings = {"sparsegpt": {"method": "sparsegpt"}}
-        for mode, lr in (("layer", 1e-3), ("dense", 1e-3), ("sublayer", 1e-3), ("layer", 3e-4), ("layer", 3e-3)):
+        modes = (("layer", 1e-3), ("dense", 1e-3), ("sublayer", 1e-3), ("layer", 3e-4), ("layer", 3e-3))
+        for mode, lr in modes:
             settings[f"sparsegpt {mode} lr={lr:g}"] = {
                 "method": "sparsegpt", "reconstruct": mode, "reconstruct_lr": lr,
             }
@@ -68,19 +71,22 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
         for method in ("sparsegpt", "wanda"):
             resolve = {"method": method, "refine": "resolve", "refine_iterations": 20}
             settings[f"{method} resolve 20"] = resolve
-            settings[f"{method} swaps 10 resolve 20"] = {**resolve, "refine": "swaps,resolve", "swap_rounds": 10}
-    elif name == "ablation":
+            swaps = {**resolve, "refine": "swaps,resolve", "swap_rounds": 10}
+            settings[f"{method} swaps 10 resolve 20"] = swaps
+    elif name == "ablation":  # each component alone, and combined, with the preset's settings
+        best = PRESETS["best"]
+        resolve = {"refine": "resolve", "refine_iterations": best["refine_iterations"]}
+        reconstruct = {k: best[k] for k in ("reconstruct", "reconstruct_steps", "reconstruct_lr")}
         settings = {}
         for method in ("wanda", "sparsegpt"):
-            settings[method] = {"method": method}
-            settings[f"{method} + resolve"] = {"method": method, "refine": "resolve"}
-            settings[f"{method} + swaps"] = {"method": method, "refine": "swaps"}
-            settings[f"{method} + swaps + resolve"] = {"method": method, "refine": "swaps,resolve"}
-            settings[f"{method} + reconstruct"] = {"method": method, "reconstruct": "layer"}
-            settings[f"{method} + resolve + reconstruct"] = {"method": method, "refine": "resolve",
-                                                            "reconstruct": "layer"}
-            settings[f"{method} + all"] = {"method": method, "preset": "best"}
-            settings[f"{method} + owl"] = {"method": method, "schedule": "owl"}
+            plain = {"method": method}
+            settings[method] = plain
+            settings[f"{method} + resolve"] = {**plain, **resolve}
+            settings[f"{method} + reconstruct"] = {**plain, **reconstruct}
+            settings[f"{method} + owl"] = {**plain, "schedule": "owl"}
+        settings["wanda + resolve + reconstruct"] = {"method": "wanda", **resolve, **reconstruct}
+        settings["wanda + best"] = {"method": "wanda", "preset": "best"}
+        settings["best"] = {"preset": "best"}
     elif name == "targets":
         settings = {"sparsegpt": {"method": "sparsegpt"}, "best": {"preset": "best"}}
     else:
@@ -101,8 +107,9 @@ def _perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")
-    parser.add_argument("--grid", required=True, help="owl, refine, reconstruct, ablation or targets")
-    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated, of {', '.join(PATTERNS)}")
+    grids = "owl, refine, reconstruct, combine, swaps, ablation or targets"
+    parser.add_argument("--grid", required=True, help=grids)
+    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {', '.join(PATTERNS)}")
     parser.add_argument("--only", default="", help="run only settings whose name contains this")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -146,7 +153,8 @@ def main() -> None:
         if args.mode == "run":
             row["evaluation"] = _perplexity(model, evaluation)
         results["cells"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("options", "layer_sparsities")}), flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("options", "layer_sparsities")}
+        print(json.dumps(shown), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
 

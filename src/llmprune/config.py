@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "refine_iterations": 20,
         "reconstruct": "dense",
         "reconstruct_steps": 8,
-        "reconstruct_lr": 1e-3,
+        "reconstruct_lr": 3e-3,
     },
 }
 """What each ``preset`` sets (chosen on held-out calibration windows: docs/benchmarks.md); options given

@@ -119,7 +119,7 @@ class Refinement:
     """What ``--refine`` does to each linear layer after the method (``methods/refine.py``)."""
 
     steps: tuple[str, ...] = ()
-    """``swaps`` and/or ``resolve``, in that order."""
+    """``swaps`` and/or ``resolve`` (both: resolve, swaps, resolve)."""
     iterations: int = 50
     swap_rounds: int = 100
 
@@ -135,7 +135,6 @@ class Refined:
     before: float
     after: float
     swaps: int | None
-    damp: float | None
 
 
 def _hessian(stats: InputStatistics) -> torch.Tensor:
@@ -176,7 +175,7 @@ def _refine(
     if "resolve" in how.steps:
         weight, damp = resolve(weight)
     after = refine.layer_error(dense, weight, hessian)
-    return PruneOutcome(weight, mask, damp), Refined(before, after, swaps, damp)
+    return PruneOutcome(weight, mask, damp), Refined(before, after, swaps)
 
 
 def _solve(

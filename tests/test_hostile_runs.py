@@ -338,6 +338,6 @@ def test_import_llmprune_is_cheap_and_keeps_every_public_name():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=99)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) == len(llmprune.__all__) == 43
+    assert int(result.stdout) == len(llmprune.__all__) == 45
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = llmprune.nothing

@@ -206,16 +206,16 @@ class PruneOptions(StrictModel):
         "of a row, or N:M group, while the error drops; SparseSwaps); both: resolve, swaps, resolve",
     )
     refine_iterations: Annotated[Count, Group.REFINE] = Field(
-        50, ge=1, description="--refine resolve: conjugate-gradient iterations per linear layer"
+        20, ge=1, description="--refine resolve: conjugate-gradient iterations per linear layer"
     )
     swap_rounds: Annotated[Count, Group.REFINE] = Field(
         100, ge=1, description="--refine swaps: at most this many swaps per row"
     )
     reconstruct_steps: Annotated[Count, Group.REFINE] = Field(
-        16, ge=1, description="--reconstruct layer/dense/sublayer: optimiser steps per decoder layer"
+        8, ge=1, description="--reconstruct layer/dense/sublayer: optimiser steps per decoder layer"
     )
     reconstruct_lr: Annotated[float, Group.REFINE] = Field(
-        1e-4, gt=0.0, description="--reconstruct layer/dense/sublayer: Adam learning rate"
+        3e-3, gt=0.0, description="--reconstruct layer/dense/sublayer: Adam learning rate"
     )
     preset: Literal["none", "best"] = Field(
         "none",

@@ -120,7 +120,7 @@ class Refinement:
 
     steps: tuple[str, ...] = ()
     """``swaps`` and/or ``resolve`` (both: resolve, swaps, resolve)."""
-    iterations: int = 50
+    iterations: int = 20
     swap_rounds: int = 100
 
     @classmethod

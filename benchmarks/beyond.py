@@ -85,8 +85,7 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
             settings[f"{method} + reconstruct"] = {**plain, **reconstruct}
             settings[f"{method} + owl"] = {**plain, "schedule": "owl"}
         settings["wanda + resolve + reconstruct"] = {"method": "wanda", **resolve, **reconstruct}
-        settings["wanda + best"] = {"method": "wanda", "preset": "best"}
-        settings["best"] = {"preset": "best"}
+        settings = {"sparsegpt": settings.pop("sparsegpt"), **settings}  # the baseline first
     elif name == "targets":
         settings = {"sparsegpt": {"method": "sparsegpt"}, "best": {"preset": "best"}}
     else:

@@ -149,3 +149,18 @@ def test_hub_dataset_offline_names_what_to_download(monkeypatch, tmp_path):
     with pytest.raises(DataUnavailableError, match="allenai/c4"):
         text._hub_text("c4", "calibration")
     assert offline == (constants.HF_HUB_OFFLINE, datasets_config.HF_HUB_OFFLINE)  # switched back
+
+
+def test_heldout_windows_share_no_token_with_calibration():
+    from llmprune.data.text import calibration_windows, heldout_windows
+
+    tokens = torch.arange(5000)  # each token id is its position
+    calibration = calibration_windows(tokens, 16, 64, seed=3)
+    heldout = heldout_windows(tokens, 16, 64, seed=3, window=128, count=6)
+    assert heldout.shape == (6, 128)
+    assert not set(calibration.flatten().tolist()) & set(heldout.flatten().tolist())
+    starts = heldout[:, 0].tolist()
+    assert all(s % 128 == 0 for s in starts) and len(set(starts)) == 6  # aligned, non-overlapping
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 128)) for row in heldout)
+    with pytest.raises(UsageError, match="no 128-token window"):
+        heldout_windows(torch.arange(300), 64, 64, seed=0, window=128)

@@ -71,7 +71,7 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def pruned_and_fitted(family: str, mode: str | None, steps: int = 12, lr: float = 1e-3, dtype=torch.float32):
     """A tiny model pruned by ``HalfByMagnitude`` through the walk, with reconstruction in ``mode`` (None:
-    none); the model, the steps object (or None) and the zero masks the pruning step left."""
+    none); the model, the block reports and the zero masks the pruning step left."""
     model = tiny_model(family).to(dtype)
     masks: dict[str, torch.Tensor] = {}
 
@@ -85,8 +85,9 @@ def pruned_and_fitted(family: str, mode: str | None, steps: int = 12, lr: float 
 
     recon = None if mode is None else ReconstructionSteps(model, mode, steps, lr)
     steps_list = [Recording()] if recon is None else [recon.before, Recording(), recon.after]
-    walk_layers(model, batches(), steps_list)
-    return model, recon, masks
+    context = WalkContext()
+    walk_layers(model, batches(), steps_list, context)
+    return model, context.blocks, masks
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -97,13 +98,13 @@ def logits(model: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_zeros_stay_exact_and_the_error_falls_on_llama(mode):
     dense = logits(tiny_model("llama"))
-    model, recon, masks = pruned_and_fitted("llama", mode)
+    model, blocks, masks = pruned_and_fitted("llama", mode)
     weights = linear_weights(model)
     assert set(weights) == set(masks)
     for name, weight in weights.items():
         assert torch.equal(weight == 0, masks[name]), name  # the very zeros the pruning left, no others
-    assert [r.layer for r in recon.reports] == [0, 1, 2]
-    for report in recon.reports:
+    assert [r.layer for r in blocks] == [0, 1, 2]
+    for report in blocks:
         assert report.restored is None and report.steps == 12
         assert report.error_after < 0.8 * report.error_before, report
     plain, _, _ = pruned_and_fitted("llama", None)
@@ -118,11 +119,11 @@ OTHERS = [("gpt2", "layer"), ("gpt2", "sublayer"), ("gpt_neox", "dense"), ("gpt_
 
 @pytest.mark.parametrize(("family", "mode"), [*OTHERS, ("opt", "layer"), ("gemma2", "sublayer")])
 def test_other_families(family, mode):
-    model, recon, masks = pruned_and_fitted(family, mode)
+    model, blocks, masks = pruned_and_fitted(family, mode)
     for name, weight in linear_weights(model).items():
         assert torch.equal(weight == 0, masks[name]), name
-    assert len(recon.reports) == 3
-    for report in recon.reports:
+    assert len(blocks) == 3
+    for report in blocks:
         assert report.restored is None
         assert 0 < report.error_after < report.error_before
 
@@ -142,11 +143,11 @@ def test_bad_options_refused(steps, lr, mode):
 
 
 def test_bf16_layer_keeps_its_dtype_and_zeros_with_fp32_masters():
-    model, recon, masks = pruned_and_fitted("llama", "layer", dtype=torch.bfloat16)
+    model, blocks, masks = pruned_and_fitted("llama", "layer", dtype=torch.bfloat16)
     for name, weight in linear_weights(model).items():
         assert weight.dtype == torch.bfloat16
         assert torch.equal(weight == 0, masks[name]), name
-    for report in recon.reports:
+    for report in blocks:
         assert report.restored is None and report.error_after < 0.8 * report.error_before
 
 
@@ -386,9 +387,10 @@ def test_with_wanda_through_the_walk_and_the_plan_as_modules():
     )
     context = WalkContext(Communicator(), stride=4, first_batch=0, total_batches=4)
     walk_layers(model, batches(), [recon.before, linear, recon.after], context)
+    blocks = context.blocks
     assert len(context.rows) == 7 * 3
     for row in context.rows:
         weight = model.get_submodule(row.name).weight
         assert int((weight == 0).sum()) == weight.numel() // 2  # Wanda's 50 % per row, kept exactly
-    assert [r.layer for r in recon.reports] == [0, 1, 2]
-    assert all(r.error_after < r.error_before for r in recon.reports)
+    assert [r.layer for r in blocks] == [0, 1, 2]
+    assert all(r.error_after < r.error_before for r in blocks)

@@ -379,8 +379,8 @@ class ReconstructionSteps:
     ``walk_layers(model, batches, [recon.before, pruning_step, recon.after], ...)``.
 
     ``modules(index, prefix, layer)`` names the linear layers to train in decoder layer ``index`` (the
-    pruned ones; default: every linear layer of the layer). ``reports`` holds one ``BlockReport`` per fitted
-    layer, in order.
+    pruned ones; default: every linear layer of the layer). Each fitted layer's ``BlockReport`` goes to the
+    walk's ``WalkContext.blocks``, in order (checkpointed with the layer).
     """
 
     def __init__(
@@ -395,7 +395,6 @@ class ReconstructionSteps:
         check_fit_options(steps, lr)
         self.mode, self.steps, self.lr = mode, steps, lr
         self._modules = modules or _every_linear
-        self.reports: list[BlockReport] = []
         self.before = _Step(self, after=False)
         self.after = _Step(self, after=True)
         self._dense: nn.Module | None = None  # sublayer: the dense layer
@@ -465,5 +464,4 @@ class ReconstructionSteps:
             self._dense = None
             del objective, targets
         report.layer = context.index
-        self.reports.append(report)
-        walk.blocks.append(report)  # the walk's record, checkpointed with each layer
+        walk.blocks.append(report)

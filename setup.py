@@ -7,7 +7,7 @@ import sys
 from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-pthread"]
-links = [] if sys.platform == "win32" else ["-pthread"]
+links = [] if sys.platform == "win32" else ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else [])
 
 setup(
     ext_modules=[

@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")
     grids = "owl, refine, reconstruct, combine, swaps, ablation or targets"
     parser.add_argument("--grid", required=True, help=grids)
-    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {', '.join(PATTERNS)}")
+    names = ", ".join(PATTERNS).replace("%", "%%")  # argparse formats help text with %
+    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {names}")
     parser.add_argument("--only", default="", help="run only settings whose name contains this")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

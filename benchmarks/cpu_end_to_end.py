@@ -478,6 +478,12 @@ def main() -> None:
         help=f"force the kernels' code path ({cpu_kernels.ISA_VARIABLE})",
     )
     parser.add_argument(
+        "--thread-backend",
+        choices=cpu_kernels.THREAD_BACKENDS,
+        default=None,
+        help=f"force where the kernels' threads come from ({cpu_kernels.THREADS_VARIABLE})",
+    )
+    parser.add_argument(
         "--cli",
         action="store_true",
         help="also the embedded prunings through llmprune prune and llmprune bench",
@@ -516,7 +522,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    select_isa(args.isa)
+    select_isa(args.isa, args.thread_backend)
     info = machine_info()
     started = time.perf_counter()
     result: dict = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "json"}}

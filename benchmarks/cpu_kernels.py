@@ -121,6 +121,7 @@ def machine_info() -> dict:
         "caches": caches,
         "isa": cpu_kernels.isa(),
         "isa_forced": os.environ.get(cpu_kernels.ISA_VARIABLE) or None,
+        "thread_backend": cpu_kernels.thread_backend(),
         "native_problem": cpu_kernels.native_problem(),
         "torch_parallel": next((line for line in parallel if line.startswith("ATen parallel backend")), ""),
         **library_versions(),
@@ -138,7 +139,7 @@ def print_machine(info: dict) -> None:
         f"caches per core: {caches or 'unknown'}"
     )
     forced = f" (forced by {cpu_kernels.ISA_VARIABLE})" if info["isa_forced"] else ""
-    print(f"- kernels: {info['isa']}{forced}; {info['torch_parallel']}")
+    print(f"- kernels: {info['isa']}{forced}, threads on {info['thread_backend']}; {info['torch_parallel']}")
     print(
         f"- llmprune {info['llmprune']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"Python {info['python']}"
@@ -150,13 +151,17 @@ def print_machine(info: dict) -> None:
         )
 
 
-def select_isa(forced: str | None) -> None:
-    """Force the kernels' instruction set (``LLMPRUNE_CPU_KERNEL``) and choose it again."""
+def select_isa(forced: str | None, thread_backend: str | None = None) -> None:
+    """Force the kernels' instruction set (``LLMPRUNE_CPU_KERNEL``) and thread backend
+    (``LLMPRUNE_CPU_THREADS``) and choose them again."""
     if forced:
         os.environ[cpu_kernels.ISA_VARIABLE] = forced
+    if thread_backend:
+        os.environ[cpu_kernels.THREADS_VARIABLE] = thread_backend
     cpu_kernels.reset_isa()
     try:
         cpu_kernels.isa()  # a bad or unsupported value fails here, before any measurement
+        cpu_kernels.thread_backend()
     except UsageError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -520,6 +525,12 @@ def main() -> None:
         default=None,
         help=f"force the kernels' code path ({cpu_kernels.ISA_VARIABLE})",
     )
+    parser.add_argument(
+        "--thread-backend",
+        choices=cpu_kernels.THREAD_BACKENDS,
+        default=None,
+        help=f"force where the kernels' threads come from ({cpu_kernels.THREADS_VARIABLE})",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write everything here")
     parser.add_argument(
         "--plot",
@@ -530,7 +541,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few small cases, short samples")
     args = parser.parse_args()
 
-    select_isa(args.isa)
+    select_isa(args.isa, args.thread_backend)
     quick = args.quick
     shapes = args.shapes or (QUICK_SHAPES if quick else LARGE + SMOLLM2)
     repeats = args.repeats or (3 if quick else 15)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from conftest import relative_error
 from llmprune.errors import UsageError
-from llmprune.inference import cpu_kernels
+from llmprune.inference import cpu_kernels, sparse_linear
 from llmprune.inference.sparse_linear import SPARSE_TOKENS, SparseLinear
 
 native = pytest.importorskip("llmprune._sparse_cpu", reason="the compiled CPU kernels are not built")
@@ -36,12 +36,25 @@ def isa(request, monkeypatch):
     cpu_kernels.reset_isa()
 
 
-@pytest.fixture(params=[1, 2, 3])
-def threads(request):
+THREAD_BACKENDS = native.thread_backends()
+
+
+@pytest.fixture(params=[(1, "pool"), (2, "pool"), (3, "pool"), (2, "openmp"), (3, "openmp")],
+                ids=["1", "2-pool", "3-pool", "2-openmp", "3-openmp"])
+def threads(request, monkeypatch):
+    """Thread counts on each thread backend, forced as a user would (skipped where there is no OpenMP)."""
+    count, backend = request.param
+    if backend not in THREAD_BACKENDS:
+        pytest.skip(f"no OpenMP runtime in this process (backends: {', '.join(THREAD_BACKENDS)})")
+    monkeypatch.setenv(cpu_kernels.THREADS_VARIABLE, backend)
+    cpu_kernels.reset_isa()
+    assert cpu_kernels.thread_backend() == backend
     before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
+    torch.set_num_threads(count)
+    yield count
     torch.set_num_threads(before)
+    monkeypatch.delenv(cpu_kernels.THREADS_VARIABLE)
+    cpu_kernels.reset_isa()
 
 
 def sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -117,6 +130,21 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
     assert module.dense_weight().equal(linear.weight.detach())
 
 
+@pytest.mark.parametrize("rows,cols", [(203, 96), (96, 203)])
+def test_prefill_in_panels_of_rows_matches_linear(isa, monkeypatch, rows, cols):
+    monkeypatch.setattr(sparse_linear, "PANEL_BYTES", 40 * cols)  # panels of 10 rows, the last one short
+    linear = torch.nn.Linear(cols, rows)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(rows, cols, 0.5, seed=5))
+    module = SparseLinear.from_dense(linear.weight, linear.bias)
+    assert sparse_linear.panel_rows(module.weight_layout) == (10 if cols <= rows else rows)
+    x = torch.randn(3, 30, cols)
+    with torch.no_grad():
+        assert relative_error(module(x), linear(x)) <= 1e-5
+    block = cpu_kernels.row_block(module.weight_layout, 7, 19)
+    assert torch.equal(cpu_kernels.to_dense(block), linear.weight.detach()[7:19])
+
+
 def test_two_python_threads_calling_at_once_get_their_own_results(threads):
     weights = [sparse_weight(700, 300, 0.5, seed=s) for s in range(2)]
     layouts = [cpu_kernels.from_dense(w) for w in weights]
@@ -143,10 +171,10 @@ def test_a_forked_child_runs_the_threaded_kernels(tmp_path):
         "torch.set_num_threads(2)\n"
         "w = torch.randn(2000, 300); w[w.abs() < 0.7] = 0\n"
         "layout = k.from_dense(w); x = torch.randn(4, 300)\n"
-        "expected = k.matmul(layout, x)\n"  # the parent's pool is started
+        "expected = k.matmul(layout, x)\n"  # the parent's threads are started
         "pid = os.fork()\n"
-        "if pid == 0:\n"  # only the kernels in the child: torch's own OpenMP pool is not fork-safe
-        "    os._exit(0 if k.matmul(layout, x).equal(expected) else 1)\n"
+        "if pid == 0:\n"  # only the kernels in the child: torch's own OpenMP team is not fork-safe
+        "    os._exit(0 if k.matmul(layout, x).equal(expected) and k.thread_backend() == 'pool' else 1)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
     )
@@ -161,6 +189,23 @@ def test_the_best_supported_path_is_the_default(monkeypatch):
     cpu_kernels.reset_isa()
     assert cpu_kernels.isa() == SUPPORTED[0]
     assert SUPPORTED[-1] == "portable"
+
+
+def test_torchs_openmp_team_is_the_default_thread_backend(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.THREADS_VARIABLE, raising=False)
+    cpu_kernels.reset_isa()
+    assert cpu_kernels.thread_backend() == THREAD_BACKENDS[0]
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert THREAD_BACKENDS == ["openmp", "pool"]
+
+
+def test_forcing_an_unknown_thread_backend_is_one_line(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.THREADS_VARIABLE, "tbb")
+    cpu_kernels.reset_isa()
+    with pytest.raises(UsageError, match="CPU_THREADS='tbb': expected one of openmp, pool"):
+        cpu_kernels.thread_backend()
+    monkeypatch.delenv(cpu_kernels.THREADS_VARIABLE)
+    cpu_kernels.reset_isa()
 
 
 def test_forcing_an_unknown_or_unsupported_path_is_one_line(monkeypatch):
@@ -218,12 +263,18 @@ def test_the_compiled_packing_matches_the_layout_of_first_principles(threads, dt
     assert layout.values.numel() == int(bits.sum()) + cpu_kernels.PAD
 
 
-def test_the_openmp_spin_note_follows_threads_and_the_wait_policy(monkeypatch):
+def test_the_openmp_spin_note_follows_backend_threads_and_the_wait_policy(monkeypatch):
     if "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch here does not run on OpenMP")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.setenv(cpu_kernels.THREADS_VARIABLE, "openmp")
+        cpu_kernels.reset_isa()
+        assert cpu_kernels.thread_contention() is None  # on torch's own team nothing competes
+        monkeypatch.setenv(cpu_kernels.THREADS_VARIABLE, "pool")
+        cpu_kernels.reset_isa()
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         assert "OMP_WAIT_POLICY=PASSIVE" in cpu_kernels.thread_contention()
         monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
@@ -233,3 +284,5 @@ def test_the_openmp_spin_note_follows_threads_and_the_wait_policy(monkeypatch):
         assert cpu_kernels.thread_contention() is None
     finally:
         torch.set_num_threads(before)
+        monkeypatch.delenv(cpu_kernels.THREADS_VARIABLE, raising=False)
+        cpu_kernels.reset_isa()

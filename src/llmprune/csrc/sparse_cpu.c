@@ -10,7 +10,8 @@
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
  *
  * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
- * time; threads over output rows from a small pthread pool (no OpenMP: PyTorch ships its own runtime).
+ * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
+ * libraries, not linked) or else a small pthread pool of our own.
  * The caller pads each input row to row_bytes * 8 readable floats, so vector loads never leave x.
  */
 #define PY_SSIZE_T_CLEAN
@@ -26,6 +27,7 @@
 
 #if !defined(_WIN32)
 #define LLMPRUNE_THREADS 1
+#include <dlfcn.h>
 #include <pthread.h>
 #endif
 
@@ -449,6 +451,10 @@ static RowsFn dense_fn(void) {
 
 #define MAX_THREADS 256
 
+enum { THREADS_POOL = 0, THREADS_OPENMP = 1 };
+static const char *THREADS_NAMES[] = {"pool", "openmp"};
+static int threads_selected = THREADS_POOL; /* where run_rows sends the rows (see below) */
+
 #ifdef LLMPRUNE_THREADS
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
@@ -510,7 +516,56 @@ static void reset_pool_in_child(void) {
     pool_size = 0;
     generation = 0;
     remaining = 0;
+    threads_selected = THREADS_POOL; /* an OpenMP team does not survive fork (libgomp's never did) */
 }
+#endif
+
+/* ---------------------------------------------------------------- the process's OpenMP team ----------
+ * PyTorch's CPU build runs its operators on an OpenMP thread team, whose threads keep spinning for a while
+ * after each operator (OMP_WAIT_POLICY). Threads of our own would then compete with them for the same
+ * cores; handing the rows to that same team instead makes the spinning threads pick the work up at once.
+ * The runtime is found among the libraries already loaded (never loaded, never linked: no second runtime,
+ * no coupling to a torch build) through the GOMP entry points that libgomp, LLVM's libomp and Intel's
+ * libiomp5 all export. Without one, the pthread pool above does the work. */
+#ifdef LLMPRUNE_THREADS
+typedef void (*GompParallel)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*OmpQuery)(void);
+static GompParallel gomp_parallel;
+static OmpQuery omp_thread_num, omp_num_threads;
+static const char *OPENMP_LIBRARIES[] = {"libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so",
+                                         "libomp.dylib", "libiomp5.dylib"};
+
+static int find_openmp(void) {
+    if (gomp_parallel) return 1;
+    for (size_t i = 0; i < sizeof OPENMP_LIBRARIES / sizeof *OPENMP_LIBRARIES; i++) {
+        void *library = dlopen(OPENMP_LIBRARIES[i], RTLD_LAZY | RTLD_NOLOAD);
+        if (!library) continue;
+        GompParallel parallel = (GompParallel)dlsym(library, "GOMP_parallel");
+        OmpQuery number = (OmpQuery)dlsym(library, "omp_get_thread_num");
+        OmpQuery count = (OmpQuery)dlsym(library, "omp_get_num_threads");
+        if (parallel && number && count) {
+            omp_thread_num = number;
+            omp_num_threads = count;
+            gomp_parallel = parallel;
+            return 1;
+        }
+        dlclose(library);
+    }
+    return 0;
+}
+
+typedef struct {
+    RowsFn fn;
+    const Job *job;
+} TeamTask;
+
+/* Each member of the team takes its share of the rows (the team may be smaller than asked). */
+static void team_part(void *data) {
+    const TeamTask *task = (const TeamTask *)data;
+    run_part(task->fn, task->job, omp_thread_num(), omp_num_threads());
+}
+#else
+static int find_openmp(void) { return 0; }
 #endif
 
 /* Work below this many multiply-adds runs on the calling thread: waking workers costs more. */
@@ -524,6 +579,11 @@ static void run_rows(RowsFn fn, const Job *job, int threads, int64_t work) {
         return;
     }
 #ifdef LLMPRUNE_THREADS
+    if (threads_selected == THREADS_OPENMP) {
+        TeamTask task = {fn, job};
+        gomp_parallel(team_part, &task, (unsigned)threads, 0);
+        return;
+    }
     pthread_mutex_lock(&call_lock);
     pthread_mutex_lock(&pool_lock);
     threads = grow_pool(threads - 1) + 1;
@@ -658,6 +718,31 @@ static PyObject *py_select(PyObject *self, PyObject *name) {
 
 static PyObject *py_selected(PyObject *self, PyObject *unused) { return PyUnicode_FromString(ISA_NAMES[selected]); }
 
+static PyObject *py_thread_backends(PyObject *self, PyObject *unused) {
+    return find_openmp() ? Py_BuildValue("[ss]", THREADS_NAMES[THREADS_OPENMP], THREADS_NAMES[THREADS_POOL])
+                         : Py_BuildValue("[s]", THREADS_NAMES[THREADS_POOL]);
+}
+
+static PyObject *py_select_threads(PyObject *self, PyObject *name) {
+    const char *text = PyUnicode_AsUTF8(name);
+    if (!text) return NULL;
+    for (int backend = THREADS_POOL; backend <= THREADS_OPENMP; backend++) {
+        if (strcmp(text, THREADS_NAMES[backend]) != 0) continue;
+        if (backend == THREADS_OPENMP && !find_openmp()) {
+            PyErr_SetString(PyExc_ValueError, "no OpenMP runtime is loaded in this process");
+            return NULL;
+        }
+        threads_selected = backend;
+        Py_RETURN_NONE;
+    }
+    PyErr_Format(PyExc_ValueError, "unknown thread backend %s", text);
+    return NULL;
+}
+
+static PyObject *py_selected_threads(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(THREADS_NAMES[threads_selected]);
+}
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
@@ -666,6 +751,9 @@ static PyMethodDef methods[] = {
     {"supported", py_supported, METH_NOARGS, "instruction sets this CPU runs, best first"},
     {"select", py_select, METH_O, "use the kernels of one instruction set"},
     {"selected", py_selected, METH_NOARGS, "the instruction set in use"},
+    {"thread_backends", py_thread_backends, METH_NOARGS, "thread backends available here, best first"},
+    {"select_threads", py_select_threads, METH_O, "run the rows on 'openmp' (the process's team) or 'pool'"},
+    {"selected_threads", py_selected_threads, METH_NOARGS, "the thread backend in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,7 +11,9 @@ The multiplication (``matmul``) and the expansion back to a dense matrix (``to_d
 ``llmprune._sparse_cpu`` (C, ``csrc/sparse_cpu.c``): one code path per instruction set, picked at run time
 from the CPU's features (AVX-512 with VBMI2's expand instructions, AVX2 + FMA, portable C), or forced with
 ``LLMPRUNE_CPU_KERNEL=avx512|avx2|portable``; threads over output rows, as many as
-``torch.get_num_threads()``. Memory traffic per weight falls from 4 bytes (float32) to
+``torch.get_num_threads()``, on the OpenMP team torch itself runs on (whose threads are already awake
+after torch's operators) or, without one or with ``LLMPRUNE_CPU_THREADS=pool``, on a pthread pool of
+the module's own. Memory traffic per weight falls from 4 bytes (float32) to
 ``4 * density + 1/8``: decoding a few tokens, which reads every weight once per token, speeds up by as much.
 """
 
@@ -31,6 +33,8 @@ PAD = 64
 """Zero values after the last row: the kernels may load a full vector past a row's last value."""
 ISA_VARIABLE = "LLMPRUNE_CPU_KERNEL"
 ISAS = ("avx512", "avx2", "portable")
+THREADS_VARIABLE = "LLMPRUNE_CPU_THREADS"
+THREAD_BACKENDS = ("openmp", "pool")
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
 REINSTALL = "pip install --force-reinstall --no-deps -e ."
 
@@ -116,11 +120,17 @@ def to_dense(weight: BitmaskWeight, out: torch.Tensor | None = None) -> torch.Te
     if native is None:
         bits = _bits(weight)
         dense.zero_()
-        dense[bits] = weight.values[: weight.nnz]
+        dense[bits] = weight.values[int(weight.offsets[0]) : weight.nnz]
         return dense
     native.to_dense(*_pointers(weight), dense.data_ptr(), weight.rows, weight.cols, _code(weight.dtype),
                     threads())
     return dense
+
+
+def row_block(weight: BitmaskWeight, first: int, last: int) -> BitmaskWeight:
+    """Rows ``first .. last - 1`` of a weight, as a view (the offsets still index the whole values)."""
+    return BitmaskWeight(last - first, weight.cols, weight.values, weight.mask[first:last],
+                         weight.offsets[first : last + 1])
 
 
 def matmul(weight: BitmaskWeight, x: torch.Tensor) -> torch.Tensor:
@@ -178,11 +188,13 @@ def threads() -> int:
 
 
 def thread_contention() -> str | None:
-    """A note when torch's OpenMP threads will compete with the kernels' threads: by default they spin
-    for a while after each torch operation, on the cores the kernels' threads then need (measured: a
-    layer called right after a parallel torch operation took twice as long). ``OMP_WAIT_POLICY=PASSIVE``,
-    set before Python starts, makes them sleep instead."""
+    """A note when torch's OpenMP threads will compete with the kernels' own pool: by default they spin
+    for a while after each torch operation, on the cores the pool's threads then need (measured: a layer
+    called right after a parallel torch operation took twice as long). ``OMP_WAIT_POLICY=PASSIVE``, set
+    before Python starts, makes them sleep instead. On torch's own team (the default) nothing competes."""
     if threads() < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    if thread_backend() != "pool":
         return None
     if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         return None
@@ -208,6 +220,7 @@ def _native():
             _MODULE = None
         else:
             _sparse_cpu.select(_wanted_isa(_sparse_cpu))
+            _sparse_cpu.select_threads(_wanted_threads(_sparse_cpu))
             _MODULE = _sparse_cpu
             _check_selected(_sparse_cpu)
     return _MODULE
@@ -222,6 +235,18 @@ def _wanted_isa(module) -> str:
         raise UsageError(f"{ISA_VARIABLE}={forced!r}: expected one of {', '.join(ISAS)}")
     if forced not in supported:
         raise UsageError(f"{ISA_VARIABLE}={forced}: this CPU supports only {', '.join(supported)}")
+    return forced
+
+
+def _wanted_threads(module) -> str:
+    forced = os.environ.get(THREADS_VARIABLE, "").strip().lower()
+    available = module.thread_backends()
+    if not forced:
+        return available[0]
+    if forced not in THREAD_BACKENDS:
+        raise UsageError(f"{THREADS_VARIABLE}={forced!r}: expected one of {', '.join(THREAD_BACKENDS)}")
+    if forced not in available:
+        raise UsageError(f"{THREADS_VARIABLE}={forced}: no OpenMP runtime is loaded in this process")
     return forced
 
 
@@ -268,7 +293,15 @@ def isa() -> str:
     return "reference" if native is None else native.selected()
 
 
+def thread_backend() -> str:
+    """Where the kernels' threads come from: 'openmp' (torch's team), 'pool' (their own), or 'reference'
+    when the compiled module is missing."""
+    native = _native()
+    return "reference" if native is None else native.selected_threads()
+
+
 def reset_isa() -> None:
-    """Choose the instruction set again (after ``LLMPRUNE_CPU_KERNEL`` changed)."""
+    """Choose the instruction set and thread backend again (after ``LLMPRUNE_CPU_KERNEL`` or
+    ``LLMPRUNE_CPU_THREADS`` changed)."""
     global _LOADED
     _LOADED = False

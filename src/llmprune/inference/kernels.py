@@ -70,13 +70,18 @@ class SparseKernelsReport:
     isa: str | None = None
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    thread_backend: str | None = None
+    """Where the CPU kernels' threads come from: 'openmp' (torch's own team) or 'pool' (their own)."""
     """What may slow the kernels on this machine (``cpu_kernels.thread_contention``)."""
 
     @property
     def kernels(self) -> str:
-        """'sparse kernels on cpu (avx2, 2 threads)' or '2:4 sparse kernels (cutlass)'."""
+        """'sparse kernels on cpu (avx2, 2 openmp threads)' or '2:4 sparse kernels (cutlass)'."""
         if self.backend == "cpu":
-            threads = f"{self.threads} thread" + ("" if self.threads == 1 else "s")
+            if self.threads == 1:
+                threads = "1 thread"
+            else:
+                threads = " ".join(filter(None, (str(self.threads), self.thread_backend, "threads")))
             return f"sparse kernels on cpu ({self.isa}, {threads})"
         return f"2:4 sparse kernels ({self.backend})"
 
@@ -92,7 +97,8 @@ class SparseKernelsReport:
         """An empty report for the CPU kernels: the instruction set and threads they run with, and what may
         slow them here."""
         note = cpu_kernels.thread_contention()
-        return cls("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads(), notes=[note] if note else [])
+        return cls("cpu", isa=cpu_kernels.isa(), threads=cpu_kernels.threads(), notes=[note] if note else [],
+                   thread_backend=cpu_kernels.thread_backend())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseKernelsReport:

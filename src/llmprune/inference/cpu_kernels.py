@@ -226,28 +226,27 @@ def _native():
     return _MODULE
 
 
-def _wanted_isa(module) -> str:
-    forced = os.environ.get(ISA_VARIABLE, "").strip().lower()
-    supported = module.supported()
+def _wanted(variable: str, names: tuple[str, ...], available: list[str], unavailable: str) -> str:
+    """The choice forced by environment ``variable`` (one of ``names``), else the best ``available``
+    one; a forced choice that is unknown or not available here is a one-line usage error."""
+    forced = os.environ.get(variable, "").strip().lower()
     if not forced:
-        return supported[0]
-    if forced not in ISAS:
-        raise UsageError(f"{ISA_VARIABLE}={forced!r}: expected one of {', '.join(ISAS)}")
-    if forced not in supported:
-        raise UsageError(f"{ISA_VARIABLE}={forced}: this CPU supports only {', '.join(supported)}")
+        return available[0]
+    if forced not in names:
+        raise UsageError(f"{variable}={forced!r}: expected one of {', '.join(names)}")
+    if forced not in available:
+        raise UsageError(f"{variable}={forced}: {unavailable}")
     return forced
+
+
+def _wanted_isa(module) -> str:
+    supported = module.supported()
+    return _wanted(ISA_VARIABLE, ISAS, supported, f"this CPU supports only {', '.join(supported)}")
 
 
 def _wanted_threads(module) -> str:
-    forced = os.environ.get(THREADS_VARIABLE, "").strip().lower()
-    available = module.thread_backends()
-    if not forced:
-        return available[0]
-    if forced not in THREAD_BACKENDS:
-        raise UsageError(f"{THREADS_VARIABLE}={forced!r}: expected one of {', '.join(THREAD_BACKENDS)}")
-    if forced not in available:
-        raise UsageError(f"{THREADS_VARIABLE}={forced}: no OpenMP runtime is loaded in this process")
-    return forced
+    return _wanted(THREADS_VARIABLE, THREAD_BACKENDS, module.thread_backends(),
+                   "no OpenMP runtime is loaded in this process")
 
 
 def _check_selected(module) -> None:

@@ -70,9 +70,9 @@ class SparseKernelsReport:
     isa: str | None = None
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    """What may slow the kernels on this machine (``cpu_kernels.thread_contention``)."""
     thread_backend: str | None = None
     """Where the CPU kernels' threads come from: 'openmp' (torch's own team) or 'pool' (their own)."""
-    """What may slow the kernels on this machine (``cpu_kernels.thread_contention``)."""
 
     @property
     def kernels(self) -> str:

@@ -13,6 +13,9 @@ SparseGPT cell of the same pattern measured in the same invocation.
     python benchmarks/beyond.py tune --grid owl --out benchmarks/out/beyond_tune_owl.json
     python benchmarks/beyond.py run --grid targets --out benchmarks/out/beyond_targets.json
     python benchmarks/beyond.py run --grid ablation --out benchmarks/out/beyond_ablation.json
+    python benchmarks/beyond.py plot benchmarks/out/beyond_*.json --out docs/beyond_perplexity.png
+
+``plot`` draws the evaluation perplexities of finished runs against sparsity, with the sweep's figure.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def _grid(name: str, patterns: list[str]) -> list[tuple[str, str, dict[str, Any]
             settings[f"{method} + reconstruct"] = {**plain, **reconstruct}
             settings[f"{method} + owl"] = {**plain, "schedule": "owl"}
         settings["wanda + resolve + reconstruct"] = {"method": "wanda", **resolve, **reconstruct}
+        settings["best"] = {"preset": "best"}  # everything combined
         settings = {"sparsegpt": settings.pop("sparsegpt"), **settings}  # the baseline first
     elif name == "targets":
         settings = {"sparsegpt": {"method": "sparsegpt"}, "best": {"preset": "best"}}
@@ -103,14 +107,57 @@ def _perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return llmprune.perplexity(model, windows, seqlen=windows.shape[1])
 
 
+def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
+    """The evaluation perplexity of every (pattern, setting) cell in ``paths`` (a later file's cell replaces
+    an earlier one's), as the sweep draws it: a line per setting over sparsity, a marker per N:M pattern."""
+    from llmprune.sweeps.report import perplexity_figure
+
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    dense = None
+    for path in paths:
+        results = json.loads(path.read_text())
+        dense = results["dense"].get("evaluation", dense)
+        for cell in results["cells"]:
+            if "evaluation" in cell and (not settings or cell["setting"] in settings):
+                cells[cell["pattern"], cell["setting"]] = cell
+    records = [
+        {
+            "method": setting,
+            "pattern": "unstructured" if pattern.endswith("%") else pattern,
+            "target_sparsity": float(pattern[:-1]) / 100 if pattern.endswith("%") else 0.5,
+            "perplexity": cell["evaluation"],
+        }
+        for (pattern, setting), cell in cells.items()
+    ]
+    if not records:
+        raise SystemExit("no cell with an evaluation perplexity in these files")
+    order = {setting: i for i, setting in enumerate(settings)}
+    records.sort(key=lambda r: order.get(r["method"], len(order)))
+    figure = perplexity_figure(records, dense)
+    figure.axes[0].set_title("Perplexity against sparsity: reference methods and what goes beyond them")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"{len(records)} cells -> {out}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["plot"]:
+        plot = argparse.ArgumentParser(description="plot finished runs' evaluation perplexities")
+        plot.add_argument("mode", choices=["plot"])
+        plot.add_argument("inputs", type=Path, nargs="+", help="JSON files written by run")
+        plot.add_argument("--settings", default="", help="comma-separated settings to draw (default: all)")
+        plot.add_argument("--out", type=Path, required=True, help="the PNG to write")
+        args = plot.parse_args()
+        _plot(args.inputs, [part for part in args.settings.split(",") if part], args.out)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")
     grids = "owl, refine, reconstruct, combine, swaps, ablation or targets"
     parser.add_argument("--grid", required=True, help=grids)
     names = ", ".join(PATTERNS).replace("%", "%%")  # argparse formats help text with %
     parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {names}")
-    parser.add_argument("--only", default="", help="run only settings whose name contains this")
+    only = "run only settings whose name contains one of these comma-separated strings (and the baseline)"
+    parser.add_argument("--only", default="", help=only)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -131,7 +178,8 @@ def main() -> None:
     print(json.dumps(results["dense"]), flush=True)
     baseline: dict[str, float] = {}
     for pattern, setting, options in _grid(args.grid, args.patterns.split(",")):
-        if args.only and args.only not in setting and setting != "sparsegpt":
+        wanted = [part for part in args.only.split(",") if part]
+        if wanted and setting != "sparsegpt" and not any(part in setting for part in wanted):
             continue
         model.load_state_dict(dense_state)
         start = time.perf_counter()

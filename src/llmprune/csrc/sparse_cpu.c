@@ -109,6 +109,30 @@ static inline float value_at(const Job *job, int64_t k) {
 
 #define TOKEN_BLOCK 8
 
+/* Software prefetch, once per mask word. Streaming a weight from memory, the row loops left the memory
+ * bus idle part of the time with the hardware prefetcher alone; asking for the values PREFETCH_BYTES ahead
+ * of where a word reads (PREFETCH_LINES cache lines: one word's values up to 75 % float32 density) and for
+ * the mask as far ahead in weights keeps it busier (docs/benchmarks.md, where the distance was chosen
+ * among 1-4 KiB). A prefetch never faults, also past the end of an array. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 3072
+#endif
+#ifndef PREFETCH_LINES
+#define PREFETCH_LINES 3
+#endif
+#define VALUE_BYTES(DT) ((DT) == DTYPE_F32 ? 4 : 2)
+
+static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at) {
+#if defined(__GNUC__)
+    const char *ahead = (const char *)values_at + PREFETCH_BYTES;
+    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch(ahead + 64 * line);
+    __builtin_prefetch(mask_at + PREFETCH_BYTES / 8);
+#else
+    (void)values_at;
+    (void)mask_at;
+#endif
+}
+
 static void matmul_portable(const Job *job, int64_t begin, int64_t end) {
     const int64_t words = job->row_bytes / 8;
     for (int64_t r = begin; r < end; r++) {
@@ -119,6 +143,7 @@ static void matmul_portable(const Job *job, int64_t begin, int64_t end) {
             int64_t k = job->offsets[r];
             for (int64_t word = 0; word < words; word++) {
                 uint64_t w = load_word(mask + 8 * word);
+                prefetch_ahead((const char *)job->values + k * VALUE_BYTES(job->dtype), mask + 8 * word);
                 while (w) {
                     const int64_t j = 64 * word + ctz64(w);
                     const float v = value_at(job, k++);
@@ -141,6 +166,7 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
         memset(row, 0, (size_t)job->cols * item);
         for (int64_t word = 0; word < words; word++) {
             uint64_t w = load_word(mask + 8 * word);
+            prefetch_ahead(values, mask + 8 * word);
             while (w) {
                 memcpy(row + (size_t)(64 * word + ctz64(w)) * item, values, item);
                 values += item;
@@ -264,6 +290,7 @@ AVX2 static inline float hsum_avx2(__m256 v) {
         const int64_t words = job->row_bytes / 8;                                                           \
         for (int64_t word = 0; word < words; word++) {                                                      \
             const uint64_t w = load_word(mask + 8 * word);                                                  \
+            prefetch_ahead((const char *)values + k * VALUE_BYTES(DT), mask + 8 * word);                    \
             if (!w) continue;                                                                               \
             const uint64_t before = byte_prefix_counts(w);                                                  \
             _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
@@ -319,6 +346,7 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
         int64_t k = job->offsets[r];
         for (int64_t word = 0; word < full; word++) {
             const uint64_t w = load_word(mask + 8 * word);
+            prefetch_ahead((const float *)job->values + k, mask + 8 * word);
             for (int b = 0; b < 8; b++) {
                 const uint64_t below = b ? (w & ((1ULL << (8 * b)) - 1)) : 0;
                 _mm256_storeu_ps(row + 64 * word + 8 * b,
@@ -358,6 +386,7 @@ AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsig
         const int64_t words = job->row_bytes / 8;                                                           \
         for (int64_t word = 0; word < words; word++) {                                                      \
             const uint64_t w = load_word(mask + 8 * word);                                                  \
+            prefetch_ahead((const char *)values + k * VALUE_BYTES(DT), mask + 8 * word);                    \
             if (!w) continue;                                                                               \
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
                 const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;                              \
@@ -403,6 +432,7 @@ AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
         int64_t k = job->offsets[r];
         for (int64_t word = 0; word < full; word++) {
             const uint64_t w = load_word(mask + 8 * word);
+            prefetch_ahead((const float *)job->values + k, mask + 8 * word);
             for (int c = 0; c < 4; c++) {
                 const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;
                 _mm512_storeu_ps(row + 64 * word + 16 * c,

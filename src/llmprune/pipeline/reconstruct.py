@@ -216,7 +216,7 @@ index), which costs a quarter of a pass each instead of two whole passes over th
 
 
 @torch.no_grad()
-def layer_error(
+def block_error(
     layer: nn.Module,
     inputs: Sequence[torch.Tensor],
     calls: Sequence[LayerCall],
@@ -277,7 +277,7 @@ def fit_layer(
     trained = _Trained(layer, modules)
     with _frozen(layer):
         every = ERROR_EVERY  # read at call time (the tests measure on every batch)
-        before = layer_error(layer, inputs, calls, objective, comm, first_batch, every)
+        before = block_error(layer, inputs, calls, objective, comm, first_batch, every)
         if not math.isfinite(before):
             return BlockReport(before, before, 0, "the error before fitting is not finite")
         optimiser = torch.optim.Adam(trained.masters, lr=lr)
@@ -311,7 +311,7 @@ def fit_layer(
         del optimiser
         if reason is None:
             trained.write_back()
-            after = layer_error(layer, inputs, calls, objective, comm, first_batch, every)
+            after = block_error(layer, inputs, calls, objective, comm, first_batch, every)
             if not math.isfinite(after):
                 reason = "the error after fitting is not finite"
             elif after > before:

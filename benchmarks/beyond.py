@@ -14,8 +14,10 @@ SparseGPT cell of the same pattern measured in the same invocation.
     python benchmarks/beyond.py run --grid targets --out benchmarks/out/beyond_targets.json
     python benchmarks/beyond.py run --grid ablation --out benchmarks/out/beyond_ablation.json
     python benchmarks/beyond.py plot benchmarks/out/beyond_*.json --out docs/beyond_perplexity.png
+    python benchmarks/beyond.py table benchmarks/out/beyond_ablation*.json
 
-``plot`` draws the evaluation perplexities of finished runs against sparsity, with the sweep's figure.
+``plot`` draws the evaluation perplexities of finished runs against sparsity (the sweep's figure); ``table``
+prints them as Markdown with the held-out perplexities and prune-time ratios.
 """
 
 from __future__ import annotations
@@ -107,11 +109,9 @@ def _perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return llmprune.perplexity(model, windows, seqlen=windows.shape[1])
 
 
-def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
-    """The evaluation perplexity of every (pattern, setting) cell in ``paths`` (a later file's cell replaces
-    an earlier one's), as the sweep draws it: a line per setting over sparsity, a marker per N:M pattern."""
-    from llmprune.sweeps.report import perplexity_figure
-
+def _finished(paths: list[Path], settings: list[str]) -> tuple[dict[tuple[str, str], dict[str, Any]], Any]:
+    """Every (pattern, setting) cell with an evaluation perplexity in ``paths`` (a later file's cell replaces
+    an earlier one's), and the dense evaluation perplexity."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     dense = None
     for path in paths:
@@ -120,6 +120,17 @@ def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
         for cell in results["cells"]:
             if "evaluation" in cell and (not settings or cell["setting"] in settings):
                 cells[cell["pattern"], cell["setting"]] = cell
+    if not cells:
+        raise SystemExit("no cell with an evaluation perplexity in these files")
+    return cells, dense
+
+
+def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
+    """The cells' evaluation perplexities as the sweep draws them: a line per setting over sparsity, a
+    marker per N:M pattern."""
+    from llmprune.sweeps.report import perplexity_figure
+
+    cells, dense = _finished(paths, settings)
     records = [
         {
             "method": setting,
@@ -129,8 +140,6 @@ def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
         }
         for (pattern, setting), cell in cells.items()
     ]
-    if not records:
-        raise SystemExit("no cell with an evaluation perplexity in these files")
     order = {setting: i for i, setting in enumerate(settings)}
     records.sort(key=lambda r: order.get(r["method"], len(order)))
     figure = perplexity_figure(records, dense)
@@ -140,15 +149,39 @@ def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
     print(f"{len(records)} cells -> {out}")
 
 
+def _table(paths: list[Path], settings: list[str]) -> None:
+    """A Markdown table: a row per setting, per pattern the evaluation perplexity, held-out perplexity and
+    prune time ÷ the same run's SparseGPT."""
+    cells, _ = _finished(paths, settings)
+    patterns = list(dict.fromkeys(pattern for pattern, _ in cells))
+    rows = settings or list(dict.fromkeys(setting for _, setting in cells))
+    print("| setting | " + " | ".join(patterns) + " |")
+    print("|---|" + "---|" * len(patterns))
+    for setting in rows:
+        values = []
+        for pattern in patterns:
+            cell = cells.get((pattern, setting))
+            ratio = cell and cell["time_ratio"]
+            values.append(f"{cell['evaluation']:.2f} / {cell['heldout']:.2f} / {ratio:.2f}×" if cell else "")
+        print(f"| {setting} | " + " | ".join(values) + " |")
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["plot"]:
-        plot = argparse.ArgumentParser(description="plot finished runs' evaluation perplexities")
-        plot.add_argument("mode", choices=["plot"])
-        plot.add_argument("inputs", type=Path, nargs="+", help="JSON files written by run")
-        plot.add_argument("--settings", default="", help="comma-separated settings to draw (default: all)")
-        plot.add_argument("--out", type=Path, required=True, help="the PNG to write")
-        args = plot.parse_args()
-        _plot(args.inputs, [part for part in args.settings.split(",") if part], args.out)
+    if sys.argv[1:2] in (["plot"], ["table"]):
+        report = argparse.ArgumentParser(description="plot or tabulate finished runs (JSON files of run)")
+        report.add_argument("mode", choices=["plot", "table"])
+        report.add_argument("inputs", type=Path, nargs="+", help="JSON files written by run")
+        settings_help = "comma-separated settings, in order (default: all)"
+        report.add_argument("--settings", default="", help=settings_help)
+        report.add_argument("--out", type=Path, help="plot: the PNG to write")
+        args = report.parse_args()
+        settings = [part for part in args.settings.split(",") if part]
+        if args.mode == "table":
+            _table(args.inputs, settings)
+        elif args.out is None:
+            report.error("plot needs --out")
+        else:
+            _plot(args.inputs, settings, args.out)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")

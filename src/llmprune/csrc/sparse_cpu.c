@@ -124,9 +124,10 @@ static inline float value_at(const Job *job, int64_t k) {
 
 static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at) {
 #if defined(__GNUC__)
-    const char *ahead = (const char *)values_at + PREFETCH_BYTES;
-    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch(ahead + 64 * line);
-    __builtin_prefetch(mask_at + PREFETCH_BYTES / 8);
+    /* Addresses as integers: they may lie past the arrays, where pointer arithmetic is undefined. */
+    const uintptr_t ahead = (uintptr_t)values_at + PREFETCH_BYTES;
+    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch((const void *)(ahead + 64 * line));
+    __builtin_prefetch((const void *)((uintptr_t)mask_at + PREFETCH_BYTES / 8));
 #else
     (void)values_at;
     (void)mask_at;

@@ -34,6 +34,7 @@ import torch
 
 import llmprune
 from llmprune.config import PRESETS
+from llmprune.methods.patterns import Pattern
 
 NSAMPLES, SEQLEN, SEED, EVAL_WINDOWS, EVAL_SEQLEN = 32, 256, 0, 16, 512
 
@@ -131,15 +132,13 @@ def _plot(paths: list[Path], settings: list[str], out: Path) -> None:
     from llmprune.sweeps.report import perplexity_figure
 
     cells, dense = _finished(paths, settings)
-    records = [
-        {
-            "method": setting,
-            "pattern": "unstructured" if pattern.endswith("%") else pattern,
-            "target_sparsity": float(pattern[:-1]) / 100 if pattern.endswith("%") else 0.5,
-            "perplexity": cell["evaluation"],
-        }
-        for (pattern, setting), cell in cells.items()
-    ]
+    records = []
+    for (pattern, setting), cell in cells.items():
+        options = PATTERNS[pattern]  # what the run pruned to: a sparsity or an N:M pattern
+        nm = options.get("pattern")
+        sparsity = options["sparsity"] if nm is None else Pattern.parse(nm).implied_sparsity
+        records.append({"method": setting, "pattern": nm or "unstructured", "target_sparsity": sparsity,
+                        "perplexity": cell["evaluation"]})
     order = {setting: i for i, setting in enumerate(settings)}
     records.sort(key=lambda r: order.get(r["method"], len(order)))
     figure = perplexity_figure(records, dense)
@@ -161,38 +160,41 @@ def _table(paths: list[Path], settings: list[str]) -> None:
         values = []
         for pattern in patterns:
             cell = cells.get((pattern, setting))
-            ratio = cell and cell["time_ratio"]
-            values.append(f"{cell['evaluation']:.2f} / {cell['heldout']:.2f} / {ratio:.2f}×" if cell else "")
+            if cell is None:
+                values.append("")
+            else:
+                values.append(f"{cell['evaluation']:.2f} / {cell['heldout']:.2f} / {cell['time_ratio']:.2f}×")
         print(f"| {setting} | " + " | ".join(values) + " |")
 
 
 def main() -> None:
-    if sys.argv[1:2] in (["plot"], ["table"]):
-        report = argparse.ArgumentParser(description="plot or tabulate finished runs (JSON files of run)")
-        report.add_argument("mode", choices=["plot", "table"])
-        report.add_argument("inputs", type=Path, nargs="+", help="JSON files written by run")
-        settings_help = "comma-separated settings, in order (default: all)"
-        report.add_argument("--settings", default="", help=settings_help)
-        report.add_argument("--out", type=Path, help="plot: the PNG to write")
-        args = report.parse_args()
-        settings = [part for part in args.settings.split(",") if part]
-        if args.mode == "table":
-            _table(args.inputs, settings)
-        elif args.out is None:
-            report.error("plot needs --out")
-        else:
-            _plot(args.inputs, settings, args.out)
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["tune", "run"], help="tune: held-out windows only; run: both")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    pruning = argparse.ArgumentParser(add_help=False)
     grids = "owl, refine, reconstruct, combine, swaps, ablation or targets"
-    parser.add_argument("--grid", required=True, help=grids)
+    pruning.add_argument("--grid", required=True, help=grids)
     names = ", ".join(PATTERNS).replace("%", "%%")  # argparse formats help text with %
-    parser.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {names}")
+    pruning.add_argument("--patterns", default="50%,70%,2:4", help=f"comma-separated: {names}")
     only = "run only settings whose name contains one of these comma-separated strings (and the baseline)"
-    parser.add_argument("--only", default="", help=only)
-    parser.add_argument("--out", type=Path, required=True)
+    pruning.add_argument("--only", default="", help=only)
+    pruning.add_argument("--out", type=Path, required=True, help="the JSON to write, cell by cell")
+    modes.add_parser("tune", parents=[pruning], help="held-out windows only")
+    modes.add_parser("run", parents=[pruning], help="held-out and evaluation windows")
+    finished = argparse.ArgumentParser(add_help=False)
+    finished.add_argument("inputs", type=Path, nargs="+", help="JSON files written by run")
+    finished.add_argument("--settings", default="", help="comma-separated settings, in order (default: all)")
+    plot = modes.add_parser("plot", parents=[finished], help="evaluation perplexity against sparsity")
+    plot.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    modes.add_parser("table", parents=[finished], help="a Markdown table of finished cells")
     args = parser.parse_args()
+    if args.mode in ("plot", "table"):
+        settings = [part for part in args.settings.split(",") if part]
+        if args.mode == "plot":
+            _plot(args.inputs, settings, args.out)
+        else:
+            _table(args.inputs, settings)
+        return
+    wanted = [part for part in args.only.split(",") if part]
     torch.manual_seed(0)
     model, tokenizer = llmprune.load("smollm2", "float32", "cpu"), llmprune.load_tokenizer()
     calibration = llmprune.calibration_data(tokenizer, "embedded", NSAMPLES, SEQLEN, SEED)
@@ -211,7 +213,6 @@ def main() -> None:
     print(json.dumps(results["dense"]), flush=True)
     baseline: dict[str, float] = {}
     for pattern, setting, options in _grid(args.grid, args.patterns.split(",")):
-        wanted = [part for part in args.only.split(",") if part]
         if wanted and setting != "sparsegpt" and not any(part in setting for part in wanted):
             continue
         model.load_state_dict(dense_state)

@@ -7,7 +7,8 @@ import sys
 from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-pthread"]
-links = [] if sys.platform == "win32" else ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else [])
+dl = ["-ldl"] if sys.platform.startswith("linux") else []
+links = [] if sys.platform == "win32" else ["-pthread", *dl]
 
 setup(
     ext_modules=[

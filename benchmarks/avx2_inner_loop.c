@@ -13,6 +13,10 @@
  *   no-expand   a bound, wrong results: the packed values multiplied as they are
  *   broadcast2  correct without lane crossing: two 128-bit broadcasts, two vpshufb, one or
  *   four-chains the row in 4 segments, each advancing its pointer by popcount (no prefix sums)
+ *   count-only  permute with the running count below, nothing else changed
+ *   running     the product loop since 2026-12-02: permute as above with a byte-wide table, each mask byte
+ *               read from memory and the value pointer advanced by its popcount (no prefix sums), blend
+ *               as one vblendvps
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -23,6 +27,7 @@
 #define AVX2 __attribute__((target("avx2,fma,popcnt")))
 
 static int32_t PERMUTE[256][8];   /* lane -> index of its value, INT32_MIN where the bit is clear */
+static int8_t PERMUTE8[256][8];   /* the same as bytes, INT8_MIN where the bit is clear */
 static int8_t IN_LANE[256][32];   /* vpshufb bytes within each 128-bit lane (-1: zero) */
 static int8_t BROADCAST2[256][64];/* two vpshufb tables: lanes from values 0..3, and from values 4..7 */
 
@@ -33,6 +38,7 @@ static void build_tables(void) {
             const int set = (m >> lane) & 1;
             int *half = lane < 4 ? &lo : &hi;
             PERMUTE[m][lane] = set ? k : INT32_MIN;
+            PERMUTE8[m][lane] = set ? (int8_t)k : INT8_MIN;
             for (int b = 0; b < 4; b++) {
                 IN_LANE[m][4 * lane + b] = set ? (int8_t)(4 * *half + b) : -1;
                 BROADCAST2[m][4 * lane + b] = set && k < 4 ? (int8_t)(4 * k + b) : -1;
@@ -138,6 +144,46 @@ AVX2 static void loop_four_chains(const Case *c) {
     }
 }
 
+/* permute with a running count instead of prefix sums, nothing else changed. */
+AVX2 static void loop_count_only(const Case *c) {
+    for (int64_t r = 0; r < c->rows; r++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const float *p = c->values + c->offsets[r];
+        const uint8_t *m = (const uint8_t *)(c->mask + r * c->words);
+        for (int64_t word = 0; word < c->words; word++) {
+            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {
+                const unsigned byte = m[8 * word + b];
+                acc[b % 4] = _mm256_fmadd_ps(expand(p, byte, PERMUTE_V), _mm256_loadu_ps(c->x + 64 * word + 8 * b),
+                                             acc[b % 4]);
+                p += __builtin_popcount(byte);
+            }
+        }
+        c->y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    }
+}
+
+/* The product's loop: a running count through the row, one popcount per mask byte. */
+AVX2 static void loop_running(const Case *c) {
+    for (int64_t r = 0; r < c->rows; r++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const float *p = c->values + c->offsets[r];
+        const uint8_t *m = (const uint8_t *)(c->mask + r * c->words);
+        for (int64_t word = 0; word < c->words; word++) {
+            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {
+                const unsigned byte = m[8 * word + b];
+                const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[byte]));
+                const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
+                __m256 weights;
+                __asm__("vblendvps %3, %2, %1, %0" : "=x"(weights) : "x"(placed), "x"(_mm256_setzero_ps()),
+                        "x"(_mm256_castsi256_ps(index)));
+                acc[b % 4] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(c->x + 64 * word + 8 * b), acc[b % 4]);
+                p += __builtin_popcount(byte);
+            }
+        }
+        c->y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    }
+}
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -174,10 +220,11 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < nnz; i++) values[i] = (float)rand() / RAND_MAX - 0.5f;
     for (int64_t j = 0; j < cols; j++) x[j] = (float)rand() / RAND_MAX - 0.5f;
     const Case c = {values, x, mask, offsets, y, rows, words};
-    void (*loops[])(const Case *) = {loop_permute, loop_in_lane, loop_no_expand, loop_broadcast2, loop_four_chains};
-    const char *names[] = {"permute", "in-lane (bound)", "no-expand (bound)", "broadcast2", "four-chains"};
-    const int checked[] = {1, 0, 0, 1, 1}, n = 5;
-    double best[5];
+    void (*loops[])(const Case *) = {loop_permute, loop_in_lane, loop_no_expand, loop_broadcast2, loop_four_chains,
+                                     loop_count_only, loop_running};
+    const char *names[] = {"permute", "in-lane (bound)", "no-expand (bound)", "broadcast2", "four-chains", "count-only", "running"};
+    const int checked[] = {1, 0, 0, 1, 1, 1, 1}, n = 7;
+    double best[7];
     loop_permute(&c);
     for (int64_t r = 0; r < rows; r++) want[r] = y[r];
     for (int i = 0; i < n; i++) best[i] = 1e30;

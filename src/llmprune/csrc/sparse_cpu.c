@@ -87,14 +87,6 @@ static inline int popcount64(uint64_t w) {
 #endif
 }
 
-/* For each byte i of w, the number of set bits in bytes 0 .. i-1 (byte 0: zero). */
-static inline uint64_t byte_prefix_counts(uint64_t w) {
-    uint64_t c = w - ((w >> 1) & 0x5555555555555555ULL);
-    c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
-    c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
-    return (c * 0x0101010101010101ULL) << 8;
-}
-
 static inline float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;
@@ -235,8 +227,9 @@ static void dense_row_tail(const Job *job, float *row, const uint8_t *mask, int6
 #ifdef LLMPRUNE_X86
 
 /* PERMUTE[m]: for the 8 inputs of one mask byte m, which of the next popcount(m) values each lane takes;
- * the sign bit marks lanes whose bit is clear (vpermps reads only the low 3 bits, vblendvps the sign). */
-static int32_t PERMUTE[256][8];
+ * negative for lanes whose bit is clear (vpermps reads only the low 3 bits, vblendvps the sign). Bytes,
+ * sign-extended on load: a quarter of the L1 cache lines of int32 entries, next to the row's inputs. */
+static int8_t PERMUTE[256][8];
 /* SHUFFLE16[m]: the same for bfloat16 values, as vpshufb byte indices into 8 values (16 bytes, in both
  * 128-bit halves): lane j gets its value's two bytes as the high half of a float32 (bfloat16 is the top
  * 16 bits of a float32), the low half and clear lanes zero (index -1). One shuffle expands and widens. */
@@ -247,7 +240,7 @@ static void build_tables(void) {
         int k = 0;
         for (int lane = 0; lane < 8; lane++) {
             const int set = (m >> lane) & 1;
-            PERMUTE[m][lane] = set ? k : INT32_MIN;
+            PERMUTE[m][lane] = set ? (int8_t)k : INT8_MIN;
             SHUFFLE16[m][4 * lane] = SHUFFLE16[m][4 * lane + 1] = -1;
             SHUFFLE16[m][4 * lane + 2] = set ? (int8_t)(2 * k) : -1;
             SHUFFLE16[m][4 * lane + 3] = set ? (int8_t)(2 * k + 1) : -1;
@@ -266,9 +259,14 @@ AVX2 static inline __m256 expand8_avx2(const void *values, int64_t k, unsigned m
         const __m256i shuffle = _mm256_loadu_si256((const __m256i *)SHUFFLE16[m]);
         return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(half), shuffle));
     }
-    const __m256 v = _mm256_loadu_ps((const float *)values + k);
-    const __m256i index = _mm256_loadu_si256((const __m256i *)PERMUTE[m]);
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, index), _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+    const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE[m]));
+    const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)values + k), index);
+    /* Clear lanes to zero by the index's sign: one vblendvps. Written out because GCC turns the intrinsic
+     * with a zero operand into a compare and an and-not, one more instruction in the hottest loop. */
+    __m256 weights;
+    __asm__("vblendvps %3, %2, %1, %0" : "=x"(weights) : "x"(placed), "x"(_mm256_setzero_ps()),
+            "x"(_mm256_castsi256_ps(index)));
+    return weights;
 }
 
 AVX2 static inline float hsum_avx2(__m256 v) {
@@ -293,16 +291,18 @@ AVX2 static inline float hsum_avx2(__m256 v) {
             const uint64_t w = load_word(mask + 8 * word);                                                  \
             prefetch_ahead((const char *)values + k * VALUE_BYTES(DT), mask + 8 * word);                    \
             if (!w) continue;                                                                               \
-            const uint64_t before = byte_prefix_counts(w);                                                  \
+            /* Where each byte's values start: a running count, a popcount per byte read from memory.     \
+             * Fewer instructions than unpacking prefix counts from the word, and the loop is bound by      \
+             * instructions; the one-add chain through k is not what limits it. */                          \
             _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
-                const __m256 weights = expand8_avx2(values, k + ((before >> (8 * b)) & 0xff),               \
-                                                    (unsigned)(w >> (8 * b)) & 0xff, DT);                   \
+                const unsigned m = mask[8 * word + b];                                                      \
+                const __m256 weights = expand8_avx2(values, k, m, DT);                                      \
+                k += __builtin_popcount(m);                                                                 \
                 const int64_t j = 64 * word + 8 * b;                                                        \
                 for (int t = 0; t < TB; t++)                                                                \
                     acc[t][b % A] =                                                                         \
                         _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * job->x_stride + j), acc[t][b % A]);\
             }                                                                                               \
-            k += popcount64(w);                                                                             \
         }                                                                                                   \
         for (int t = 0; t < TB; t++) {                                                                      \
             __m256 total = acc[t][0];                                                                       \
@@ -346,15 +346,12 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
         float *row = (float *)job->dense + r * job->cols;
         int64_t k = job->offsets[r];
         for (int64_t word = 0; word < full; word++) {
-            const uint64_t w = load_word(mask + 8 * word);
             prefetch_ahead((const float *)job->values + k, mask + 8 * word);
             for (int b = 0; b < 8; b++) {
-                const uint64_t below = b ? (w & ((1ULL << (8 * b)) - 1)) : 0;
-                _mm256_storeu_ps(row + 64 * word + 8 * b,
-                                 expand8_avx2(job->values, k + popcount64(below), (unsigned)(w >> (8 * b)) & 0xff,
-                                              DTYPE_F32));
+                const unsigned m = mask[8 * word + b];
+                _mm256_storeu_ps(row + 64 * word + 8 * b, expand8_avx2(job->values, k, m, DTYPE_F32));
+                k += __builtin_popcount(m);
             }
-            k += popcount64(w);
         }
         dense_row_tail(job, row, mask, full, k);
     }

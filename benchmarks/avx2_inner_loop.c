@@ -64,9 +64,17 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-enum { PERMUTE_V, IN_LANE_V, NO_EXPAND_V, BROADCAST2_V };
+enum { PERMUTE_V, IN_LANE_V, NO_EXPAND_V, BROADCAST2_V, PERMUTE8_V };
 
 AVX2 static inline __m256 expand(const float *p, unsigned m, int variant) {
+    if (variant == PERMUTE8_V) { /* the product's: byte table, one vblendvps */
+        const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[m]));
+        const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
+        __m256 weights;
+        __asm__("vblendvps %3, %2, %1, %0" : "=x"(weights) : "x"(placed), "x"(_mm256_setzero_ps()),
+                "x"(_mm256_castsi256_ps(index)));
+        return weights;
+    }
     if (variant == PERMUTE_V) {
         const __m256i index = _mm256_loadu_si256((const __m256i *)PERMUTE[m]);
         return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index), _mm256_setzero_ps(),
@@ -144,45 +152,27 @@ AVX2 static void loop_four_chains(const Case *c) {
     }
 }
 
-/* permute with a running count instead of prefix sums, nothing else changed. */
-AVX2 static void loop_count_only(const Case *c) {
-    for (int64_t r = 0; r < c->rows; r++) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        const float *p = c->values + c->offsets[r];
-        const uint8_t *m = (const uint8_t *)(c->mask + r * c->words);
-        for (int64_t word = 0; word < c->words; word++) {
-            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {
-                const unsigned byte = m[8 * word + b];
-                acc[b % 4] = _mm256_fmadd_ps(expand(p, byte, PERMUTE_V), _mm256_loadu_ps(c->x + 64 * word + 8 * b),
-                                             acc[b % 4]);
-                p += __builtin_popcount(byte);
-            }
-        }
-        c->y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+/* A running count through the row instead of prefix sums: one popcount per mask byte. */
+#define DEFINE_RUNNING_LOOP(NAME, VARIANT)                                                                 \
+    AVX2 static void NAME(const Case *c) {                                                                 \
+        for (int64_t r = 0; r < c->rows; r++) {                                                            \
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+            const float *p = c->values + c->offsets[r];                                                    \
+            const uint8_t *m = (const uint8_t *)(c->mask + r * c->words);                                  \
+            for (int64_t word = 0; word < c->words; word++) {                                              \
+                _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                      \
+                    const unsigned byte = m[8 * word + b];                                                 \
+                    acc[b % 4] = _mm256_fmadd_ps(expand(p, byte, VARIANT), _mm256_loadu_ps(c->x + 64 * word + 8 * b), \
+                                                 acc[b % 4]);                                              \
+                    p += __builtin_popcount(byte);                                                         \
+                }                                                                                          \
+            }                                                                                              \
+            c->y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));    \
+        }                                                                                                  \
     }
-}
 
-/* The product's loop: a running count through the row, one popcount per mask byte. */
-AVX2 static void loop_running(const Case *c) {
-    for (int64_t r = 0; r < c->rows; r++) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        const float *p = c->values + c->offsets[r];
-        const uint8_t *m = (const uint8_t *)(c->mask + r * c->words);
-        for (int64_t word = 0; word < c->words; word++) {
-            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {
-                const unsigned byte = m[8 * word + b];
-                const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[byte]));
-                const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
-                __m256 weights;
-                __asm__("vblendvps %3, %2, %1, %0" : "=x"(weights) : "x"(placed), "x"(_mm256_setzero_ps()),
-                        "x"(_mm256_castsi256_ps(index)));
-                acc[b % 4] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(c->x + 64 * word + 8 * b), acc[b % 4]);
-                p += __builtin_popcount(byte);
-            }
-        }
-        c->y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    }
-}
+DEFINE_RUNNING_LOOP(loop_count_only, PERMUTE_V)  /* permute with the running count, nothing else changed */
+DEFINE_RUNNING_LOOP(loop_running, PERMUTE8_V)    /* the product's loop */
 
 static double now(void) {
     struct timespec t;

@@ -132,12 +132,16 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
 
 @pytest.mark.parametrize("rows,cols", [(203, 96), (96, 203)])
 def test_prefill_in_panels_of_rows_matches_linear(isa, monkeypatch, rows, cols):
-    monkeypatch.setattr(sparse_linear, "PANEL_BYTES", 40 * cols)  # panels of 10 rows, the last one short
+    monkeypatch.setattr(sparse_linear, "PANEL_BYTES", 40 * cols)  # 10 rows of float32
+    monkeypatch.setattr(sparse_linear, "PANEL_MIN_ROWS", 12)  # ... too few: panels of 12, the last one short
     linear = torch.nn.Linear(cols, rows)
     with torch.no_grad():
         linear.weight.copy_(sparse_weight(rows, cols, 0.5, seed=5))
     module = SparseLinear.from_dense(linear.weight, linear.bias)
-    assert sparse_linear.panel_rows(module.weight_layout) == (10 if cols <= rows else rows)
+    assert sparse_linear.panel_rows(module.weight_layout) == 12
+    assert sparse_linear.panel_rows(cpu_kernels.row_block(module.weight_layout, 0, 9)) == 9  # one panel
+    bf16 = cpu_kernels.from_dense(linear.weight.detach().to(torch.bfloat16))
+    assert sparse_linear.panel_rows(bf16) == rows  # expanded whole
     x = torch.randn(3, 30, cols)
     with torch.no_grad():
         assert relative_error(module(x), linear(x)) <= 1e-5

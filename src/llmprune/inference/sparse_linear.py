@@ -3,9 +3,10 @@
 It replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``[in, out]`` weight is stored transposed) in a
 model served on the CPU. A few tokens at a time (decoding) run the sparse kernel; more (prefill) expand the
 weight into a scratch buffer shared by all layers and run torch's dense matmul, which is then faster. A
-float32 weight with at least as many outputs as inputs is expanded a panel of rows at a time, small enough
-to stay in the CPU's last-level cache while torch multiplies it (measured faster than the dense layer
-itself, which reads its weight from memory); wider ones lost with panels and are expanded whole.
+float32 weight is expanded a panel of rows at a time, small enough to stay in the CPU's last-level cache
+while torch multiplies it (measured faster than the dense layer itself, which reads its weight from
+memory), but never fewer rows than make an efficient matmul: each panel re-reads all the inputs, and
+panels of wide weights (many inputs) cut to the byte size alone were too thin and lost.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from llmprune.models.packing import dtype_name
 SPARSE_TOKENS = 16
 """Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
 PANEL_BYTES = 4 << 20
-"""The size of one expanded panel of rows in prefill (see the module docstring)."""
+"""The size of one expanded panel of rows in prefill (see the module docstring)..."""
+PANEL_MIN_ROWS = 256
+"""... unless that is fewer rows than this."""
 BREAK_EVEN_SPARSITY = 0.3
 """Below this sparsity a layer gains too little from the kernels and stays dense."""
 
@@ -35,11 +38,11 @@ def too_dense(sparsity: float) -> str | None:
 
 
 def panel_rows(weight: BitmaskWeight) -> int:
-    """Rows expanded at a time for many tokens: all of them, or a panel of ``PANEL_BYTES`` (float32
-    weights with at least as many outputs as inputs)."""
-    if weight.dtype is not torch.float32 or weight.cols > weight.rows:
+    """Rows expanded at a time for many tokens: all of them (bfloat16), or a panel of ``PANEL_BYTES``
+    and at least ``PANEL_MIN_ROWS`` rows (float32)."""
+    if weight.dtype is not torch.float32:
         return weight.rows
-    return max(8, PANEL_BYTES // (weight.cols * weight.values.element_size()))
+    return min(weight.rows, max(PANEL_MIN_ROWS, PANEL_BYTES // (weight.cols * weight.values.element_size())))
 
 
 _scratch = threading.local()

@@ -6,7 +6,7 @@ weight into a scratch buffer shared by all layers and run torch's dense matmul, 
 float32 weight is expanded a panel of rows at a time, small enough to stay in the CPU's last-level cache
 while torch multiplies it (measured faster than the dense layer itself, which reads its weight from
 memory), but never fewer rows than make an efficient matmul: each panel re-reads all the inputs, and
-panels of wide weights (many inputs) cut to the byte size alone were too thin and lost.
+panels of wide weights (many inputs) cut to the byte size alone are too thin and lose.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from llmprune.models.packing import dtype_name
 SPARSE_TOKENS = 16
 """Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
 PANEL_BYTES = 4 << 20
-"""The size of one expanded panel of rows in prefill (see the module docstring)..."""
+"""The size of one expanded panel of rows in prefill (see the module docstring), unless that is fewer
+than ``PANEL_MIN_ROWS`` rows."""
 PANEL_MIN_ROWS = 256
-"""... unless that is fewer rows than this."""
+"""The fewest rows in a panel: each panel re-reads all the inputs, so thin ones cost more than they save."""
 BREAK_EVEN_SPARSITY = 0.3
 """Below this sparsity a layer gains too little from the kernels and stays dense."""
 

@@ -1,19 +1,28 @@
 """The compiled CPU sparse kernels against first principles: ``F.linear`` on the dense-with-zeros weight,
 for every instruction-set path (forced through ``LLMPRUNE_CPU_KERNEL``), every thread count, odd shapes,
-empty rows, 0 % and 99 % sparsity, bfloat16 values and non-contiguous inputs."""
+empty rows, 0 % and 99 % sparsity, bfloat16 values and non-contiguous inputs. The AVX-512 path also runs
+built with its intrinsics as plain C (``csrc/avx512_emulated.h``), so its logic is proven on every x86 CPU,
+not only where AVX-512 is."""
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import platform
+import shlex
+import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import llmprune
 from conftest import relative_error
 from llmprune.errors import UsageError
 from llmprune.inference import cpu_kernels, sparse_linear
@@ -23,15 +32,45 @@ native = pytest.importorskip("llmprune._sparse_cpu", reason="the compiled CPU ke
 SUPPORTED = native.supported()
 
 
-@pytest.fixture(params=cpu_kernels.ISAS)
+SOURCE = Path(llmprune.__file__).parent / "csrc" / "sparse_cpu.c"
+EMULATED = "avx512-emulated"
+
+
+@pytest.fixture(scope="session")
+def emulated_avx512(tmp_path_factory):
+    """The kernels built with ``-DLLMPRUNE_EMULATE_AVX512`` (by the compiler that built Python) and loaded
+    under the real module's name, which they replace in the tests that ask for them."""
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    linux_x86_64 = sys.platform.startswith("linux") and platform.machine().lower() == "x86_64"
+    if not linux_x86_64 or not SOURCE.exists() or not shutil.which(compiler[0]):
+        pytest.skip("the emulated AVX-512 build needs Linux on x86-64, the C source and a C compiler")
+    built = tmp_path_factory.mktemp("emulated") / f"_sparse_cpu{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run([*compiler, "-O1", "-std=c11", "-pthread", "-shared", "-fPIC", "-DLLMPRUNE_EMULATE_AVX512",
+                    f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(built), "-ldl", "-lm"],
+                   check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("llmprune._sparse_cpu", built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "avx512" in module.supported()
+    return module
+
+
+@pytest.fixture(params=[*cpu_kernels.ISAS, EMULATED])
 def isa(request, monkeypatch):
-    """Each instruction-set path in turn, forced as a user would (skipped where this CPU lacks it)."""
-    if request.param not in SUPPORTED:
-        pytest.skip(f"this CPU has no {request.param} (it runs {', '.join(SUPPORTED)})")
-    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, request.param)
+    """Each instruction-set path in turn, forced as a user would (skipped where this CPU lacks it), and the
+    AVX-512 path once more with its intrinsics emulated (``emulated_avx512``)."""
+    path = request.param
+    if path == EMULATED:
+        module = request.getfixturevalue("emulated_avx512")
+        monkeypatch.setitem(sys.modules, "llmprune._sparse_cpu", module)
+        monkeypatch.setattr(llmprune, "_sparse_cpu", module)
+        path = "avx512"
+    elif path not in SUPPORTED:
+        pytest.skip(f"this CPU has no {path} (it runs {', '.join(SUPPORTED)})")
+    monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, path)
     cpu_kernels.reset_isa()
-    assert cpu_kernels.isa() == request.param
-    yield request.param
+    assert cpu_kernels.isa() == path
+    yield path
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE)
     cpu_kernels.reset_isa()
 

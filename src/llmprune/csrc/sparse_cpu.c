@@ -359,7 +359,13 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
 
 /* ---------------------------------------------------------------- AVX-512F ---------------------------- */
 
+#ifdef LLMPRUNE_EMULATE_AVX512
+/* A test build only: the intrinsics below as plain C, so that this path's logic runs on any x86 CPU. */
+#include "avx512_emulated.h"
+#define AVX512
+#else
 #define AVX512 __attribute__((target("avx512f,popcnt")))
+#endif
 
 AVX512 static inline __m512 load16_avx512(const void *values, int64_t k, int dtype) {
     if (dtype == DTYPE_F32) return _mm512_loadu_ps((const float *)values + k);
@@ -454,6 +460,9 @@ static int isa_supported(int isa) {
     __builtin_cpu_init();
     if (isa == ISA_AVX2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+#ifdef LLMPRUNE_EMULATE_AVX512
+    if (isa == ISA_AVX512) return 1;
+#endif
     if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
 #endif
     return 0;

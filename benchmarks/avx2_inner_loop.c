@@ -17,6 +17,8 @@
  *   running     the product loop since 2026-12-02: permute as above with a byte-wide table, each mask byte
  *               read from memory and the value pointer advanced by its popcount (no prefix sums), blend
  *               as one vblendvps
+ *   running, no blend / no expansion   bounds, wrong results: the product loop without its zeroing, and
+ *               without its expansion (what the running count, the loads and the FMA cost alone)
  *   compress    the other way round: the kept inputs packed into a row buffer (a permute and a store per
  *               mask byte, no blend, no FMA), then one dense dot of the row's values with the buffer
  */
@@ -69,9 +71,12 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-enum { PERMUTE_V, IN_LANE_V, NO_EXPAND_V, BROADCAST2_V, PERMUTE8_V };
+enum { PERMUTE_V, IN_LANE_V, NO_EXPAND_V, BROADCAST2_V, PERMUTE8_V, NO_BLEND_V };
 
 AVX2 static inline __m256 expand(const float *p, unsigned m, int variant) {
+    if (variant == NO_BLEND_V) /* the product's without its zeroing: a bound, wrong results */
+        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(p),
+                                        _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[m])));
     if (variant == PERMUTE8_V) { /* the product's: byte table, one vblendvps */
         const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[m]));
         const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
@@ -178,6 +183,8 @@ AVX2 static void loop_four_chains(const Case *c) {
 
 DEFINE_RUNNING_LOOP(loop_count_only, PERMUTE_V)  /* permute with the running count, nothing else changed */
 DEFINE_RUNNING_LOOP(loop_running, PERMUTE8_V)    /* the product's loop */
+DEFINE_RUNNING_LOOP(loop_running_no_blend, NO_BLEND_V)
+DEFINE_RUNNING_LOOP(loop_running_no_expand, NO_EXPAND_V)
 
 /* Inputs compressed to the kept positions, then a dense dot: no blend and no FMA per mask byte, but a
  * store, and the values read once more densely. */
@@ -245,10 +252,12 @@ int main(int argc, char **argv) {
     for (int64_t j = 0; j < cols; j++) x[j] = (float)rand() / RAND_MAX - 0.5f;
     const Case c = {values, x, mask, offsets, y, rows, words};
     void (*loops[])(const Case *) = {loop_permute, loop_in_lane, loop_no_expand, loop_broadcast2, loop_four_chains,
-                                     loop_count_only, loop_running, loop_compress};
-    const char *names[] = {"permute", "in-lane (bound)", "no-expand (bound)", "broadcast2", "four-chains", "count-only", "running", "compress"};
-    const int checked[] = {1, 0, 0, 1, 1, 1, 1, 1}, n = 8;
-    double best[8];
+                                     loop_count_only, loop_running, loop_running_no_blend,
+                                     loop_running_no_expand, loop_compress};
+    const char *names[] = {"permute", "in-lane (bound)", "no-expand (bound)", "broadcast2", "four-chains", "count-only", "running",
+                           "running, no blend (bound)", "running, no expand (bound)", "compress"};
+    const int checked[] = {1, 0, 0, 1, 1, 1, 1, 0, 0, 1}, n = 10;
+    double best[10];
     loop_permute(&c);
     for (int64_t r = 0; r < rows; r++) want[r] = y[r];
     for (int i = 0; i < n; i++) best[i] = 1e30;
@@ -270,7 +279,7 @@ int main(int argc, char **argv) {
             if (a > scale) scale = a;
         }
         worst /= scale > 0 ? scale : 1;
-        printf("%-18s %.3f ns/chunk  %.2fx permute%s\n", names[i], best[i] / chunks * 1e9, best[0] / best[i],
+        printf("%-28s %.3f ns/chunk  %.2fx permute%s\n", names[i], best[i] / chunks * 1e9, best[0] / best[i],
                checked[i] ? (worst < 1e-5 ? "  (matches)" : "  (MISMATCH)") : "");
     }
     return 0;

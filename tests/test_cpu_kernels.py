@@ -45,9 +45,10 @@ def emulated_avx512(tmp_path_factory):
     if not linux_x86_64 or not SOURCE.exists() or not shutil.which(compiler[0]):
         pytest.skip("the emulated AVX-512 build needs Linux on x86-64, the C source and a C compiler")
     built = tmp_path_factory.mktemp("emulated") / f"_sparse_cpu{sysconfig.get_config_var('EXT_SUFFIX')}"
-    subprocess.run([*compiler, "-O1", "-std=c11", "-pthread", "-shared", "-fPIC", "-DLLMPRUNE_EMULATE_AVX512",
-                    f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(built), "-ldl", "-lm"],
-                   check=True, capture_output=True)
+    build = subprocess.run([*compiler, "-O1", "-std=c11", "-pthread", "-shared", "-fPIC",
+                            "-DLLMPRUNE_EMULATE_AVX512", f"-I{sysconfig.get_paths()['include']}", str(SOURCE),
+                            "-o", str(built), "-ldl", "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
     spec = importlib.util.spec_from_file_location("llmprune._sparse_cpu", built)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -74,12 +74,10 @@ AVX2 static inline float hsum(__m256 v) {
 enum { PERMUTE_V, IN_LANE_V, NO_EXPAND_V, BROADCAST2_V, PERMUTE8_V, NO_BLEND_V };
 
 AVX2 static inline __m256 expand(const float *p, unsigned m, int variant) {
-    if (variant == NO_BLEND_V) /* the product's without its zeroing: a bound, wrong results */
-        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(p),
-                                        _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[m])));
-    if (variant == PERMUTE8_V) { /* the product's: byte table, one vblendvps */
+    if (variant == PERMUTE8_V || variant == NO_BLEND_V) { /* the product's: byte table, one vblendvps */
         const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)PERMUTE8[m]));
         const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
+        if (variant == NO_BLEND_V) return placed; /* without its zeroing: a bound, wrong results */
         __m256 weights;
         __asm__("vblendvps %3, %2, %1, %0" : "=x"(weights) : "x"(placed), "x"(_mm256_setzero_ps()),
                 "x"(_mm256_castsi256_ps(index)));
@@ -251,26 +249,37 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < nnz; i++) values[i] = (float)rand() / RAND_MAX - 0.5f;
     for (int64_t j = 0; j < cols; j++) x[j] = (float)rand() / RAND_MAX - 0.5f;
     const Case c = {values, x, mask, offsets, y, rows, words};
-    void (*loops[])(const Case *) = {loop_permute, loop_in_lane, loop_no_expand, loop_broadcast2, loop_four_chains,
-                                     loop_count_only, loop_running, loop_running_no_blend,
-                                     loop_running_no_expand, loop_compress};
-    const char *names[] = {"permute", "in-lane (bound)", "no-expand (bound)", "broadcast2", "four-chains", "count-only", "running",
-                           "running, no blend (bound)", "running, no expand (bound)", "compress"};
-    const int checked[] = {1, 0, 0, 1, 1, 1, 1, 0, 0, 1}, n = 10;
-    double best[10];
+    const struct {
+        void (*loop)(const Case *);
+        const char *name;
+        int checked; /* 0 for bounds, whose results are wrong on purpose */
+    } variants[] = {
+        {loop_permute, "permute", 1},
+        {loop_in_lane, "in-lane (bound)", 0},
+        {loop_no_expand, "no-expand (bound)", 0},
+        {loop_broadcast2, "broadcast2", 1},
+        {loop_four_chains, "four-chains", 1},
+        {loop_count_only, "count-only", 1},
+        {loop_running, "running", 1},
+        {loop_running_no_blend, "running, no blend (bound)", 0},
+        {loop_running_no_expand, "running, no expand (bound)", 0},
+        {loop_compress, "compress", 1},
+    };
+    enum { n = sizeof variants / sizeof *variants };
+    double best[n];
     loop_permute(&c);
     for (int64_t r = 0; r < rows; r++) want[r] = y[r];
     for (int i = 0; i < n; i++) best[i] = 1e30;
     for (int round = 0; round < 300; round++)
         for (int i = 0; i < n; i++) {
             const double start = now();
-            for (int64_t rep = 0; rep < repeats; rep++) loops[i](&c);
+            for (int64_t rep = 0; rep < repeats; rep++) variants[i].loop(&c);
             const double t = (now() - start) / repeats;
             if (t < best[i]) best[i] = t;
         }
     const double chunks = rows * cols / 8.0;
     for (int i = 0; i < n; i++) {
-        loops[i](&c);
+        variants[i].loop(&c);
         double worst = 0, scale = 0; /* largest difference, relative to the largest output */
         for (int64_t r = 0; r < rows; r++) {
             const double d = y[r] > want[r] ? y[r] - want[r] : want[r] - y[r];
@@ -279,8 +288,8 @@ int main(int argc, char **argv) {
             if (a > scale) scale = a;
         }
         worst /= scale > 0 ? scale : 1;
-        printf("%-28s %.3f ns/chunk  %.2fx permute%s\n", names[i], best[i] / chunks * 1e9, best[0] / best[i],
-               checked[i] ? (worst < 1e-5 ? "  (matches)" : "  (MISMATCH)") : "");
+        printf("%-28s %.3f ns/chunk  %.2fx permute%s\n", variants[i].name, best[i] / chunks * 1e9, best[0] / best[i],
+               variants[i].checked ? (worst < 1e-5 ? "  (matches)" : "  (MISMATCH)") : "");
     }
     return 0;
 }

@@ -297,7 +297,7 @@ AVX2 static inline float hsum_avx2(__m256 v) {
             _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {                                           \
                 const unsigned m = mask[8 * word + b];                                                      \
                 const __m256 weights = expand8_avx2(values, k, m, DT);                                      \
-                k += popcount64(m);                                                                 \
+                k += popcount64(m);                                                                         \
                 const int64_t j = 64 * word + 8 * b;                                                        \
                 for (int t = 0; t < TB; t++)                                                                \
                     acc[t][b % A] =                                                                         \

@@ -104,8 +104,8 @@ class SparseLinear(nn.Module):
         flat = flat.to(layout.dtype)
         bias = None if self.bias is None else self.bias.to(layout.dtype)
         panel = panel_rows(layout)
-        scratch = _scratch_for(min(panel, layout.rows) * layout.cols, layout.dtype)
-        if panel >= layout.rows:
+        scratch = _scratch_for(panel * layout.cols, layout.dtype)
+        if panel == layout.rows:
             return F.linear(flat, to_dense(layout, scratch), bias)
         y = torch.empty(flat.shape[0], layout.rows, dtype=layout.dtype)
         for first in range(0, layout.rows, panel):

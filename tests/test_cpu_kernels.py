@@ -114,7 +114,7 @@ def test_matmul_equals_f_linear_on_every_path_and_thread_count(isa, threads, row
     weight = sparse_weight(rows, cols, sparsity)
     weight[rows // 2] = 0  # a row with no kept weight
     layout = cpu_kernels.from_dense(weight)
-    for tokens in (1, 2, 3, 5, 8, 11, 16):
+    for tokens in (1, 2, 3, 5, 8, 11, 16, 33):
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
         got = cpu_kernels.matmul(layout, x)
         expected = F.linear(x.double(), weight.double())
@@ -129,6 +129,23 @@ def test_a_large_layer_splits_over_threads_and_agrees(isa, threads):
     x = torch.randn(4, 777)
     assert relative_error(cpu_kernels.matmul(layout, x), F.linear(x.double(), weight.double())) <= 1e-5
     assert torch.equal(cpu_kernels.to_dense(layout), weight)
+
+
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("rows", [3, 4, 5, 63, 66, 67])
+def test_one_token_agrees_row_by_row(isa, threads, dtype, rows):
+    """One token walks several rows side by side and the rows left over one by one: each row on its own
+    within float32 rounding of its own sum (a row skipped, doubled or swapped fails)."""
+    weight = sparse_weight(rows, 300, 0.7, seed=rows).to(dtype)
+    weight[rows - 1] = 0
+    layout = cpu_kernels.from_dense(weight)
+    x = torch.randn(1, 300)
+    got = cpu_kernels.matmul(layout, x)[0].double()
+    exact = weight.double()
+    expected = F.linear(x.double(), exact)[0]
+    bound = 1e-5 * (exact.abs() @ x.double().abs().T)[:, 0]
+    assert torch.all((got - expected).abs() <= bound), (got - expected).abs().max()
+    assert got[rows - 1] == 0
 
 
 @pytest.mark.parametrize("rows,cols", [(5, 9), (64, 128), (129, 200)])

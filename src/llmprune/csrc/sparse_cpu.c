@@ -126,6 +126,23 @@ static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at)
 #endif
 }
 
+/* The one-token AVX-512 kernel, bound by memory, asks for its values once more, PREFETCH_FAR_BYTES ahead
+ * and into L2 only (prefetcht2; Intel cores treat it as prefetcht1): on the Xeon it was measured on, the
+ * L1 prefetch alone left the bus idle part of the time (docs/benchmarks.md). The kernels for more tokens,
+ * bound by instructions, did not gain from it. */
+#ifndef PREFETCH_FAR_BYTES
+#define PREFETCH_FAR_BYTES 8192
+#endif
+
+static inline void prefetch_far(const void *values_at) {
+#if defined(__GNUC__)
+    const uintptr_t ahead = (uintptr_t)values_at + PREFETCH_FAR_BYTES;
+    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch((const void *)(ahead + 64 * line), 0, 1);
+#else
+    (void)values_at;
+#endif
+}
+
 static void matmul_portable(const Job *job, int64_t begin, int64_t end) {
     const int64_t words = job->row_bytes / 8;
     for (int64_t r = begin; r < end; r++) {
@@ -320,10 +337,11 @@ DEFINE_ROW_AVX2(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX2(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
-/* Each row in blocks of 8, 4, 2 and 1 tokens (the kernels of ISA for values DT). */
-#define TOKEN_BLOCKS(ISA, DT)                                                                               \
+/* Each row in blocks of WIDEST (16 or 8), 8, 4, 2 and 1 tokens (the kernels of ISA for values DT). */
+#define TOKEN_BLOCKS(ISA, DT, WIDEST)                                                                       \
     for (int64_t r = begin; r < end; r++) {                                                                 \
         int64_t t = 0;                                                                                      \
+        for (; t + WIDEST <= job->tokens; t += WIDEST) row_##ISA##_##WIDEST##_##DT(job, r, t);              \
         for (; t + 8 <= job->tokens; t += 8) row_##ISA##_8_##DT(job, r, t);                                 \
         if (t + 4 <= job->tokens) { row_##ISA##_4_##DT(job, r, t); t += 4; }                                \
         if (t + 2 <= job->tokens) { row_##ISA##_2_##DT(job, r, t); t += 2; }                                \
@@ -332,9 +350,9 @@ DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
 AVX2 static void matmul_avx2(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) {
-        TOKEN_BLOCKS(avx2, DTYPE_F32)
+        TOKEN_BLOCKS(avx2, DTYPE_F32, 8)
     } else {
-        TOKEN_BLOCKS(avx2, DTYPE_BF16)
+        TOKEN_BLOCKS(avx2, DTYPE_BF16, 8)
     }
 }
 
@@ -414,16 +432,73 @@ DEFINE_ROW_AVX512(1, 4, DTYPE_F32)
 DEFINE_ROW_AVX512(2, 2, DTYPE_F32)
 DEFINE_ROW_AVX512(4, 1, DTYPE_F32)
 DEFINE_ROW_AVX512(8, 1, DTYPE_F32)
+DEFINE_ROW_AVX512(16, 1, DTYPE_F32)
 DEFINE_ROW_AVX512(1, 4, DTYPE_BF16)
 DEFINE_ROW_AVX512(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX512(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
+DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
+
+/* One token against ROW_STREAMS rows at once, rows r, r + stride, r + 2 * stride, ...: that many value
+ * streams from distant parts of the weight keep more of memory's bandwidth busy than one row after the
+ * other, and each input vector is loaded once for all of them. */
+#define ROW_STREAMS 4
+
+#define DEFINE_STREAMS_AVX512(DT)                                                                          \
+    AVX512 static void streams_avx512_##DT(const Job *job, int64_t r, int64_t stride) {                    \
+        __m512 acc[ROW_STREAMS][2];                                                                         \
+        const uint8_t *mask[ROW_STREAMS];                                                                   \
+        int64_t k[ROW_STREAMS];                                                                             \
+        const void *values = job->values;                                                                   \
+        _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                                     \
+            acc[s][0] = acc[s][1] = _mm512_setzero_ps();                                                    \
+            mask[s] = job->mask + (r + s * stride) * job->row_bytes;                                        \
+            k[s] = job->offsets[r + s * stride];                                                            \
+        }                                                                                                   \
+        const int64_t words = job->row_bytes / 8;                                                           \
+        for (int64_t word = 0; word < words; word++) {                                                      \
+            uint64_t w[ROW_STREAMS];                                                                        \
+            _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                                 \
+                w[s] = load_word(mask[s] + 8 * word);                                                       \
+                prefetch_ahead((const char *)values + k[s] * VALUE_BYTES(DT), mask[s] + 8 * word);          \
+                prefetch_far((const char *)values + k[s] * VALUE_BYTES(DT));                                \
+            }                                                                                               \
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
+                const __m512 x = _mm512_loadu_ps(job->x + 64 * word + 16 * c);                              \
+                _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                             \
+                    const uint64_t below = c ? (w[s] & ((1ULL << (16 * c)) - 1)) : 0;                       \
+                    const __m512 weights = expand16_avx512(values, k[s] + popcount64(below),               \
+                                                           (unsigned)(w[s] >> (16 * c)) & 0xffff, DT);      \
+                    acc[s][c % 2] = _mm512_fmadd_ps(weights, x, acc[s][c % 2]);                             \
+                }                                                                                           \
+            }                                                                                               \
+            _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) k[s] += popcount64(w[s]);         \
+        }                                                                                                   \
+        _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++)                                       \
+            job->y[r + s * stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));             \
+    }
+
+DEFINE_STREAMS_AVX512(DTYPE_F32)
+DEFINE_STREAMS_AVX512(DTYPE_BF16)
+
+/* Rows begin .. end - 1 against one token: ROW_STREAMS equal blocks walked side by side, then the rows
+ * left over one by one. */
+#define ONE_TOKEN_STREAMS(DT)                                                                               \
+    {                                                                                                       \
+        const int64_t stride = (end - begin) / ROW_STREAMS;                                                 \
+        for (int64_t r = begin; r < begin + stride; r++) streams_avx512_##DT(job, r, stride);               \
+        for (int64_t r = begin + ROW_STREAMS * stride; r < end; r++) row_avx512_1_##DT(job, r, 0);          \
+    }
 
 AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
+    if (job->tokens == 1) {
+        if (job->dtype == DTYPE_F32) ONE_TOKEN_STREAMS(DTYPE_F32) else ONE_TOKEN_STREAMS(DTYPE_BF16)
+        return;
+    }
     if (job->dtype == DTYPE_F32) {
-        TOKEN_BLOCKS(avx512, DTYPE_F32)
+        TOKEN_BLOCKS(avx512, DTYPE_F32, 16)
     } else {
-        TOKEN_BLOCKS(avx512, DTYPE_BF16)
+        TOKEN_BLOCKS(avx512, DTYPE_BF16, 16)
     }
 }
 

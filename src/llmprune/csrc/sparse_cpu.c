@@ -114,16 +114,20 @@ static inline float value_at(const Job *job, int64_t k) {
 #endif
 #define VALUE_BYTES(DT) ((DT) == DTYPE_F32 ? 4 : 2)
 
-static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at) {
+static inline void prefetch_lines_ahead(const void *values_at, const uint8_t *mask_at, int lines) {
 #if defined(__GNUC__)
     /* Addresses as integers: they may lie past the arrays, where pointer arithmetic is undefined. */
     const uintptr_t ahead = (uintptr_t)values_at + PREFETCH_BYTES;
-    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch((const void *)(ahead + 64 * line));
+    for (int line = 0; line < lines; line++) __builtin_prefetch((const void *)(ahead + 64 * line));
     __builtin_prefetch((const void *)((uintptr_t)mask_at + PREFETCH_BYTES / 8));
 #else
     (void)values_at;
     (void)mask_at;
 #endif
+}
+
+static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at) {
+    prefetch_lines_ahead(values_at, mask_at, PREFETCH_LINES);
 }
 
 /* The one-token AVX-512 kernel, bound by memory, asks for its values once more, PREFETCH_FAR_BYTES ahead
@@ -441,8 +445,10 @@ DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
 
 /* One token against ROW_STREAMS rows at once, rows r, r + stride, r + 2 * stride, ...: that many value
  * streams from distant parts of the weight keep more of memory's bandwidth busy than one row after the
- * other, and each input vector is loaded once for all of them. */
-#define ROW_STREAMS 4
+ * other, and each input vector is loaded once for all of them. With the far prefetch into L2, two lines
+ * per word into L1 (STREAM_PREFETCH_LINES) were enough, and leave more of L1 to the inputs. */
+#define ROW_STREAMS 6
+#define STREAM_PREFETCH_LINES 2
 
 #define DEFINE_STREAMS_AVX512(DT)                                                                          \
     AVX512 static void streams_avx512_##DT(const Job *job, int64_t r, int64_t stride) {                    \
@@ -460,7 +466,8 @@ DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
             uint64_t w[ROW_STREAMS];                                                                        \
             _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                                 \
                 w[s] = load_word(mask[s] + 8 * word);                                                       \
-                prefetch_ahead((const char *)values + k[s] * VALUE_BYTES(DT), mask[s] + 8 * word);          \
+                prefetch_lines_ahead((const char *)values + k[s] * VALUE_BYTES(DT), mask[s] + 8 * word,     \
+                                     STREAM_PREFETCH_LINES);                                                \
                 prefetch_far((const char *)values + k[s] * VALUE_BYTES(DT));                                \
             }                                                                                               \
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \

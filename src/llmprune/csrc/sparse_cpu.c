@@ -400,6 +400,12 @@ AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsig
     return _mm512_maskz_expand_ps((__mmask16)m, load16_avx512(values, k, dtype));
 }
 
+/* The 16 weights of bits 16 c .. 16 c + 15 of mask word w, whose values start at value k. */
+AVX512 static inline __m512 chunk16_avx512(const void *values, int64_t k, uint64_t w, int c, int dtype) {
+    const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;
+    return expand16_avx512(values, k + popcount64(below), (unsigned)(w >> (16 * c)) & 0xffff, dtype);
+}
+
 #define DEFINE_ROW_AVX512(TB, A, DT)                                                                        \
     AVX512 static void row_avx512_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                      \
         __m512 acc[TB][A];                                                                                  \
@@ -415,9 +421,7 @@ AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsig
             prefetch_ahead((const char *)values + k * VALUE_BYTES(DT), mask + 8 * word);                    \
             if (!w) continue;                                                                               \
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
-                const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;                              \
-                const __m512 weights =                                                                      \
-                    expand16_avx512(values, k + popcount64(below), (unsigned)(w >> (16 * c)) & 0xffff, DT); \
+                const __m512 weights = chunk16_avx512(values, k, w, c, DT);                                 \
                 const int64_t j = 64 * word + 16 * c;                                                       \
                 for (int t = 0; t < TB; t++)                                                                \
                     acc[t][c % A] =                                                                         \
@@ -473,9 +477,7 @@ DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
                 const __m512 x = _mm512_loadu_ps(job->x + 64 * word + 16 * c);                              \
                 _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                             \
-                    const uint64_t below = c ? (w[s] & ((1ULL << (16 * c)) - 1)) : 0;                       \
-                    const __m512 weights = expand16_avx512(values, k[s] + popcount64(below),               \
-                                                           (unsigned)(w[s] >> (16 * c)) & 0xffff, DT);      \
+                    const __m512 weights = chunk16_avx512(values, k[s], w[s], c, DT);                       \
                     acc[s][c % 2] = _mm512_fmadd_ps(weights, x, acc[s][c % 2]);                             \
                 }                                                                                           \
             }                                                                                               \
@@ -520,10 +522,7 @@ AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
             const uint64_t w = load_word(mask + 8 * word);
             prefetch_ahead((const float *)job->values + k, mask + 8 * word);
             for (int c = 0; c < 4; c++) {
-                const uint64_t below = c ? (w & ((1ULL << (16 * c)) - 1)) : 0;
-                _mm512_storeu_ps(row + 64 * word + 16 * c,
-                                 expand16_avx512(job->values, k + popcount64(below),
-                                                 (unsigned)(w >> (16 * c)) & 0xffff, DTYPE_F32));
+                _mm512_storeu_ps(row + 64 * word + 16 * c, chunk16_avx512(job->values, k, w, c, DTYPE_F32));
             }
             k += popcount64(w);
         }

@@ -133,19 +133,21 @@ def test_a_large_layer_splits_over_threads_and_agrees(isa, threads):
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("rows", [3, 5, 6, 7, 13, 63, 66, 67])
-def test_one_token_agrees_row_by_row(isa, threads, dtype, rows):
-    """One token walks several rows side by side and the rows left over one by one: each row on its own
-    within float32 rounding of its own sum (a row skipped, doubled or swapped fails)."""
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 9])
+def test_each_output_agrees_row_by_row_and_token_by_token(isa, threads, dtype, rows, tokens):
+    """The kernels walk several rows side by side (one token) or tiles of rows and tokens (more), and the
+    rows and tokens left over one by one: each output on its own within float32 rounding of its own sum
+    (a row or token skipped, doubled or swapped fails)."""
     weight = sparse_weight(rows, 300, 0.7, seed=rows).to(dtype)
     weight[rows - 1] = 0
     layout = cpu_kernels.from_dense(weight)
-    x = torch.randn(1, 300)
-    got = cpu_kernels.matmul(layout, x)[0].double()
+    x = torch.randn(tokens, 300, generator=torch.Generator().manual_seed(tokens))
+    got = cpu_kernels.matmul(layout, x).double()
     exact = weight.double()
-    expected = F.linear(x.double(), exact)[0]
-    bound = 1e-5 * (exact.abs() @ x.double().abs().T)[:, 0]
+    expected = F.linear(x.double(), exact)
+    bound = 1e-5 * (x.double().abs() @ exact.abs().T)
     assert torch.all((got - expected).abs() <= bound), (got - expected).abs().max()
-    assert got[rows - 1] == 0
+    assert torch.all(got[:, rows - 1] == 0)
 
 
 @pytest.mark.parametrize("rows,cols", [(5, 9), (64, 128), (129, 200)])

@@ -341,11 +341,10 @@ DEFINE_ROW_AVX2(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX2(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
-/* Each row in blocks of WIDEST (16 or 8), 8, 4, 2 and 1 tokens (the kernels of ISA for values DT). */
-#define TOKEN_BLOCKS(ISA, DT, WIDEST)                                                                       \
-    for (int64_t r = begin; r < end; r++) {                                                                 \
+/* Rows first .. end - 1, each in blocks of 8, 4, 2 and 1 tokens (the kernels of ISA for values DT). */
+#define TOKEN_BLOCKS(ISA, DT, FIRST)                                                                        \
+    for (int64_t r = FIRST; r < end; r++) {                                                                 \
         int64_t t = 0;                                                                                      \
-        for (; t + WIDEST <= job->tokens; t += WIDEST) row_##ISA##_##WIDEST##_##DT(job, r, t);              \
         for (; t + 8 <= job->tokens; t += 8) row_##ISA##_8_##DT(job, r, t);                                 \
         if (t + 4 <= job->tokens) { row_##ISA##_4_##DT(job, r, t); t += 4; }                                \
         if (t + 2 <= job->tokens) { row_##ISA##_2_##DT(job, r, t); t += 2; }                                \
@@ -354,9 +353,9 @@ DEFINE_ROW_AVX2(8, 1, DTYPE_BF16)
 
 AVX2 static void matmul_avx2(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) {
-        TOKEN_BLOCKS(avx2, DTYPE_F32, 8)
+        TOKEN_BLOCKS(avx2, DTYPE_F32, begin)
     } else {
-        TOKEN_BLOCKS(avx2, DTYPE_BF16, 8)
+        TOKEN_BLOCKS(avx2, DTYPE_BF16, begin)
     }
 }
 
@@ -395,7 +394,8 @@ AVX512 static inline __m512 load16_avx512(const void *values, int64_t k, int dty
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-/* The 16 weights of mask bits m: vexpandps from a register (its memory form is slow on some cores). */
+/* The 16 weights of mask bits m. For float32 GCC folds the load into vexpandps's memory form, which ran
+ * as fast as the register form on the Intel Xeon and the AMD Zen 4 it was measured on. */
 AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsigned m, int dtype) {
     return _mm512_maskz_expand_ps((__mmask16)m, load16_avx512(values, k, dtype));
 }
@@ -440,12 +440,10 @@ DEFINE_ROW_AVX512(1, 4, DTYPE_F32)
 DEFINE_ROW_AVX512(2, 2, DTYPE_F32)
 DEFINE_ROW_AVX512(4, 1, DTYPE_F32)
 DEFINE_ROW_AVX512(8, 1, DTYPE_F32)
-DEFINE_ROW_AVX512(16, 1, DTYPE_F32)
 DEFINE_ROW_AVX512(1, 4, DTYPE_BF16)
 DEFINE_ROW_AVX512(2, 2, DTYPE_BF16)
 DEFINE_ROW_AVX512(4, 1, DTYPE_BF16)
 DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
-DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
 
 /* One token against ROW_STREAMS rows at once, rows r, r + stride, r + 2 * stride, ...: that many value
  * streams from distant parts of the weight keep more of memory's bandwidth busy than one row after the
@@ -490,6 +488,69 @@ DEFINE_ROW_AVX512(16, 1, DTYPE_BF16)
 DEFINE_STREAMS_AVX512(DTYPE_F32)
 DEFINE_STREAMS_AVX512(DTYPE_BF16)
 
+/* More than one token: TILE_ROWS neighbouring rows against TB tokens at once, a register tile of
+ * TILE_ROWS x TB accumulators. Each input vector loaded serves TILE_ROWS rows and each expanded weight
+ * vector TB tokens: one row against 16 tokens loaded an input vector, from L2 once the inputs outgrow L1,
+ * for every multiply-add and ran far below the FMA units' rate (docs/benchmarks.md). */
+#define TILE_ROWS 4
+
+#define DEFINE_TILE_AVX512(TB, DT)                                                                          \
+    AVX512 static void tile_avx512_##TB##_##DT(const Job *job, int64_t r, int64_t t0) {                     \
+        __m512 acc[TILE_ROWS][TB];                                                                          \
+        const uint8_t *mask[TILE_ROWS];                                                                     \
+        int64_t k[TILE_ROWS];                                                                               \
+        _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++) {                                       \
+            for (int t = 0; t < TB; t++) acc[s][t] = _mm512_setzero_ps();                                   \
+            mask[s] = job->mask + (r + s) * job->row_bytes;                                                 \
+            k[s] = job->offsets[r + s];                                                                     \
+        }                                                                                                   \
+        const float *x = job->x + t0 * job->x_stride;                                                       \
+        const void *values = job->values;                                                                   \
+        const int64_t words = job->row_bytes / 8;                                                           \
+        for (int64_t word = 0; word < words; word++) {                                                      \
+            uint64_t w[TILE_ROWS];                                                                          \
+            _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++) {                                   \
+                w[s] = load_word(mask[s] + 8 * word);                                                       \
+                prefetch_ahead((const char *)values + k[s] * VALUE_BYTES(DT), mask[s] + 8 * word);          \
+            }                                                                                               \
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
+                __m512 weights[TILE_ROWS];                                                                  \
+                _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++)                                 \
+                    weights[s] = chunk16_avx512(values, k[s], w[s], c, DT);                                 \
+                const int64_t j = 64 * word + 16 * c;                                                       \
+                _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++) {                                      \
+                    const __m512 input = _mm512_loadu_ps(x + t * job->x_stride + j);                        \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++)                             \
+                        acc[s][t] = _mm512_fmadd_ps(weights[s], input, acc[s][t]);                          \
+                }                                                                                           \
+            }                                                                                               \
+            _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++) k[s] += popcount64(w[s]);           \
+        }                                                                                                   \
+        _Pragma("GCC unroll 4") for (int s = 0; s < TILE_ROWS; s++)                                         \
+            for (int t = 0; t < TB; t++) job->y[(t0 + t) * job->rows + r + s] = _mm512_reduce_add_ps(acc[s][t]); \
+    }
+
+DEFINE_TILE_AVX512(4, DTYPE_F32)
+DEFINE_TILE_AVX512(2, DTYPE_F32)
+DEFINE_TILE_AVX512(1, DTYPE_F32)
+DEFINE_TILE_AVX512(4, DTYPE_BF16)
+DEFINE_TILE_AVX512(2, DTYPE_BF16)
+DEFINE_TILE_AVX512(1, DTYPE_BF16)
+
+/* Rows begin .. end - 1 against two or more tokens: groups of TILE_ROWS rows in tiles of 4, 2 and 1
+ * tokens, then the rows left over one by one. */
+#define TILES(DT)                                                                                           \
+    {                                                                                                       \
+        int64_t tiled = begin;                                                                              \
+        for (; tiled + TILE_ROWS <= end; tiled += TILE_ROWS) {                                              \
+            int64_t t = 0;                                                                                  \
+            for (; t + 4 <= job->tokens; t += 4) tile_avx512_4_##DT(job, tiled, t);                         \
+            if (t + 2 <= job->tokens) { tile_avx512_2_##DT(job, tiled, t); t += 2; }                        \
+            if (t < job->tokens) tile_avx512_1_##DT(job, tiled, t);                                         \
+        }                                                                                                   \
+        TOKEN_BLOCKS(avx512, DT, tiled)                                                                     \
+    }
+
 /* Rows begin .. end - 1 against one token: ROW_STREAMS equal blocks walked side by side, then the rows
  * left over one by one. */
 #define ONE_TOKEN_STREAMS(DT)                                                                               \
@@ -504,11 +565,7 @@ AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
         if (job->dtype == DTYPE_F32) ONE_TOKEN_STREAMS(DTYPE_F32) else ONE_TOKEN_STREAMS(DTYPE_BF16)
         return;
     }
-    if (job->dtype == DTYPE_F32) {
-        TOKEN_BLOCKS(avx512, DTYPE_F32, 16)
-    } else {
-        TOKEN_BLOCKS(avx512, DTYPE_BF16, 16)
-    }
+    if (job->dtype == DTYPE_F32) TILES(DTYPE_F32) else TILES(DTYPE_BF16)
 }
 
 AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {

@@ -133,7 +133,7 @@ def test_a_large_layer_splits_over_threads_and_agrees(isa, threads):
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("rows", [3, 5, 6, 7, 13, 63, 66, 67])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 9])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 9])
 def test_each_output_agrees_row_by_row_and_token_by_token(isa, threads, dtype, rows, tokens):
     """The kernels walk several rows side by side (one token) or tiles of rows and tokens (more), and the
     rows and tokens left over one by one: each output on its own within float32 rounding of its own sum

@@ -395,7 +395,7 @@ AVX512 static inline __m512 load16_avx512(const void *values, int64_t k, int dty
 }
 
 /* The 16 weights of mask bits m. For float32 GCC folds the load into vexpandps's memory form, which ran
- * as fast as the register form on the Intel Xeon and the AMD Zen 4 it was measured on. */
+ * as fast as the register form on the AMD Zen 4 where the two were compared (docs/benchmarks.md). */
 AVX512 static inline __m512 expand16_avx512(const void *values, int64_t k, unsigned m, int dtype) {
     return _mm512_maskz_expand_ps((__mmask16)m, load16_avx512(values, k, dtype));
 }

@@ -3,12 +3,12 @@
 Each case is a random ``[out, in]`` weight pruned by magnitude (unstructured per row, or 2:4), converted
 with ``cpu_kernels.from_dense`` into a ``SparseLinear``. Dense ``F.linear(x, W)`` (torch's own kernels,
 the same dtype and thread count) and the ``SparseLinear`` forward (the sparse kernel up to
-``SPARSE_TOKENS`` tokens, expand + dense matmul above) are timed alternately in this one process (dense,
-sparse, dense, sparse, ...) after a warm-up; each sample runs enough calls to last ``--sample-ms``; the
-figures are medians and the speedup is median dense over median sparse. Each call reads the next of
-several copies of its weight (``--cold-mb``), so that no cache holds it, as in a model. The bytes limit is
-the dense weight's bytes over the sparse layout's (values + mask + offsets): the most a memory-bound
-product gains. Progress goes to stderr as one JSON line per case.
+``SPARSE_TOKENS`` tokens; above it the many-token kernel with AVX-512, else expand + dense matmul) are
+timed alternately in this one process (dense, sparse, dense, sparse, ...) after a warm-up; each sample
+runs enough calls to last ``--sample-ms``; the figures are medians and the speedup is median dense over
+median sparse. Each call reads the next of several copies of its weight (``--cold-mb``), so that no cache
+holds it, as in a model. The bytes limit is the dense weight's bytes over the sparse layout's (values +
+mask + offsets): the most a memory-bound product gains. Progress goes to stderr as one JSON line per case.
 
 Then, for one large shape (4096×4096, float32, 1 token): a sweep of sparsity 30..90 % plotted against the
 limit 4 / (4·(1 - s) + 1/8), giving the break-even sparsity (``BREAK_EVEN_SPARSITY``), and at 50 % the
@@ -52,6 +52,13 @@ from llmprune.storage import library_versions
 LARGE = [(2048, 5632), (5632, 2048), (4096, 4096), (4096, 11008), (11008, 4096)]  # [out, in]
 SMOLLM2 = [(576, 576), (1536, 576), (576, 1536)]
 QUICK_SHAPES = [(576, 576)]
+
+
+def prefill_path(module: SparseLinear, tokens: int) -> str:
+    """Which of ``SparseLinear``'s paths runs this many tokens."""
+    if tokens <= sparse_linear.SPARSE_TOKENS:
+        return "kernel"
+    return "many-token kernel" if module._many_tokens_kernel_pays() else "expand + dense"
 
 
 @dataclass(frozen=True)
@@ -283,7 +290,7 @@ def layer_cases(
                         "speedup": dense_s / sparse_s,
                         "bytes_limit": limit,
                         "target": target,
-                        "path": "kernel" if tokens <= sparse_linear.SPARSE_TOKENS else "expand + dense",
+                        "path": prefill_path(module, tokens),
                         "relative_error": error,
                         "copies": copies,
                     }

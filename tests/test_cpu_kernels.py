@@ -169,6 +169,36 @@ def test_to_dense_rebuilds_the_weight_bit_for_bit(isa, threads, dtype, rows, col
     assert torch.equal(cpu_kernels.to_dense(layout, scratch), weight)
 
 
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (31, 64), (33, 70), (67, 200), (300, 576), (70, 2200)])
+def test_many_token_kernel_agrees_output_by_output(isa, threads, dtype, rows, cols):
+    """Blocks of 64 tokens against panels of 32 rows in groups of two, inputs in chunks of 32 mask words,
+    and what is left of each: every output within float32 rounding of its own sum, for token counts
+    around the block size."""
+    weight = sparse_weight(rows, cols, 0.6, seed=rows).to(dtype)
+    weight[rows // 2] = 0
+    layout = cpu_kernels.from_dense(weight)
+    exact = weight.double()
+    for tokens in (17, 63, 64, 65, 130):
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+        got = cpu_kernels.multiply_many(*layout.tensors(), x, rows).double()
+        expected = F.linear(x.double(), exact)
+        bound = 1e-5 * (x.double().abs() @ exact.abs().T)
+        assert got.shape == (tokens, rows)
+        assert torch.all((got - expected).abs() <= bound), (tokens, (got - expected).abs().max())
+        assert torch.all(got[:, rows // 2] == 0)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])
+def test_many_token_kernel_on_large_strided_and_bfloat16_inputs(isa, threads, sparsity):
+    weight = sparse_weight(1031, 777, sparsity, seed=4)
+    layout = cpu_kernels.from_dense(weight)
+    wide = torch.randn(100, 900)
+    for x in (wide[:, 50:827], wide[:, :777].to(torch.bfloat16), torch.randn(777, 70).t()):
+        expected = F.linear(x.double(), weight.double())
+        assert relative_error(cpu_kernels.multiply_many(*layout.tensors(), x, 1031), expected) <= 1e-5
+
+
 def test_non_contiguous_and_strided_inputs(isa):
     weight = sparse_weight(48, 80, 0.5)
     layout = cpu_kernels.from_dense(weight)
@@ -182,15 +212,36 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
     with torch.no_grad():
         linear.weight.copy_(sparse_weight(40, 96, 0.5))
     module = SparseLinear.from_dense(linear.weight, linear.bias)
-    for tokens in (1, SPARSE_TOKENS, SPARSE_TOKENS + 1, 70):  # kernel, kernel, expand + dense, expand + dense
+    for tokens in (1, SPARSE_TOKENS, SPARSE_TOKENS + 1, 70):  # kernel twice, then many-token kernel or expand
         x = torch.randn(2, tokens, 96)
         with torch.no_grad():
             assert relative_error(module(x), linear(x)) <= 1e-5
     assert module.dense_weight().equal(linear.weight.detach())
 
 
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("smallest", [0, 1 << 40])
+def test_prefill_runs_the_many_token_kernel_for_large_float32_weights(isa, monkeypatch, smallest, dtype):
+    monkeypatch.setattr(sparse_linear, "MANY_MIN_WEIGHTS", smallest)
+    calls = []
+    many = sparse_linear.multiply_many
+    monkeypatch.setattr(sparse_linear, "multiply_many", lambda *a: calls.append(a[3].shape) or many(*a))
+    linear = torch.nn.Linear(130, 70).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(70, 130, 0.5, seed=6))
+    module = SparseLinear.from_dense(linear.weight, linear.bias)
+    tolerance = 1e-5 if dtype is torch.float32 else 1e-2  # bfloat16 outputs
+    for tokens in (SPARSE_TOKENS, SPARSE_TOKENS + 1, 100):
+        x = torch.randn(tokens, 130).to(dtype)
+        with torch.no_grad():
+            assert relative_error(module(x).double(), linear(x).double()) <= tolerance
+    runs = isa == "avx512" and smallest == 0 and dtype is torch.float32
+    assert calls == ([(SPARSE_TOKENS + 1, 130), (100, 130)] if runs else [])
+
+
 @pytest.mark.parametrize("rows,cols", [(203, 96), (96, 203)])
 def test_prefill_in_panels_of_rows_matches_linear(isa, monkeypatch, rows, cols):
+    monkeypatch.setattr(sparse_linear, "has_many_tokens_kernel", lambda: False)  # the path without AVX-512
     monkeypatch.setattr(sparse_linear, "PANEL_BYTES", 40 * cols)  # 10 rows of float32
     monkeypatch.setattr(sparse_linear, "PANEL_MIN_ROWS", 12)  # ... too few: panels of 12, the last one short
     linear = torch.nn.Linear(cols, rows)
@@ -286,9 +337,10 @@ def test_forcing_an_unknown_or_unsupported_path_is_one_line(monkeypatch):
     cpu_kernels.reset_isa()
 
 
-def test_a_path_that_disagrees_with_the_portable_one_is_refused():
+@pytest.mark.parametrize("broken", ["matmul", "matmul_many"])
+def test_a_path_that_disagrees_with_the_portable_one_is_refused(broken):
     class Broken:
-        """The module with a wrong fast path ("fake"): its matmul leaves zeros in the output."""
+        """The module with a wrong fast path ("fake"): its ``broken`` kernel leaves zeros in the output."""
 
         name = "fake"
 
@@ -298,12 +350,20 @@ def test_a_path_that_disagrees_with_the_portable_one_is_refused():
         def selected(self):
             return self.name
 
-        def matmul(self, *args):
+        def many_tokens(self):
+            return native.many_tokens()
+
+        def run(self, kernel, out, rows, tokens, *args):
             native.select("portable")
-            native.matmul(*args)
-            if self.name == "fake":
-                out, rows, tokens = args[5], args[6], args[8]
+            getattr(native, kernel)(*args)
+            if self.name == "fake" and kernel == broken:
                 ctypes.memset(out, 0, rows * tokens * 4)
+
+        def matmul(self, *args):
+            self.run("matmul", args[5], args[6], args[8], *args)
+
+        def matmul_many(self, *args):
+            self.run("matmul_many", args[4], args[5], args[7], *args)
 
     try:
         with pytest.raises(RuntimeError, match="fake CPU kernels disagree with the portable ones"):

@@ -26,6 +26,7 @@ typedef struct { uint16_t lane[16]; } emulated_m256i; /* read only as 16 words o
 #define _mm512_slli_epi32 emulated_slli_epi32
 #define _mm512_castsi512_ps emulated_castsi512_ps
 #define _mm512_setzero_ps emulated_setzero_ps
+#define _mm512_set1_ps emulated_set1_ps
 #define _mm512_maskz_expand_ps emulated_maskz_expand_ps
 #define _mm512_fmadd_ps emulated_fmadd_ps
 #define _mm512_add_ps emulated_add_ps
@@ -65,6 +66,12 @@ static inline emulated_m512 emulated_castsi512_ps(emulated_m512i a) {
 static inline emulated_m512 emulated_setzero_ps(void) {
     emulated_m512 r;
     for (int i = 0; i < 16; i++) r.lane[i] = 0.0f;
+    return r;
+}
+
+static inline emulated_m512 emulated_set1_ps(float a) {
+    emulated_m512 r;
+    for (int i = 0; i < 16; i++) r.lane[i] = a;
     return r;
 }
 

@@ -8,6 +8,7 @@
  *
  *   matmul:   y[t, r] = sum_j W[r, j] x[t, j]   (float32 accumulation, y float32 [tokens, rows])
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
+ *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of MANY_TOKENS tokens
  *
  * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
  * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
@@ -186,6 +187,47 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
                 values += item;
                 w &= w - 1;
             }
+        }
+    }
+}
+
+/* Many tokens (matmul_many): the caller packs the inputs in blocks of MANY_TOKENS tokens, float32
+ * [blocks][row_bytes * 8][MANY_TOKENS] (column j of a block holds input j of its tokens side by side;
+ * tokens past the last and inputs past cols are zero), so that each kept weight W[r, j] multiplies one
+ * contiguous column into row r's MANY_TOKENS sums: an outer product per kept weight, whose work is the
+ * kept weights' alone where a dense matmul's is every weight's. The rows go in panels of
+ * MANY_PANEL_ROWS, whose sums stay in L1 while every row of the panel reads the MANY_TOKENS x 64 inputs
+ * of one mask word (16 KiB). */
+#define MANY_TOKENS 64
+#define MANY_PANEL_ROWS 32
+
+/* The sums of a panel of rows for one block of tokens, into y (tokens past job->tokens dropped). */
+static void store_many(const Job *job, float sums[][MANY_TOKENS], int64_t r0, int64_t n, int64_t t0) {
+    const int64_t tokens = job->tokens - t0 < MANY_TOKENS ? job->tokens - t0 : MANY_TOKENS;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t i = 0; i < n; i++) job->y[(t0 + t) * job->rows + r0 + i] = sums[i][t];
+}
+
+static void many_portable(const Job *job, int64_t begin, int64_t end) {
+    const int64_t words = job->row_bytes / 8, block = 8 * job->row_bytes * MANY_TOKENS;
+    float sums[MANY_PANEL_ROWS][MANY_TOKENS];
+    for (int64_t t0 = 0; t0 < job->tokens; t0 += MANY_TOKENS) {
+        const float *x = job->x + t0 / MANY_TOKENS * block;
+        for (int64_t r0 = begin; r0 < end; r0 += MANY_PANEL_ROWS) {
+            const int64_t n = end - r0 < MANY_PANEL_ROWS ? end - r0 : MANY_PANEL_ROWS;
+            for (int64_t i = 0; i < n; i++) {
+                int64_t k = job->offsets[r0 + i];
+                memset(sums[i], 0, sizeof sums[i]);
+                for (int64_t word = 0; word < words; word++) {
+                    uint64_t w = load_word(job->mask + (r0 + i) * job->row_bytes + 8 * word);
+                    while (w) {
+                        const float v = value_at(job, k++), *column = x + (64 * word + ctz64(w)) * MANY_TOKENS;
+                        for (int t = 0; t < MANY_TOKENS; t++) sums[i][t] += v * column[t];
+                        w &= w - 1;
+                    }
+                }
+            }
+            store_many(job, sums, r0, n, t0);
         }
     }
 }
@@ -568,6 +610,79 @@ AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) TILES(DTYPE_F32) else TILES(DTYPE_BF16)
 }
 
+/* Many tokens (see many_portable): one kept weight, broadcast, against its column of the block in four
+ * vectors. The next word's block of inputs is prefetched into L1 meanwhile, an equal share by each row
+ * of the panel. Groups of MANY_GROUP_ROWS rows (two panels, whose sums fill 16 KiB of L1) walk the words
+ * in chunks of MANY_CHUNK_WORDS, both panels through one chunk before the next, so that the second reads
+ * the chunk's inputs (MANY_CHUNK_WORDS x 16 KiB) from L2: each panel through all the words on its own
+ * read the whole block of inputs from L3 again, and the widest weights lost to dense (docs/benchmarks.md,
+ * where the group and chunk sizes were chosen). */
+#define MANY_VECTORS (MANY_TOKENS / 16)
+#define MANY_BLOCK_BYTES (64 * MANY_TOKENS * 4)
+#define MANY_CHUNK_WORDS 32
+#define MANY_GROUP_ROWS (2 * MANY_PANEL_ROWS)
+
+#define DEFINE_MANY_AVX512(DT)                                                                              \
+    AVX512 static void many_group_avx512_##DT(const Job *job, int64_t begin, int64_t end,                   \
+                                               float (*sums)[MANY_TOKENS], int64_t *k) {                    \
+        const int64_t words = job->row_bytes / 8, block = 8 * job->row_bytes * MANY_TOKENS;                 \
+        const int64_t rows = end - begin;                                                                   \
+        for (int64_t t0 = 0; t0 < job->tokens; t0 += MANY_TOKENS) {                                         \
+            const float *x = job->x + t0 / MANY_TOKENS * block;                                             \
+            memset(sums, 0, (size_t)rows * sizeof *sums);                                                   \
+            for (int64_t i = 0; i < rows; i++) k[i] = job->offsets[begin + i];                              \
+            for (int64_t w0 = 0; w0 < words; w0 += MANY_CHUNK_WORDS) {                                      \
+                const int64_t w1 = words - w0 < MANY_CHUNK_WORDS ? words : w0 + MANY_CHUNK_WORDS;           \
+                for (int64_t r0 = 0; r0 < rows; r0 += MANY_PANEL_ROWS) {                                    \
+                    const int64_t r1 = rows - r0 < MANY_PANEL_ROWS ? rows : r0 + MANY_PANEL_ROWS;           \
+                    for (int64_t word = w0; word < w1; word++) {                                            \
+                        const float *inputs = x + 64 * word * MANY_TOKENS;                                  \
+                        for (int64_t i = r0; i < r1; i++) {                                                 \
+                            if (word + 1 < w1) {                                                            \
+                                const char *next = (const char *)(inputs + 64 * MANY_TOKENS) +              \
+                                                   (i - r0) * (MANY_BLOCK_BYTES / MANY_PANEL_ROWS);         \
+                                for (int line = 0; line < MANY_BLOCK_BYTES / MANY_PANEL_ROWS; line += 64)   \
+                                    __builtin_prefetch(next + line);                                        \
+                            }                                                                               \
+                            uint64_t w = load_word(job->mask + (begin + i) * job->row_bytes + 8 * word);    \
+                            if (!w) continue;                                                               \
+                            int64_t kk = k[i];                                                              \
+                            k[i] += popcount64(w);                                                          \
+                            __m512 acc[MANY_VECTORS];                                                       \
+                            for (int c = 0; c < MANY_VECTORS; c++) acc[c] = _mm512_loadu_ps(sums[i] + 16 * c); \
+                            do {                                                                            \
+                                const float *column = inputs + ctz64(w) * MANY_TOKENS;                      \
+                                const __m512 v = _mm512_set1_ps(DT == DTYPE_F32                             \
+                                    ? ((const float *)job->values)[kk]                                      \
+                                    : bf16_to_float(((const uint16_t *)job->values)[kk]));                  \
+                                kk++;                                                                       \
+                                for (int c = 0; c < MANY_VECTORS; c++)                                      \
+                                    acc[c] = _mm512_fmadd_ps(v, _mm512_loadu_ps(column + 16 * c), acc[c]);  \
+                                w &= w - 1;                                                                 \
+                            } while (w);                                                                    \
+                            for (int c = 0; c < MANY_VECTORS; c++) _mm512_storeu_ps(sums[i] + 16 * c, acc[c]); \
+                        }                                                                                   \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+            store_many(job, sums, begin, rows, t0);                                                         \
+        }                                                                                                   \
+    }                                                                                                       \
+    AVX512 static void many_avx512_##DT(const Job *job, int64_t begin, int64_t end) {                       \
+        float sums[MANY_GROUP_ROWS][MANY_TOKENS];                                                           \
+        int64_t k[MANY_GROUP_ROWS];                                                                         \
+        for (int64_t g0 = begin; g0 < end; g0 += MANY_GROUP_ROWS)                                           \
+            many_group_avx512_##DT(job, g0, end - g0 < MANY_GROUP_ROWS ? end : g0 + MANY_GROUP_ROWS, sums, k); \
+    }
+
+DEFINE_MANY_AVX512(DTYPE_F32)
+DEFINE_MANY_AVX512(DTYPE_BF16)
+
+AVX512 static void many_avx512(const Job *job, int64_t begin, int64_t end) {
+    if (job->dtype == DTYPE_F32) many_avx512_DTYPE_F32(job, begin, end);
+    else many_avx512_DTYPE_BF16(job, begin, end);
+}
+
 AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype != DTYPE_F32) { dense_portable(job, begin, end); return; }
     const int64_t full = job->cols / 64;
@@ -612,6 +727,15 @@ static RowsFn matmul_fn(void) {
     if (selected == ISA_AVX2) return matmul_avx2;
 #endif
     return matmul_portable;
+}
+
+/* Only AVX-512 has a vector kernel for many tokens (32 registers: 4 sums + inputs; see the docs for what
+ * was measured); the others run the portable one, which the Python side uses for checks, not for speed. */
+static RowsFn many_fn(void) {
+#ifdef LLMPRUNE_X86
+    if (selected == ISA_AVX512) return many_avx512;
+#endif
+    return many_portable;
 }
 
 static RowsFn dense_fn(void) {
@@ -815,6 +939,20 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* matmul_many(values, mask, offsets, packed_x, y, rows, cols, tokens, dtype, threads) */
+static PyObject *py_matmul_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[10];
+    if (parse(args, nargs, 10, a) || check_dtype(a[8])) return NULL;
+    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
+               (const float *)(intptr_t)a[3], 0, (float *)(intptr_t)a[4], NULL, a[5], a[6], a[7],
+               8 * ((a[6] + 63) / 64), (int)a[8]};
+    const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(many_fn(), &job, (int)a[9], nnz * job.tokens);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* to_dense(values, mask, offsets, out, rows, cols, dtype, threads) */
 static PyObject *py_to_dense(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[8];
@@ -863,6 +1001,8 @@ static PyObject *py_gather(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+
+static PyObject *py_many_tokens(PyObject *self, PyObject *unused) { return PyLong_FromLong(MANY_TOKENS); }
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
@@ -920,6 +1060,9 @@ static PyObject *py_selected_threads(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
+    {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
+     "y = x @ W.T for many tokens, x packed in blocks of MANY_TOKENS"},
+    {"many_tokens", py_many_tokens, METH_NOARGS, "tokens per packed block of matmul_many"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
     {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},

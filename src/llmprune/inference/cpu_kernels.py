@@ -166,6 +166,41 @@ def _multiply_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
     return out
 
 
+def has_many_tokens_kernel() -> bool:
+    """Whether the instruction set in use has a vector kernel for many tokens (``multiply_many``): AVX-512
+    only; elsewhere prefill expands the weight and runs torch's matmul."""
+    native = _native()
+    return native is not None and native.selected() == "avx512"
+
+
+def multiply_many(
+    values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``multiply`` for many tokens (prefill): each kept weight against a block of tokens at once (see
+    ``matmul_many`` in ``csrc/sparse_cpu.c``), from inputs packed here; float32 ``[tokens, rows]``."""
+    native = _native()
+    if native is None:
+        return multiply(values, mask, offsets, x, rows)
+    return _multiply_many_with(native, values, mask, offsets, x, rows)
+
+
+def _multiply_many_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
+    tokens, cols = x.shape
+    block = native.many_tokens()
+    blocks = -(-tokens // block)
+    # [blocks, 8 * row_bytes, block]: column j of a block holds input j of its tokens; padding zero
+    packed = torch.zeros(blocks, 8 * mask.shape[1], block)
+    by_token = packed.transpose(1, 2)
+    whole = tokens // block * block
+    by_token[: tokens // block, :, :cols].copy_(x[:whole].reshape(-1, block, cols))
+    if whole < tokens:
+        by_token[-1, : tokens - whole, :cols].copy_(x[whole:])
+    out = torch.empty(tokens, rows)
+    native.matmul_many(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), packed.data_ptr(),
+                       out.data_ptr(), rows, cols, tokens, _CODES[values.dtype], torch.get_num_threads())
+    return out
+
+
 def _bits(weight: BitmaskWeight) -> torch.Tensor:
     bits = np.unpackbits(weight.mask.numpy(), axis=1, bitorder="little")[:, : weight.cols]
     return torch.from_numpy(bits).view(torch.bool)
@@ -258,13 +293,14 @@ def _check_selected(module) -> None:
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(67, 200, generator=generator)
     dense[torch.rand(67, 200, generator=generator) < 0.6] = 0
-    x = torch.randn(11, 200, generator=generator)
+    x = torch.randn(70, 200, generator=generator)
     results = {}
     for name in (chosen, "portable"):
         module.select(name)
         results[name] = [
-            _multiply_with(module, *from_dense(dense.to(dtype)).tensors(), x, dense.shape[0])
+            multiply_with(module, *from_dense(dense.to(dtype)).tensors(), inputs, dense.shape[0])
             for dtype in VALUE_DTYPES
+            for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x))
         ]
     module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):

@@ -319,7 +319,7 @@ def _swap_cpu(
         except (RuntimeError, ValueError) as exc:
             report.skipped.append(_refused(choice, f"the kernel refused it: {str(exc).splitlines()[0]}"))
             continue
-        # Both paths: the sparse kernel (decoding) and the expanded weight (prefill).
+        # Both paths: the sparse kernel (decoding) and the prefill one (many-token kernel or expanded weight).
         tokens = (SPARSE_TOKENS, SPARSE_TOKENS + 1)
         problem = _mismatch(sparse, weight, bias, CPU_TOLERANCE[weight.dtype], tokens) if verify else None
         if problem:

@@ -1,12 +1,14 @@
 """``SparseLinear``: a linear layer that keeps only its weight's kept values and bitmask (``cpu_kernels``).
 
 It replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``[in, out]`` weight is stored transposed) in a
-model served on the CPU. A few tokens at a time (decoding) run the sparse kernel; more (prefill) expand the
-weight into a scratch buffer shared by all layers and run torch's dense matmul, which is then faster. A
-float32 weight is expanded a panel of rows at a time, small enough to stay in the CPU's last-level cache
-while torch multiplies it (measured faster than the dense layer itself, which reads its weight from
-memory), but never fewer rows than make an efficient matmul: each panel re-reads all the inputs, and
-panels of wide weights (many inputs) cut to the byte size alone are too thin and lose.
+model served on the CPU. A few tokens at a time (decoding) run the sparse kernel. More (prefill) run, with
+AVX-512 and a large enough float32 weight, the many-token kernel, which multiplies each kept weight into a
+block of tokens at once and so does only the kept weights' work; otherwise they expand the weight into a
+scratch buffer shared by all layers and run torch's dense matmul. A float32 weight is expanded a panel of
+rows at a time, small enough to stay in the CPU's last-level cache while torch multiplies it (measured
+faster than the dense layer itself, which reads its weight from memory), but never fewer rows than make
+an efficient matmul: each panel re-reads all the inputs, and panels of wide weights (many inputs) cut to
+the byte size alone are too thin and lose.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.inference.cpu_kernels import BitmaskWeight, from_dense, multiply, row_block, to_dense
+from llmprune.inference.cpu_kernels import (
+    BitmaskWeight,
+    from_dense,
+    has_many_tokens_kernel,
+    multiply,
+    multiply_many,
+    row_block,
+    to_dense,
+)
 from llmprune.models.packing import dtype_name
 
 SPARSE_TOKENS = 16
-"""Up to this many tokens in one call run the sparse kernel; more expand the weight and run dense."""
+"""Up to this many tokens in one call run the sparse kernel; more run the many-token kernel (AVX-512) or
+expand the weight and run dense."""
+MANY_MIN_WEIGHTS = 1 << 21
+"""Weights smaller than this expand for many tokens even where the many-token kernel runs: they stay in
+the cache, where torch's matmul on them ran faster than the kernel."""
 PANEL_BYTES = 4 << 20
 """The size of one expanded panel of rows in prefill (see the module docstring), unless that is fewer
 than ``PANEL_MIN_ROWS`` rows."""
@@ -88,8 +102,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= SPARSE_TOKENS:
-            y = multiply(self.values, self.mask, self.offsets, flat, self.out_features)
+        few = flat.shape[0] <= SPARSE_TOKENS
+        if few or self._many_tokens_kernel_pays():
+            kernel = multiply if few else multiply_many
+            y = kernel(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
                 y += self.bias
         else:
@@ -97,6 +113,13 @@ class SparseLinear(nn.Module):
         if y.dtype is not x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _many_tokens_kernel_pays(self) -> bool:
+        """Whether many tokens run the many-token kernel rather than expand: float32 weights of at least
+        ``MANY_MIN_WEIGHTS``, with AVX-512 (torch's own bfloat16 matmul, on AMX or bf16 instructions where
+        the CPU has them, was far faster than the kernel)."""
+        large = self.in_features * self.out_features >= MANY_MIN_WEIGHTS
+        return large and self.values.dtype is torch.float32 and has_many_tokens_kernel()
 
     def _expanded(self, flat: torch.Tensor) -> torch.Tensor:
         """Many tokens: torch's matmul on the weight expanded whole or a panel of rows at a time."""

@@ -58,7 +58,7 @@ def prefill_path(module: SparseLinear, tokens: int) -> str:
     """Which of ``SparseLinear``'s paths runs this many tokens."""
     if tokens <= sparse_linear.SPARSE_TOKENS:
         return "kernel"
-    return "many-token kernel" if module._many_tokens_kernel_pays() else "expand + dense"
+    return "many-token kernel" if module.uses_many_tokens_kernel() else "expand + dense"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from the CPU's features (AVX-512 with VBMI2's expand instructions, AVX2 + FMA, p
 after torch's operators) or, without one or with ``LLMPRUNE_CPU_THREADS=pool``, on a pthread pool of
 the module's own. Memory traffic per weight falls from 4 bytes (float32) to
 ``4 * density + 1/8``: decoding a few tokens, which reads every weight once per token, speeds up by as much.
+For many tokens (prefill), ``multiply_many`` multiplies each kept weight into a block of tokens at once, so
+its work is the kept weights' alone (a vector kernel with AVX-512; elsewhere the portable C one, for checks).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         few = flat.shape[0] <= SPARSE_TOKENS
-        if few or self._many_tokens_kernel_pays():
+        if few or self.uses_many_tokens_kernel():
             kernel = multiply if few else multiply_many
             y = kernel(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
@@ -114,7 +114,7 @@ class SparseLinear(nn.Module):
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _many_tokens_kernel_pays(self) -> bool:
+    def uses_many_tokens_kernel(self) -> bool:
         """Whether many tokens run the many-token kernel rather than expand: float32 weights of at least
         ``MANY_MIN_WEIGHTS``, with AVX-512 (torch's own bfloat16 matmul, on AMX or bf16 instructions where
         the CPU has them, was far faster than the kernel)."""

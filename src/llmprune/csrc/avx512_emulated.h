@@ -25,6 +25,10 @@ typedef struct { uint16_t lane[16]; } emulated_m256i; /* read only as 16 words o
 #define _mm512_cvtepu16_epi32 emulated_cvtepu16_epi32
 #define _mm512_slli_epi32 emulated_slli_epi32
 #define _mm512_castsi512_ps emulated_castsi512_ps
+#define _mm512_castps_si512 emulated_castps_si512
+#define _mm512_srli_epi32 emulated_srli_epi32
+#define _mm512_cvtepi32_epi16 emulated_cvtepi32_epi16
+#define _mm256_storeu_si256 emulated_storeu_si256
 #define _mm512_setzero_ps emulated_setzero_ps
 #define _mm512_set1_ps emulated_set1_ps
 #define _mm512_maskz_expand_ps emulated_maskz_expand_ps
@@ -62,6 +66,26 @@ static inline emulated_m512 emulated_castsi512_ps(emulated_m512i a) {
     memcpy(r.lane, a.lane, sizeof r.lane);
     return r;
 }
+
+static inline emulated_m512i emulated_castps_si512(emulated_m512 a) {
+    emulated_m512i r;
+    memcpy(r.lane, a.lane, sizeof r.lane);
+    return r;
+}
+
+static inline emulated_m512i emulated_srli_epi32(emulated_m512i a, unsigned count) {
+    for (int i = 0; i < 16; i++) a.lane[i] = count > 31 ? 0 : a.lane[i] >> count;
+    return a;
+}
+
+/* vpmovdw: the low 16 bits of each lane. */
+static inline emulated_m256i emulated_cvtepi32_epi16(emulated_m512i a) {
+    emulated_m256i r;
+    for (int i = 0; i < 16; i++) r.lane[i] = (uint16_t)a.lane[i];
+    return r;
+}
+
+static inline void emulated_storeu_si256(emulated_m256i *p, emulated_m256i v) { memcpy((void *)p, &v, sizeof v); }
 
 static inline emulated_m512 emulated_setzero_ps(void) {
     emulated_m512 r;

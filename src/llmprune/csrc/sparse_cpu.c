@@ -275,13 +275,15 @@ static void gather_rows(const Job *job, int64_t begin, int64_t end) {
     }
 }
 
-/* The end of a float32 row past its last whole mask word (the vector paths store whole words only):
- * zeros, then the remaining kept values, from value k on. */
-static void dense_row_tail(const Job *job, float *row, const uint8_t *mask, int64_t full, int64_t k) {
-    for (int64_t j = 64 * full; j < job->cols; j++) row[j] = 0.0f;
+/* The end of a row past its last whole mask word (the vector paths store whole words only): zeros, then
+ * the remaining kept values, from value k on. */
+static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64_t full, int64_t k) {
+    const size_t item = VALUE_BYTES(job->dtype);
+    char *end = (char *)row + (size_t)(64 * full) * item;
+    memset(end, 0, (size_t)(job->cols - 64 * full) * item);
     uint64_t rest = full < job->row_bytes / 8 ? load_word(mask + 8 * full) : 0;
     while (rest) {
-        row[64 * full + ctz64(rest)] = ((const float *)job->values)[k++];
+        memcpy(end + (size_t)ctz64(rest) * item, (const char *)job->values + (size_t)k++ * item, item);
         rest &= rest - 1;
     }
 }
@@ -683,8 +685,29 @@ AVX512 static void many_avx512(const Job *job, int64_t begin, int64_t end) {
     else many_avx512_DTYPE_BF16(job, begin, end);
 }
 
+/* bfloat16: expanded as float32 (bfloat16 is its top half), narrowed back with vpmovdw. */
+AVX512 static void dense_bf16_avx512(const Job *job, int64_t begin, int64_t end) {
+    const int64_t full = job->cols / 64;
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *mask = job->mask + r * job->row_bytes;
+        uint16_t *row = (uint16_t *)job->dense + r * job->cols;
+        int64_t k = job->offsets[r];
+        for (int64_t word = 0; word < full; word++) {
+            const uint64_t w = load_word(mask + 8 * word);
+            prefetch_ahead((const uint16_t *)job->values + k, mask + 8 * word);
+            for (int c = 0; c < 4; c++) {
+                const __m512i bits = _mm512_castps_si512(chunk16_avx512(job->values, k, w, c, DTYPE_BF16));
+                _mm256_storeu_si256((__m256i *)(row + 64 * word + 16 * c),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+            }
+            k += popcount64(w);
+        }
+        dense_row_tail(job, row, mask, full, k);
+    }
+}
+
 AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
-    if (job->dtype != DTYPE_F32) { dense_portable(job, begin, end); return; }
+    if (job->dtype != DTYPE_F32) { dense_bf16_avx512(job, begin, end); return; }
     const int64_t full = job->cols / 64;
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *mask = job->mask + r * job->row_bytes;

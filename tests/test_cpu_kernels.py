@@ -220,9 +220,11 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
 
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
-@pytest.mark.parametrize("smallest", [0, 1 << 40])
-def test_prefill_runs_the_many_token_kernel_for_large_float32_weights(isa, monkeypatch, smallest, dtype):
+@pytest.mark.parametrize("smallest,densest", [(0, 0.6), (1 << 40, 0.6), (0, 0.4)])
+def test_prefill_runs_the_many_token_kernel_for_large_sparse_float32_weights(isa, monkeypatch, smallest,
+                                                                              densest, dtype):
     monkeypatch.setattr(sparse_linear, "MANY_MIN_WEIGHTS", smallest)
+    monkeypatch.setattr(sparse_linear, "MANY_MAX_DENSITY", densest)  # the weight below: about 0.5
     calls = []
     many = sparse_linear.multiply_many
     monkeypatch.setattr(sparse_linear, "multiply_many", lambda *a: calls.append(a[3].shape) or many(*a))
@@ -235,7 +237,8 @@ def test_prefill_runs_the_many_token_kernel_for_large_float32_weights(isa, monke
         x = torch.randn(tokens, 130).to(dtype)
         with torch.no_grad():
             assert relative_error(module(x).double(), linear(x).double()) <= tolerance
-    runs = isa == "avx512" and smallest == 0 and dtype is torch.float32
+    assert 0.4 < module.weight_layout.density < 0.6
+    runs = isa == "avx512" and smallest == 0 and densest == 0.6 and dtype is torch.float32
     assert calls == ([(SPARSE_TOKENS + 1, 130), (100, 130)] if runs else [])
 
 

@@ -36,6 +36,9 @@ expand the weight and run dense."""
 MANY_MIN_WEIGHTS = 1 << 21
 """Weights smaller than this expand for many tokens even where the many-token kernel runs: they stay in
 the cache, where torch's matmul on them ran faster than the kernel."""
+MANY_MAX_DENSITY = 0.6
+"""Denser weights expand for many tokens: the kernel's work grows with the kept weights, the expanded
+matmul's does not (at 512 tokens the two were even at 40 % sparsity, expanding ahead at 30 %)."""
 PANEL_BYTES = 4 << 20
 """The size of one expanded panel of rows in prefill (see the module docstring), unless that is fewer
 than ``PANEL_MIN_ROWS`` rows."""
@@ -116,10 +119,12 @@ class SparseLinear(nn.Module):
 
     def uses_many_tokens_kernel(self) -> bool:
         """Whether many tokens run the many-token kernel rather than expand: float32 weights of at least
-        ``MANY_MIN_WEIGHTS``, with AVX-512 (torch's own bfloat16 matmul, on AMX or bf16 instructions where
-        the CPU has them, was far faster than the kernel)."""
-        large = self.in_features * self.out_features >= MANY_MIN_WEIGHTS
-        return large and self.values.dtype is torch.float32 and has_many_tokens_kernel()
+        ``MANY_MIN_WEIGHTS`` entries and at most ``MANY_MAX_DENSITY``, with AVX-512 (torch's own bfloat16
+        matmul, on AMX or bf16 instructions where the CPU has them, was far faster than the kernel)."""
+        weights = self.in_features * self.out_features
+        if weights < MANY_MIN_WEIGHTS or self.values.dtype is not torch.float32:
+            return False
+        return int(self.offsets[-1]) <= MANY_MAX_DENSITY * weights and has_many_tokens_kernel()
 
     def _expanded(self, flat: torch.Tensor) -> torch.Tensor:
         """Many tokens: torch's matmul on the weight expanded whole or a panel of rows at a time."""

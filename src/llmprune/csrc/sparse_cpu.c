@@ -95,10 +95,13 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
-static inline float value_at(const Job *job, int64_t k) {
-    if (job->dtype == DTYPE_F32) return ((const float *)job->values)[k];
-    return bf16_to_float(((const uint16_t *)job->values)[k]);
+/* Value k as float32 (a constant dtype folds the branch away). */
+static inline float scalar_at(const void *values, int64_t k, int dtype) {
+    if (dtype == DTYPE_F32) return ((const float *)values)[k];
+    return bf16_to_float(((const uint16_t *)values)[k]);
 }
+
+static inline float value_at(const Job *job, int64_t k) { return scalar_at(job->values, k, job->dtype); }
 
 #define TOKEN_BLOCK 8
 
@@ -654,10 +657,7 @@ AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
                             for (int c = 0; c < MANY_VECTORS; c++) acc[c] = _mm512_loadu_ps(sums[i] + 16 * c); \
                             do {                                                                            \
                                 const float *column = inputs + ctz64(w) * MANY_TOKENS;                      \
-                                const __m512 v = _mm512_set1_ps(DT == DTYPE_F32                             \
-                                    ? ((const float *)job->values)[kk]                                      \
-                                    : bf16_to_float(((const uint16_t *)job->values)[kk]));                  \
-                                kk++;                                                                       \
+                                const __m512 v = _mm512_set1_ps(scalar_at(job->values, kk++, DT));          \
                                 for (int c = 0; c < MANY_VECTORS; c++)                                      \
                                     acc[c] = _mm512_fmadd_ps(v, _mm512_loadu_ps(column + 16 * c), acc[c]);  \
                                 w &= w - 1;                                                                 \
@@ -685,39 +685,30 @@ AVX512 static void many_avx512(const Job *job, int64_t begin, int64_t end) {
     else many_avx512_DTYPE_BF16(job, begin, end);
 }
 
-/* bfloat16: expanded as float32 (bfloat16 is its top half), narrowed back with vpmovdw. */
-AVX512 static void dense_bf16_avx512(const Job *job, int64_t begin, int64_t end) {
-    const int64_t full = job->cols / 64;
-    for (int64_t r = begin; r < end; r++) {
-        const uint8_t *mask = job->mask + r * job->row_bytes;
-        uint16_t *row = (uint16_t *)job->dense + r * job->cols;
-        int64_t k = job->offsets[r];
-        for (int64_t word = 0; word < full; word++) {
-            const uint64_t w = load_word(mask + 8 * word);
-            prefetch_ahead((const uint16_t *)job->values + k, mask + 8 * word);
-            for (int c = 0; c < 4; c++) {
-                const __m512i bits = _mm512_castps_si512(chunk16_avx512(job->values, k, w, c, DTYPE_BF16));
-                _mm256_storeu_si256((__m256i *)(row + 64 * word + 16 * c),
-                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-            }
-            k += popcount64(w);
-        }
-        dense_row_tail(job, row, mask, full, k);
+/* 16 expanded weights into a dense row: float32 as they are, bfloat16 (the top half of each float32)
+ * narrowed back with vpmovdw. */
+AVX512 static inline void store16_avx512(void *row, int64_t j, __m512 weights, int dtype) {
+    if (dtype == DTYPE_F32) {
+        _mm512_storeu_ps((float *)row + j, weights);
+        return;
     }
+    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(weights), 16);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)row + j), _mm512_cvtepi32_epi16(bits));
 }
 
 AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
-    if (job->dtype != DTYPE_F32) { dense_bf16_avx512(job, begin, end); return; }
     const int64_t full = job->cols / 64;
+    const size_t item = VALUE_BYTES(job->dtype);
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *mask = job->mask + r * job->row_bytes;
-        float *row = (float *)job->dense + r * job->cols;
+        char *row = (char *)job->dense + (size_t)(r * job->cols) * item;
         int64_t k = job->offsets[r];
         for (int64_t word = 0; word < full; word++) {
             const uint64_t w = load_word(mask + 8 * word);
-            prefetch_ahead((const float *)job->values + k, mask + 8 * word);
+            prefetch_ahead((const char *)job->values + (size_t)k * item, mask + 8 * word);
             for (int c = 0; c < 4; c++) {
-                _mm512_storeu_ps(row + 64 * word + 16 * c, chunk16_avx512(job->values, k, w, c, DTYPE_F32));
+                const __m512 weights = chunk16_avx512(job->values, k, w, c, job->dtype);
+                store16_avx512(row, 64 * word + 16 * c, weights, job->dtype);
             }
             k += popcount64(w);
         }
@@ -752,8 +743,8 @@ static RowsFn matmul_fn(void) {
     return matmul_portable;
 }
 
-/* Only AVX-512 has a vector kernel for many tokens (32 registers: 4 sums + inputs; see the docs for what
- * was measured); the others run the portable one, which the Python side uses for checks, not for speed. */
+/* Only AVX-512 has a vector kernel for many tokens (what was measured: docs/benchmarks.md); the others run
+ * the portable one, which the Python side uses for checks, not for speed. */
 static RowsFn many_fn(void) {
 #ifdef LLMPRUNE_X86
     if (selected == ISA_AVX512) return many_avx512;

@@ -121,10 +121,9 @@ class SparseLinear(nn.Module):
         """Whether many tokens run the many-token kernel rather than expand: float32 weights of at least
         ``MANY_MIN_WEIGHTS`` entries and at most ``MANY_MAX_DENSITY``, with AVX-512 (torch's own bfloat16
         matmul, on AMX or bf16 instructions where the CPU has them, was far faster than the kernel)."""
-        weights = self.in_features * self.out_features
-        if weights < MANY_MIN_WEIGHTS or self.values.dtype is not torch.float32:
+        if self.in_features * self.out_features < MANY_MIN_WEIGHTS or self.values.dtype is not torch.float32:
             return False
-        return int(self.offsets[-1]) <= MANY_MAX_DENSITY * weights and has_many_tokens_kernel()
+        return self.weight_layout.density <= MANY_MAX_DENSITY and has_many_tokens_kernel()
 
     def _expanded(self, flat: torch.Tensor) -> torch.Tensor:
         """Many tokens: torch's matmul on the weight expanded whole or a panel of rows at a time."""

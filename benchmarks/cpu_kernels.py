@@ -2,8 +2,8 @@
 
 Each case is a random ``[out, in]`` weight pruned by magnitude (unstructured per row, or 2:4), converted
 with ``cpu_kernels.from_dense`` into a ``SparseLinear``. Dense ``F.linear(x, W)`` (torch's own kernels,
-the same dtype and thread count) and the ``SparseLinear`` forward (the sparse kernel up to
-``SPARSE_TOKENS`` tokens; above it the many-token kernel with AVX-512, else expand + dense matmul) are
+the same dtype and thread count) and the ``SparseLinear`` forward (``SparseLinear.path``: the sparse kernel
+up to ``SPARSE_TOKENS`` tokens; above it the many-token kernel with AVX-512, else expand + dense matmul) are
 timed alternately in this one process (dense, sparse, dense, sparse, ...) after a warm-up; each sample
 runs enough calls to last ``--sample-ms``; the figures are medians and the speedup is median dense over
 median sparse. Each call reads the next of several copies of its weight (``--cold-mb``), so that no cache
@@ -54,13 +54,6 @@ SMOLLM2 = [(576, 576), (1536, 576), (576, 1536)]
 QUICK_SHAPES = [(576, 576)]
 
 
-def prefill_path(module: SparseLinear, tokens: int) -> str:
-    """Which of ``SparseLinear``'s paths runs this many tokens."""
-    if tokens <= sparse_linear.SPARSE_TOKENS:
-        return "kernel"
-    return "many-token kernel" if module.uses_many_tokens_kernel() else "expand + dense"
-
-
 @dataclass(frozen=True)
 class Variant:
     """One pruned weight, timed at several token counts; ``targets``: the issue's speedups (large shapes)."""
@@ -70,17 +63,17 @@ class Variant:
     pattern: str
     dtype: torch.dtype
     targets: dict[int, float]
-    every_token_count: bool = False
-    """Timed at every ``--tokens`` count (else at 1 token only)."""
+    token_counts: tuple[int, ...] | None = (1,)
+    """Timed at these token counts (None: every ``--tokens`` count)."""
 
 
 VARIANTS = [
     Variant(
-        "50 % f32", 0.5, "unstructured", torch.float32, {1: 1.7, 4: 1.3, 8: 1.3, 16: 1.3, 512: 0.95}, True
+        "50 % f32", 0.5, "unstructured", torch.float32, {1: 1.7, 4: 1.3, 8: 1.3, 16: 1.3, 512: 0.95}, None
     ),
     Variant("70 % f32", 0.7, "unstructured", torch.float32, {1: 2.6}),
     Variant("2:4 f32", 0.5, "2:4", torch.float32, {1: 1.6}),
-    Variant("50 % bf16", 0.5, "unstructured", torch.bfloat16, {1: 1.5}),
+    Variant("50 % bf16", 0.5, "unstructured", torch.bfloat16, {1: 1.5}, (1, 512)),  # 512: prefill, no target
 ]
 SWEEP_SHAPE = (4096, 4096)
 SWEEP = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -96,6 +89,9 @@ T = TypeVar("T")
 # ---- machine ------------------------------------------------------------------------------------------
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16", "amx_bf16")
+TORCH_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the instructions torch's dense kernels use (oneDNN: bfloat16 matmul;
+MKL: float32): set, a run stands in for a CPU without the instructions above the cap."""
 
 
 def machine_info() -> dict:
@@ -131,6 +127,8 @@ def machine_info() -> dict:
         "thread_backend": cpu_kernels.thread_backend(),
         "native_problem": cpu_kernels.native_problem(),
         "torch_parallel": next((line for line in parallel if line.startswith("ATen parallel backend")), ""),
+        "torch_isa_caps": {name: os.environ[name] for name in TORCH_ISA_CAPS if os.environ.get(name)},
+        "torch_bfloat16_on_amx": cpu_kernels.torch_bfloat16_on_amx(),
         **library_versions(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -147,6 +145,11 @@ def print_machine(info: dict) -> None:
     )
     forced = f" (forced by {cpu_kernels.ISA_VARIABLE})" if info["isa_forced"] else ""
     print(f"- kernels: {info['isa']}{forced}, threads on {info['thread_backend']}; {info['torch_parallel']}")
+    caps = info.get("torch_isa_caps")
+    if caps:
+        capped = ", ".join(f"{name}={value}" for name, value in caps.items())
+        print(f"- torch's dense kernels capped by {capped} (standing in for a CPU without what is above)")
+    print(f"- torch's bfloat16 matmul on AMX: {'yes' if info.get('torch_bfloat16_on_amx') else 'no'}")
     print(
         f"- llmprune {info['llmprune']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"Python {info['python']}"
@@ -264,7 +267,7 @@ def layer_cases(
             module = SparseLinear.from_dense(weight)
             limit = bytes_limit(out_features, in_features, module.weight_layout)
             next_weight, next_module, copies = rotation(weight, module, cold_bytes)
-            for tokens in token_counts if variant.every_token_count else [1]:
+            for tokens in token_counts if variant.token_counts is None else variant.token_counts:
                 x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1))
                 x = x.to(variant.dtype)
                 error = relative_error(module(x), F.linear(x.float(), weight.float()))
@@ -290,7 +293,7 @@ def layer_cases(
                         "speedup": dense_s / sparse_s,
                         "bytes_limit": limit,
                         "target": target,
-                        "path": prefill_path(module, tokens),
+                        "path": module.path(tokens),
                         "relative_error": error,
                         "copies": copies,
                     }
@@ -590,7 +593,8 @@ def main() -> None:
     print(
         f"- settings: median of {repeats} alternated samples of ≥ {sample_s * 1e3:g} ms after a warm-up; "
         f"each call reads the next of copies of its weight that hold ≥ {cold_mb:g} MiB dense (cold caches); "
-        f"SparseLinear runs the kernel up to SPARSE_TOKENS = {sparse_linear.SPARSE_TOKENS} tokens"
+        f"SparseLinear runs the kernel up to SPARSE_TOKENS = {sparse_linear.SPARSE_TOKENS} tokens (float32 "
+        f"with AVX-512 and no many-token kernel: {sparse_linear.AVX512_SPARSE_TOKENS})"
     )
     print("\n## Single layers: dense F.linear against SparseLinear\n")
     print(markdown_layers(layers))

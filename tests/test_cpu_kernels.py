@@ -6,6 +6,7 @@ not only where AVX-512 is."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import importlib.util
 import os
@@ -172,14 +173,14 @@ def test_to_dense_rebuilds_the_weight_bit_for_bit(isa, threads, dtype, rows, col
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 1), (31, 64), (33, 70), (67, 200), (300, 576), (70, 2200)])
 def test_many_token_kernel_agrees_output_by_output(isa, threads, dtype, rows, cols):
-    """Blocks of 64 tokens against panels of 32 rows in groups of two, inputs in chunks of 32 mask words,
-    and what is left of each: every output within float32 rounding of its own sum, for token counts
-    around the block size."""
+    """Blocks of 64 tokens (a last one of 32 when that holds the rest) against panels of 32 rows in groups
+    of two, inputs in chunks of 32 mask words, and what is left of each: every output within float32
+    rounding of its own sum, for token counts around the block sizes."""
     weight = sparse_weight(rows, cols, 0.6, seed=rows).to(dtype)
     weight[rows // 2] = 0
     layout = cpu_kernels.from_dense(weight)
     exact = weight.double()
-    for tokens in (17, 63, 64, 65, 130):
+    for tokens in (17, 32, 33, 63, 64, 65, 96, 97, 130):
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
         got = cpu_kernels.multiply_many(*layout.tensors(), x, rows).double()
         expected = F.linear(x.double(), exact)
@@ -187,6 +188,18 @@ def test_many_token_kernel_agrees_output_by_output(isa, threads, dtype, rows, co
         assert got.shape == (tokens, rows)
         assert torch.all((got - expected).abs() <= bound), (tokens, (got - expected).abs().max())
         assert torch.all(got[:, rows // 2] == 0)
+
+
+def test_many_token_blocks_are_wide_but_the_last_narrow_when_that_holds_the_rest():
+    blocks = cpu_kernels.many_blocks
+    assert blocks(20, 64, 32) == [(0, 20, 32)]
+    assert blocks(32, 64, 32) == [(0, 32, 32)]
+    assert blocks(33, 64, 32) == [(0, 33, 64)]
+    assert blocks(128, 64, 32) == [(0, 128, 64)]
+    assert blocks(129, 64, 32) == [(0, 128, 64), (128, 129, 32)]
+    assert blocks(160, 64, 32) == [(0, 128, 64), (128, 160, 32)]
+    assert blocks(161, 64, 32) == [(0, 161, 64)]
+    assert cpu_kernels._native().many_blocks() == (64, 32)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])
@@ -219,12 +232,49 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(isa):
     assert module.dense_weight().equal(linear.weight.detach())
 
 
+def test_decoding_reads_the_bound_weight_and_matches_linear(isa, monkeypatch):
+    """Few contiguous float32 tokens whose width is whole mask words take the bound path (its pointers read
+    once); other inputs take the general one; both equal F.linear."""
+    calls = []
+    bound_multiply = sparse_linear.multiply_bound
+    monkeypatch.setattr(sparse_linear, "multiply_bound",
+                        lambda *a: calls.append(a[1].shape) or bound_multiply(*a))
+    linear = torch.nn.Linear(128, 40)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(40, 128, 0.5, seed=7))
+    module = SparseLinear.from_dense(linear.weight, linear.bias)
+    wide = torch.randn(2, 3, 256)
+    inputs = [torch.randn(2, 3, 128), torch.randn(128), wide[..., :128], torch.randn(2, 3, 128).bfloat16(),
+              torch.randn(SPARSE_TOKENS + 1, 128)]
+    with torch.no_grad():
+        for x in inputs:
+            got, expected = module(x), linear(x.float())
+            assert got.shape == expected.shape
+            assert relative_error(got.float(), expected) <= (1e-5 if x.dtype is torch.float32 else 1e-2)
+    assert calls == [(2, 3, 128), (128,)]  # not the strided, bfloat16 or many-token inputs
+
+
+def test_the_bound_weight_follows_copies_and_replaced_buffers(isa):
+    weight = sparse_weight(40, 128, 0.5, seed=8)
+    module = SparseLinear.from_dense(weight)
+    x = torch.randn(1, 128)
+    expected = F.linear(x.double(), weight.double())
+    assert relative_error(module(x), expected) <= 1e-5  # binds the weight
+    twin = copy.deepcopy(module)
+    module.values.zero_()  # a twin still reading the original's values would now give zeros
+    assert relative_error(twin(x), expected) <= 1e-5
+    assert torch.all(module(x) == 0)
+    module.values = twin.values.clone()  # a new buffer: bound again
+    assert relative_error(module(x), expected) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
-@pytest.mark.parametrize("smallest,densest", [(0, 0.6), (1 << 40, 0.6), (0, 0.4)])
-def test_prefill_runs_the_many_token_kernel_for_large_sparse_float32_weights(isa, monkeypatch, smallest,
-                                                                              densest, dtype):
-    monkeypatch.setattr(sparse_linear, "MANY_MIN_WEIGHTS", smallest)
-    monkeypatch.setattr(sparse_linear, "MANY_MAX_DENSITY", densest)  # the weight below: about 0.5
+@pytest.mark.parametrize("limits", [(0, 0.6), (1 << 40, 0.6), (0, 0.4), None])
+@pytest.mark.parametrize("amx", [False, True])
+def test_prefill_runs_the_many_token_kernel_where_its_limits_say(isa, monkeypatch, limits, amx, dtype):
+    table = {} if limits is None else {(cpu_kernels.isa(), dtype): limits}
+    monkeypatch.setattr(sparse_linear, "MANY_TOKENS_LIMITS", table)
+    monkeypatch.setattr(sparse_linear, "torch_bfloat16_on_amx", lambda: amx)
     calls = []
     many = sparse_linear.multiply_many
     monkeypatch.setattr(sparse_linear, "multiply_many", lambda *a: calls.append(a[3].shape) or many(*a))
@@ -237,14 +287,46 @@ def test_prefill_runs_the_many_token_kernel_for_large_sparse_float32_weights(isa
         x = torch.randn(tokens, 130).to(dtype)
         with torch.no_grad():
             assert relative_error(module(x).double(), linear(x).double()) <= tolerance
-    assert 0.4 < module.weight_layout.density < 0.6
-    runs = isa == "avx512" and smallest == 0 and densest == 0.6 and dtype is torch.float32
+    assert 0.4 < module.weight_layout.density < 0.6  # within (0, 0.6) only
+    runs = limits == (0, 0.6) and not (amx and dtype is torch.bfloat16)
     assert calls == ([(SPARSE_TOKENS + 1, 130), (100, 130)] if runs else [])
+
+
+def test_torch_bfloat16_on_amx_follows_the_cpu_and_onednn_cap(monkeypatch):
+    supported = bool(torch.cpu._is_amx_tile_supported())
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert cpu_kernels.torch_bfloat16_on_amx() is supported
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert cpu_kernels.torch_bfloat16_on_amx() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
+    assert cpu_kernels.torch_bfloat16_on_amx() is supported
+
+
+@pytest.mark.parametrize("kernel_isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("many", [True, False])
+def test_the_path_for_each_token_count(monkeypatch, kernel_isa, dtype, many):
+    """The sparse kernel up to SPARSE_TOKENS tokens, then the many-token kernel where it runs; else float32
+    with AVX-512 keeps the sparse kernel up to AVX512_SPARSE_TOKENS, and the rest expands."""
+    monkeypatch.setattr(sparse_linear, "isa", lambda: kernel_isa)
+    module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
+    monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: many)
+    wide = kernel_isa == "avx512" and dtype is torch.float32
+    for tokens, expected in [
+        (1, sparse_linear.SPARSE_KERNEL),
+        (SPARSE_TOKENS, sparse_linear.SPARSE_KERNEL),
+        (SPARSE_TOKENS + 1, sparse_linear.SPARSE_KERNEL if wide else sparse_linear.EXPAND),
+        (sparse_linear.AVX512_SPARSE_TOKENS, sparse_linear.SPARSE_KERNEL if wide else sparse_linear.EXPAND),
+        (sparse_linear.AVX512_SPARSE_TOKENS + 1, sparse_linear.EXPAND),
+    ]:
+        if many and tokens > SPARSE_TOKENS:
+            expected = sparse_linear.MANY_TOKENS_KERNEL
+        assert module.path(tokens) == expected, tokens
 
 
 @pytest.mark.parametrize("rows,cols", [(203, 96), (96, 203)])
 def test_prefill_in_panels_of_rows_matches_linear(isa, monkeypatch, rows, cols):
-    monkeypatch.setattr(sparse_linear, "has_many_tokens_kernel", lambda: False)  # the path without AVX-512
+    monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: False)
     monkeypatch.setattr(sparse_linear, "PANEL_BYTES", 40 * cols)  # 10 rows of float32
     monkeypatch.setattr(sparse_linear, "PANEL_MIN_ROWS", 12)  # ... too few: panels of 12, the last one short
     linear = torch.nn.Linear(cols, rows)
@@ -353,8 +435,8 @@ def test_a_path_that_disagrees_with_the_portable_one_is_refused(broken):
         def selected(self):
             return self.name
 
-        def many_tokens(self):
-            return native.many_tokens()
+        def many_blocks(self):
+            return native.many_blocks()
 
         def run(self, kernel, out, rows, tokens, *args):
             native.select("portable")

@@ -8,7 +8,7 @@
  *
  *   matmul:   y[t, r] = sum_j W[r, j] x[t, j]   (float32 accumulation, y float32 [tokens, rows])
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
- *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of MANY_TOKENS tokens
+ *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of tokens
  *
  * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
  * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
@@ -49,6 +49,7 @@ typedef struct {
     uint8_t *mask_out;  /* compress: the mask and per-row counts written from `dense`, then the values */
     int64_t *counts_out;
     void *values_out;
+    int64_t block;  /* matmul_many: tokens per packed block of inputs */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -194,38 +195,59 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
     }
 }
 
-/* Many tokens (matmul_many): the caller packs the inputs in blocks of MANY_TOKENS tokens, float32
- * [blocks][row_bytes * 8][MANY_TOKENS] (column j of a block holds input j of its tokens side by side;
- * tokens past the last and inputs past cols are zero), so that each kept weight W[r, j] multiplies one
- * contiguous column into row r's MANY_TOKENS sums: an outer product per kept weight, whose work is the
- * kept weights' alone where a dense matmul's is every weight's. The rows go in panels of
- * MANY_PANEL_ROWS, whose sums stay in L1 while every row of the panel reads the MANY_TOKENS x 64 inputs
- * of one mask word (16 KiB). */
+/* Many tokens (matmul_many): the caller packs the inputs in blocks of MANY_TOKENS tokens, the last one
+ * MANY_TAIL_TOKENS wide when that holds all the tokens left (a prompt's tail then costs a narrow block, not
+ * a wide one's padding), float32 [blocks][row_bytes * 8][block tokens] (column j of a block holds input j
+ * of its tokens side by side; tokens past the last and inputs past cols are zero), so that each kept
+ * weight W[r, j] multiplies one contiguous column into row r's sums for the block: an outer product per
+ * kept weight, whose work is the kept weights' alone where a dense matmul's is every weight's. The rows go
+ * in panels of MANY_PANEL_ROWS, whose sums stay in L1 while every row of the panel reads the block's
+ * inputs for one mask word (16 KiB at 64 tokens). */
 #define MANY_TOKENS 64
+#define MANY_TAIL_TOKENS 32
 #define MANY_PANEL_ROWS 32
 
-/* The sums of a panel of rows for one block of tokens, into y (tokens past job->tokens dropped). */
-static void store_many(const Job *job, float sums[][MANY_TOKENS], int64_t r0, int64_t n, int64_t t0) {
-    const int64_t tokens = job->tokens - t0 < MANY_TOKENS ? job->tokens - t0 : MANY_TOKENS;
+/* The sums of a panel of rows (job->block floats each) for one block of tokens, into y (tokens past
+ * job->tokens dropped). */
+static void store_many(const Job *job, const float *sums, int64_t r0, int64_t n, int64_t t0) {
+    const int64_t block = job->block, tokens = job->tokens - t0 < block ? job->tokens - t0 : block;
     for (int64_t t = 0; t < tokens; t++)
-        for (int64_t i = 0; i < n; i++) job->y[(t0 + t) * job->rows + r0 + i] = sums[i][t];
+        for (int64_t i = 0; i < n; i++) job->y[(t0 + t) * job->rows + r0 + i] = sums[i * block + t];
 }
 
-static void many_portable(const Job *job, int64_t begin, int64_t end) {
-    const int64_t words = job->row_bytes / 8, block = 8 * job->row_bytes * MANY_TOKENS;
-    float sums[MANY_PANEL_ROWS][MANY_TOKENS];
-    for (int64_t t0 = 0; t0 < job->tokens; t0 += MANY_TOKENS) {
-        const float *x = job->x + t0 / MANY_TOKENS * block;
+/* Rows begin .. end of matmul_many: the wide blocks through `wide`, a narrow last one through `tail`, each
+ * given a job of its own tokens (job->block set). */
+static void many_parts(const Job *job, int64_t begin, int64_t end, RowsFn wide, RowsFn tail) {
+    const int64_t rest = job->tokens % MANY_TOKENS;
+    const int64_t wide_tokens = rest && rest <= MANY_TAIL_TOKENS ? job->tokens - rest : job->tokens;
+    Job part = *job;
+    part.tokens = wide_tokens;
+    part.block = MANY_TOKENS;
+    if (wide_tokens) wide(&part, begin, end);
+    if (wide_tokens == job->tokens) return;
+    part.x = job->x + wide_tokens * 8 * job->row_bytes;
+    part.y = job->y + wide_tokens * job->rows;
+    part.tokens = rest;
+    part.block = MANY_TAIL_TOKENS;
+    tail(&part, begin, end);
+}
+
+static void many_portable_blocks(const Job *job, int64_t begin, int64_t end) {
+    const int64_t words = job->row_bytes / 8, block = job->block, stride = 8 * job->row_bytes * block;
+    float sums[MANY_PANEL_ROWS * MANY_TOKENS];
+    for (int64_t t0 = 0; t0 < job->tokens; t0 += block) {
+        const float *x = job->x + t0 / block * stride;
         for (int64_t r0 = begin; r0 < end; r0 += MANY_PANEL_ROWS) {
             const int64_t n = end - r0 < MANY_PANEL_ROWS ? end - r0 : MANY_PANEL_ROWS;
             for (int64_t i = 0; i < n; i++) {
                 int64_t k = job->offsets[r0 + i];
-                memset(sums[i], 0, sizeof sums[i]);
+                float *row = sums + i * block;
+                memset(row, 0, (size_t)block * sizeof *row);
                 for (int64_t word = 0; word < words; word++) {
                     uint64_t w = load_word(job->mask + (r0 + i) * job->row_bytes + 8 * word);
                     while (w) {
-                        const float v = value_at(job, k++), *column = x + (64 * word + ctz64(w)) * MANY_TOKENS;
-                        for (int t = 0; t < MANY_TOKENS; t++) sums[i][t] += v * column[t];
+                        const float v = value_at(job, k++), *column = x + (64 * word + ctz64(w)) * block;
+                        for (int64_t t = 0; t < block; t++) row[t] += v * column[t];
                         w &= w - 1;
                     }
                 }
@@ -233,6 +255,10 @@ static void many_portable(const Job *job, int64_t begin, int64_t end) {
             store_many(job, sums, r0, n, t0);
         }
     }
+}
+
+static void many_portable(const Job *job, int64_t begin, int64_t end) {
+    many_parts(job, begin, end, many_portable_blocks, many_portable_blocks);
 }
 
 /* The bitmask and the per-row non-zero counts of a dense matrix (zero: +0.0 or -0.0). */
@@ -290,6 +316,81 @@ static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64
         rest &= rest - 1;
     }
 }
+
+/* Many tokens (see many_portable), in vectors of LANES floats (ISA: the function attribute of an
+ * instruction set, NAME its name in the functions'): one kept weight, broadcast, against its column of
+ * the block in V = BLOCK / LANES vectors. The next word's block of inputs is prefetched into L1 meanwhile, an equal share by each
+ * row of the panel. Groups of MANY_GROUP_ROWS rows (two panels, whose sums fill 16 KiB of L1 at
+ * 64 tokens) walk the words in chunks of MANY_CHUNK_WORDS, both panels through one chunk before the next,
+ * so that the second reads the chunk's inputs (MANY_CHUNK_WORDS x 16 KiB) from L2: each panel through all
+ * the words on its own read the whole block of inputs from L3 again, and the widest weights lost to dense
+ * (docs/benchmarks.md, where the group and chunk sizes were chosen). */
+#define MANY_CHUNK_WORDS 32
+#define MANY_GROUP_ROWS (2 * MANY_PANEL_ROWS)
+
+#define DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT, BLOCK_TOKENS, PART)       \
+    ISA static void many_group_##NAME##_##DT##_##PART(const Job *job, int64_t begin, int64_t end, float *sums, \
+                                                 int64_t *k) {                                              \
+        enum { BLOCK = BLOCK_TOKENS, V = BLOCK / (LANES), SHARE = 64 * BLOCK * 4 / MANY_PANEL_ROWS };       \
+        const int64_t words = job->row_bytes / 8, stride = 8 * job->row_bytes * BLOCK;                      \
+        const int64_t rows = end - begin;                                                                   \
+        for (int64_t t0 = 0; t0 < job->tokens; t0 += BLOCK) {                                               \
+            const float *x = job->x + t0 / BLOCK * stride;                                                  \
+            memset(sums, 0, (size_t)(rows * BLOCK) * sizeof *sums);                                         \
+            for (int64_t i = 0; i < rows; i++) k[i] = job->offsets[begin + i];                              \
+            for (int64_t w0 = 0; w0 < words; w0 += MANY_CHUNK_WORDS) {                                      \
+                const int64_t w1 = words - w0 < MANY_CHUNK_WORDS ? words : w0 + MANY_CHUNK_WORDS;           \
+                for (int64_t r0 = 0; r0 < rows; r0 += MANY_PANEL_ROWS) {                                    \
+                    const int64_t r1 = rows - r0 < MANY_PANEL_ROWS ? rows : r0 + MANY_PANEL_ROWS;           \
+                    for (int64_t word = w0; word < w1; word++) {                                            \
+                        const float *inputs = x + 64 * word * BLOCK;                                        \
+                        for (int64_t i = r0; i < r1; i++) {                                                 \
+                            if (word + 1 < w1) {                                                            \
+                                const char *next = (const char *)(inputs + 64 * BLOCK) + (i - r0) * SHARE;  \
+                                for (int line = 0; line < SHARE; line += 64) __builtin_prefetch(next + line); \
+                            }                                                                               \
+                            uint64_t w = load_word(job->mask + (begin + i) * job->row_bytes + 8 * word);    \
+                            if (!w) continue;                                                               \
+                            int64_t kk = k[i];                                                              \
+                            k[i] += popcount64(w);                                                          \
+                            float *row = sums + i * BLOCK;                                                  \
+                            VEC acc[V];                                                                     \
+                            for (int c = 0; c < (V); c++) acc[c] = LOADU(row + (LANES) * c);                \
+                            do {                                                                            \
+                                const float *column = inputs + ctz64(w) * BLOCK;                            \
+                                const VEC v = SET1(scalar_at(job->values, kk++, DT));                       \
+                                for (int c = 0; c < (V); c++)                                               \
+                                    acc[c] = FMADD(v, LOADU(column + (LANES) * c), acc[c]);                 \
+                                w &= w - 1;                                                                 \
+                            } while (w);                                                                    \
+                            for (int c = 0; c < (V); c++) STOREU(row + (LANES) * c, acc[c]);                \
+                        }                                                                                   \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+            store_many(job, sums, begin, rows, t0);                                                         \
+        }                                                                                                   \
+    }                                                                                                       \
+    ISA static void many_##NAME##_##DT##_##PART(const Job *job, int64_t begin, int64_t end) {               \
+        float sums[MANY_GROUP_ROWS * (BLOCK_TOKENS)];                                                       \
+        int64_t k[MANY_GROUP_ROWS];                                                                         \
+        for (int64_t g0 = begin; g0 < end; g0 += MANY_GROUP_ROWS)                                           \
+            many_group_##NAME##_##DT##_##PART(job, g0, end - g0 < MANY_GROUP_ROWS ? end : g0 + MANY_GROUP_ROWS, \
+                                       sums, k);                                                            \
+    }
+
+/* many_NAME: matmul_many's wide blocks and narrow last one, float32 and bfloat16 values. */
+#define DEFINE_MANY(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU)                                      \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_F32, MANY_TOKENS, wide)     \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_F32, MANY_TAIL_TOKENS, tail) \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_BF16, MANY_TOKENS, wide)    \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_BF16, MANY_TAIL_TOKENS, tail) \
+    ISA static void many_##NAME(const Job *job, int64_t begin, int64_t end) {                               \
+        if (job->dtype == DTYPE_F32)                                                                        \
+            many_parts(job, begin, end, many_##NAME##_DTYPE_F32_wide, many_##NAME##_DTYPE_F32_tail);        \
+        else                                                                                                \
+            many_parts(job, begin, end, many_##NAME##_DTYPE_BF16_wide, many_##NAME##_DTYPE_BF16_tail);      \
+    }
 
 /* ---------------------------------------------------------------- AVX2 + FMA -------------------------- */
 #ifdef LLMPRUNE_X86
@@ -424,6 +525,8 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
         dense_row_tail(job, row, mask, full, k);
     }
 }
+
+DEFINE_MANY(avx2, AVX2, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps)
 
 /* ---------------------------------------------------------------- AVX-512F ---------------------------- */
 
@@ -615,75 +718,7 @@ AVX512 static void matmul_avx512(const Job *job, int64_t begin, int64_t end) {
     if (job->dtype == DTYPE_F32) TILES(DTYPE_F32) else TILES(DTYPE_BF16)
 }
 
-/* Many tokens (see many_portable): one kept weight, broadcast, against its column of the block in four
- * vectors. The next word's block of inputs is prefetched into L1 meanwhile, an equal share by each row
- * of the panel. Groups of MANY_GROUP_ROWS rows (two panels, whose sums fill 16 KiB of L1) walk the words
- * in chunks of MANY_CHUNK_WORDS, both panels through one chunk before the next, so that the second reads
- * the chunk's inputs (MANY_CHUNK_WORDS x 16 KiB) from L2: each panel through all the words on its own
- * read the whole block of inputs from L3 again, and the widest weights lost to dense (docs/benchmarks.md,
- * where the group and chunk sizes were chosen). */
-#define MANY_VECTORS (MANY_TOKENS / 16)
-#define MANY_BLOCK_BYTES (64 * MANY_TOKENS * 4)
-#define MANY_CHUNK_WORDS 32
-#define MANY_GROUP_ROWS (2 * MANY_PANEL_ROWS)
-
-#define DEFINE_MANY_AVX512(DT)                                                                              \
-    AVX512 static void many_group_avx512_##DT(const Job *job, int64_t begin, int64_t end,                   \
-                                               float (*sums)[MANY_TOKENS], int64_t *k) {                    \
-        const int64_t words = job->row_bytes / 8, block = 8 * job->row_bytes * MANY_TOKENS;                 \
-        const int64_t rows = end - begin;                                                                   \
-        for (int64_t t0 = 0; t0 < job->tokens; t0 += MANY_TOKENS) {                                         \
-            const float *x = job->x + t0 / MANY_TOKENS * block;                                             \
-            memset(sums, 0, (size_t)rows * sizeof *sums);                                                   \
-            for (int64_t i = 0; i < rows; i++) k[i] = job->offsets[begin + i];                              \
-            for (int64_t w0 = 0; w0 < words; w0 += MANY_CHUNK_WORDS) {                                      \
-                const int64_t w1 = words - w0 < MANY_CHUNK_WORDS ? words : w0 + MANY_CHUNK_WORDS;           \
-                for (int64_t r0 = 0; r0 < rows; r0 += MANY_PANEL_ROWS) {                                    \
-                    const int64_t r1 = rows - r0 < MANY_PANEL_ROWS ? rows : r0 + MANY_PANEL_ROWS;           \
-                    for (int64_t word = w0; word < w1; word++) {                                            \
-                        const float *inputs = x + 64 * word * MANY_TOKENS;                                  \
-                        for (int64_t i = r0; i < r1; i++) {                                                 \
-                            if (word + 1 < w1) {                                                            \
-                                const char *next = (const char *)(inputs + 64 * MANY_TOKENS) +              \
-                                                   (i - r0) * (MANY_BLOCK_BYTES / MANY_PANEL_ROWS);         \
-                                for (int line = 0; line < MANY_BLOCK_BYTES / MANY_PANEL_ROWS; line += 64)   \
-                                    __builtin_prefetch(next + line);                                        \
-                            }                                                                               \
-                            uint64_t w = load_word(job->mask + (begin + i) * job->row_bytes + 8 * word);    \
-                            if (!w) continue;                                                               \
-                            int64_t kk = k[i];                                                              \
-                            k[i] += popcount64(w);                                                          \
-                            __m512 acc[MANY_VECTORS];                                                       \
-                            for (int c = 0; c < MANY_VECTORS; c++) acc[c] = _mm512_loadu_ps(sums[i] + 16 * c); \
-                            do {                                                                            \
-                                const float *column = inputs + ctz64(w) * MANY_TOKENS;                      \
-                                const __m512 v = _mm512_set1_ps(scalar_at(job->values, kk++, DT));          \
-                                for (int c = 0; c < MANY_VECTORS; c++)                                      \
-                                    acc[c] = _mm512_fmadd_ps(v, _mm512_loadu_ps(column + 16 * c), acc[c]);  \
-                                w &= w - 1;                                                                 \
-                            } while (w);                                                                    \
-                            for (int c = 0; c < MANY_VECTORS; c++) _mm512_storeu_ps(sums[i] + 16 * c, acc[c]); \
-                        }                                                                                   \
-                    }                                                                                       \
-                }                                                                                           \
-            }                                                                                               \
-            store_many(job, sums, begin, rows, t0);                                                         \
-        }                                                                                                   \
-    }                                                                                                       \
-    AVX512 static void many_avx512_##DT(const Job *job, int64_t begin, int64_t end) {                       \
-        float sums[MANY_GROUP_ROWS][MANY_TOKENS];                                                           \
-        int64_t k[MANY_GROUP_ROWS];                                                                         \
-        for (int64_t g0 = begin; g0 < end; g0 += MANY_GROUP_ROWS)                                           \
-            many_group_avx512_##DT(job, g0, end - g0 < MANY_GROUP_ROWS ? end : g0 + MANY_GROUP_ROWS, sums, k); \
-    }
-
-DEFINE_MANY_AVX512(DTYPE_F32)
-DEFINE_MANY_AVX512(DTYPE_BF16)
-
-AVX512 static void many_avx512(const Job *job, int64_t begin, int64_t end) {
-    if (job->dtype == DTYPE_F32) many_avx512_DTYPE_F32(job, begin, end);
-    else many_avx512_DTYPE_BF16(job, begin, end);
-}
+DEFINE_MANY(avx512, AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps)
 
 /* 16 expanded weights into a dense row: float32 as they are, bfloat16 (the top half of each float32)
  * narrowed back with vpmovdw. */
@@ -743,11 +778,11 @@ static RowsFn matmul_fn(void) {
     return matmul_portable;
 }
 
-/* Only AVX-512 has a vector kernel for many tokens (what was measured: docs/benchmarks.md); the others run
- * the portable one, which the Python side uses for checks, not for speed. */
+/* The portable kernel for many tokens serves the Python side's checks, not speed. */
 static RowsFn many_fn(void) {
 #ifdef LLMPRUNE_X86
     if (selected == ISA_AVX512) return many_avx512;
+    if (selected == ISA_AVX2) return many_avx2;
 #endif
     return many_portable;
 }
@@ -1016,7 +1051,9 @@ static PyObject *py_gather(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-static PyObject *py_many_tokens(PyObject *self, PyObject *unused) { return PyLong_FromLong(MANY_TOKENS); }
+static PyObject *py_many_blocks(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(ii)", MANY_TOKENS, MANY_TAIL_TOKENS);
+}
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
@@ -1075,8 +1112,8 @@ static PyObject *py_selected_threads(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
-     "y = x @ W.T for many tokens, x packed in blocks of MANY_TOKENS"},
-    {"many_tokens", py_many_tokens, METH_NOARGS, "tokens per packed block of matmul_many"},
+     "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
+    {"many_blocks", py_many_blocks, METH_NOARGS, "tokens per packed block of matmul_many: (wide, narrow last)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
     {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},

@@ -16,7 +16,7 @@ after torch's operators) or, without one or with ``LLMPRUNE_CPU_THREADS=pool``, 
 the module's own. Memory traffic per weight falls from 4 bytes (float32) to
 ``4 * density + 1/8``: decoding a few tokens, which reads every weight once per token, speeds up by as much.
 For many tokens (prefill), ``multiply_many`` multiplies each kept weight into a block of tokens at once, so
-its work is the kept weights' alone (a vector kernel with AVX-512; elsewhere the portable C one, for checks).
+its work is the kept weights' alone (vector kernels with AVX-512 and AVX2; the portable C one serves checks).
 """
 
 from __future__ import annotations
@@ -168,11 +168,51 @@ def _multiply_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
     return out
 
 
-def has_many_tokens_kernel() -> bool:
-    """Whether the instruction set in use has a vector kernel for many tokens (``multiply_many``): AVX-512
-    only; elsewhere prefill expands the weight and runs torch's matmul."""
-    native = _native()
-    return native is not None and native.selected() == "avx512"
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A weight's tensors and what ``multiply_bound`` passes of them, read once: a decoding step calls the
+    kernel for every linear layer, and after each one has streamed its weight through the caches, every
+    tensor attribute read in Python costs memory accesses (measured: tens of microseconds a call)."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    pointers: tuple[int, int, int]
+    rows: int
+    cols: int
+    code: int
+    usable: bool
+    """Whether ``multiply_bound`` may run: the compiled module is there and rows of ``cols`` inputs are whole
+    mask words (else ``multiply`` pads them)."""
+
+    def holds(self, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor) -> bool:
+        """Whether these are still its tensors, where they were (a deep copy holds copies of them)."""
+        mine = self.tensors
+        same = mine[0] is values and mine[1] is mask and mine[2] is offsets
+        return same and values.data_ptr() == self.pointers[0]
+
+
+def bind(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, rows: int, cols: int) -> Bound:
+    """``Bound`` of a weight's tensors, for ``multiply_bound``."""
+    usable = _native() is not None and 8 * mask.shape[1] == cols
+    pointers = (values.data_ptr(), mask.data_ptr(), offsets.data_ptr())
+    return Bound((values, mask, offsets), pointers, rows, cols, _CODES[values.dtype], usable)
+
+
+def multiply_bound(bound: Bound, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``multiply`` into ``out`` (float32, ``[..., rows]``) for contiguous float32 ``x`` (``[..., cols]``),
+    unchecked: ``bound.usable`` must hold."""
+    native = _MODULE if _LOADED else _native()
+    native.matmul(*bound.pointers, x.data_ptr(), bound.cols, out.data_ptr(), bound.rows, bound.cols,
+                   x.numel() // bound.cols, bound.code, torch.get_num_threads())
+
+
+def torch_bfloat16_on_amx() -> bool:
+    """Whether torch's bfloat16 matmul runs on AMX here (oneDNN uses the tiles where the CPU has them,
+    unless ``ONEDNN_MAX_CPU_ISA`` caps it below)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap != "ALL" and "AMX" not in cap:
+        return False
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent, assume no AMX
+    return bool(supported is not None and supported())
 
 
 def multiply_many(
@@ -186,17 +226,33 @@ def multiply_many(
     return _multiply_many_with(native, values, mask, offsets, x, rows)
 
 
+def many_blocks(tokens: int, wide: int, narrow: int) -> list[tuple[int, int, int]]:
+    """How ``multiply_many`` packs this many tokens: ``(first, last, tokens per block)`` for the blocks of
+    ``wide`` tokens, then for one last block of ``narrow`` when that holds all the tokens left (a short
+    prompt, or a prompt's tail, then pays a narrow block rather than a wide one's padding)."""
+    rest = tokens % wide
+    if not 0 < rest <= narrow:
+        return [(0, tokens, wide)]
+    if tokens == rest:
+        return [(0, tokens, narrow)]
+    return [(0, tokens - rest, wide), (tokens - rest, tokens, narrow)]
+
+
 def _multiply_many_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
     tokens, cols = x.shape
-    block = native.many_tokens()
-    blocks = -(-tokens // block)
-    # [blocks, 8 * row_bytes, block]: column j of a block holds input j of its tokens; padding zero
-    packed = torch.zeros(blocks, 8 * mask.shape[1], block)
-    by_token = packed.transpose(1, 2)
-    whole = tokens // block * block
-    by_token[: tokens // block, :, :cols].copy_(x[:whole].reshape(-1, block, cols))
-    if whole < tokens:
-        by_token[-1, : tokens - whole, :cols].copy_(x[whole:])
+    width = 8 * mask.shape[1]
+    parts = [(first, last, block, -(-(last - first) // block)) for first, last, block in
+             many_blocks(tokens, *native.many_blocks())]
+    packed = torch.zeros(sum(blocks * block for *_, block, blocks in parts) * width)
+    start = 0
+    for first, last, block, blocks in parts:
+        # [blocks, width, block]: column j of a block holds input j of its tokens; padding zero
+        by_token = packed[start : start + blocks * block * width].view(blocks, width, block).transpose(1, 2)
+        start += blocks * block * width
+        whole = (last - first) // block * block
+        by_token[: whole // block, :, :cols].copy_(x[first : first + whole].reshape(-1, block, cols))
+        if whole < last - first:
+            by_token[-1, : last - first - whole, :cols].copy_(x[first + whole : last])
     out = torch.empty(tokens, rows)
     native.matmul_many(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), packed.data_ptr(),
                        out.data_ptr(), rows, cols, tokens, _CODES[values.dtype], torch.get_num_threads())
@@ -302,7 +358,8 @@ def _check_selected(module) -> None:
         results[name] = [
             multiply_with(module, *from_dense(dense.to(dtype)).tensors(), inputs, dense.shape[0])
             for dtype in VALUE_DTYPES
-            for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x))
+            for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x[:30]),
+                                          (_multiply_many_with, x))
         ]
     module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):

@@ -1,9 +1,9 @@
 """``SparseLinear``: a linear layer that keeps only its weight's kept values and bitmask (``cpu_kernels``).
 
 It replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``[in, out]`` weight is stored transposed) in a
-model served on the CPU. A few tokens at a time (decoding) run the sparse kernel. More (prefill) run, with
-AVX-512 and a large enough float32 weight, the many-token kernel, which multiplies each kept weight into a
-block of tokens at once and so does only the kept weights' work; otherwise they expand the weight into a
+model served on the CPU. A few tokens at a time (decoding) run the sparse kernel. More (prefill) run, where it
+was measured faster (``MANY_TOKENS_LIMITS``), the many-token kernel, which multiplies each kept weight into
+a block of tokens at once and so does only the kept weights' work; otherwise they expand the weight into a
 scratch buffer shared by all layers and run torch's dense matmul. A float32 weight is expanded a panel of
 rows at a time, small enough to stay in the CPU's last-level cache while torch multiplies it (measured
 faster than the dense layer itself, which reads its weight from memory), but never fewer rows than make
@@ -21,29 +21,44 @@ from torch import nn
 
 from llmprune.inference.cpu_kernels import (
     BitmaskWeight,
+    Bound,
+    bind,
     from_dense,
-    has_many_tokens_kernel,
+    isa,
     multiply,
+    multiply_bound,
     multiply_many,
     row_block,
     to_dense,
+    torch_bfloat16_on_amx,
 )
 from llmprune.models.packing import dtype_name
 
 SPARSE_TOKENS = 16
-"""Up to this many tokens in one call run the sparse kernel; more run the many-token kernel (AVX-512) or
-expand the weight and run dense."""
-MANY_MIN_WEIGHTS = 1 << 21
-"""Weights smaller than this expand for many tokens even where the many-token kernel runs: they stay in
-the cache, where torch's matmul on them ran faster than the kernel."""
-MANY_MAX_DENSITY = 0.6
-"""Denser weights expand for many tokens: the kernel's work grows with the kept weights, the expanded
-matmul's does not (at 512 tokens the two were even at 40 % sparsity, expanding ahead at 30 %)."""
+"""Up to this many tokens in one call run the sparse kernel; more run the many-token kernel or expand the
+weight and run dense (``SparseLinear.path``)."""
+AVX512_SPARSE_TOKENS = 32
+"""With AVX-512, float32 weights that the many-token kernel does not take run the sparse kernel up to this
+many tokens: there it was ahead of expanding (on AVX2 and for bfloat16 weights it was not, past 16)."""
+MANY_TOKENS_LIMITS: dict[tuple[str, torch.dtype], tuple[int, float]] = {
+    ("avx512", torch.float32): (1 << 21, 0.6),
+    ("avx512", torch.bfloat16): (0, 1.0),
+    ("avx2", torch.float32): (0, 1.0),
+    ("avx2", torch.bfloat16): (0, 1.0),
+}
+"""Which weights run more than ``SPARSE_TOKENS`` tokens through the many-token kernel rather than expand,
+by the kernels' instruction set and the values' dtype: those of at least this many entries and at most
+this density (as measured against expanding, docs/benchmarks.md). With AVX-512, smaller float32 weights
+stay in the cache, where torch's matmul on them was faster, and at 30 % sparsity expanding was ahead
+(the kernel's work grows with the kept weights, the expanded matmul's does not). bfloat16 weights expand
+where torch's bfloat16 matmul runs on AMX (``torch_bfloat16_on_amx``), far faster than the kernel."""
 PANEL_BYTES = 4 << 20
 """The size of one expanded panel of rows in prefill (see the module docstring), unless that is fewer
 than ``PANEL_MIN_ROWS`` rows."""
 PANEL_MIN_ROWS = 256
 """The fewest rows in a panel: each panel re-reads all the inputs, so thin ones cost more than they save."""
+SPARSE_KERNEL, MANY_TOKENS_KERNEL, EXPAND = "sparse kernel", "many-token kernel", "expand + dense"
+"""``SparseLinear.path``: what multiplies a call's tokens."""
 BREAK_EVEN_SPARSITY = 0.3
 """Below this sparsity a layer gains too little from the kernels and stays dense."""
 
@@ -104,26 +119,57 @@ class SparseLinear(nn.Module):
         return to_dense(self.weight_layout).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32 and x.numel() <= SPARSE_TOKENS * self.in_features and x.is_contiguous():
+            bound = self._bound()  # decoding: the fewest tensor reads (see cpu_kernels.Bound)
+            if bound.usable and x.shape[-1] == bound.cols:
+                y = torch.empty(*x.shape[:-1], self.out_features)
+                multiply_bound(bound, x, y)
+                bias = self._buffers["bias"]
+                if bias is not None:
+                    y += bias
+                return y
         flat = x.reshape(-1, self.in_features)
-        few = flat.shape[0] <= SPARSE_TOKENS
-        if few or self.uses_many_tokens_kernel():
-            kernel = multiply if few else multiply_many
+        path = self.path(flat.shape[0])
+        if path == EXPAND:
+            y = self._expanded(flat)
+        else:
+            kernel = multiply if path == SPARSE_KERNEL else multiply_many
             y = kernel(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
                 y += self.bias
-        else:
-            y = self._expanded(flat)
         if y.dtype is not x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _bound(self) -> Bound:
+        buffers = self._buffers
+        values, mask, offsets = buffers["values"], buffers["mask"], buffers["offsets"]
+        bound = self.__dict__.get("_bound_weight")
+        if bound is None or not bound.holds(values, mask, offsets):
+            bound = bind(values, mask, offsets, self.out_features, self.in_features)
+            self.__dict__["_bound_weight"] = bound
+        return bound
+
+    def path(self, tokens: int) -> str:
+        """What multiplies this many tokens in one call: ``SPARSE_KERNEL``, ``MANY_TOKENS_KERNEL`` or
+        ``EXPAND`` (torch's matmul on the expanded weight)."""
+        if tokens <= SPARSE_TOKENS:
+            return SPARSE_KERNEL
+        if self.uses_many_tokens_kernel():
+            return MANY_TOKENS_KERNEL
+        if tokens <= AVX512_SPARSE_TOKENS and self.values.dtype is torch.float32 and isa() == "avx512":
+            return SPARSE_KERNEL
+        return EXPAND
+
     def uses_many_tokens_kernel(self) -> bool:
-        """Whether many tokens run the many-token kernel rather than expand: float32 weights of at least
-        ``MANY_MIN_WEIGHTS`` entries and at most ``MANY_MAX_DENSITY``, with AVX-512 (torch's own bfloat16
-        matmul, on AMX or bf16 instructions where the CPU has them, was far faster than the kernel)."""
-        if self.in_features * self.out_features < MANY_MIN_WEIGHTS or self.values.dtype is not torch.float32:
+        """Whether more than ``SPARSE_TOKENS`` tokens run the many-token kernel rather than expand (see
+        ``MANY_TOKENS_LIMITS``)."""
+        limits = MANY_TOKENS_LIMITS.get((isa(), self.values.dtype))
+        if limits is None or self.in_features * self.out_features < limits[0]:
             return False
-        return self.weight_layout.density <= MANY_MAX_DENSITY and has_many_tokens_kernel()
+        if self.values.dtype is torch.bfloat16 and torch_bfloat16_on_amx():
+            return False
+        return self.weight_layout.density <= limits[1]
 
     def _expanded(self, flat: torch.Tensor) -> torch.Tensor:
         """Many tokens: torch's matmul on the weight expanded whole or a panel of rows at a time."""

@@ -173,14 +173,14 @@ def test_to_dense_rebuilds_the_weight_bit_for_bit(isa, threads, dtype, rows, col
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 1), (31, 64), (33, 70), (67, 200), (300, 576), (70, 2200)])
 def test_many_token_kernel_agrees_output_by_output(isa, threads, dtype, rows, cols):
-    """Blocks of 64 tokens (a last one of 32 when that holds the rest) against panels of 32 rows in groups
-    of two, inputs in chunks of 32 mask words, and what is left of each: every output within float32
+    """Blocks of 64 tokens (a last one of 32 or 48 when that holds the rest) against panels of 32 rows in
+    groups of two, inputs in chunks of 32 mask words, and what is left of each: every output within float32
     rounding of its own sum, for token counts around the block sizes."""
     weight = sparse_weight(rows, cols, 0.6, seed=rows).to(dtype)
     weight[rows // 2] = 0
     layout = cpu_kernels.from_dense(weight)
     exact = weight.double()
-    for tokens in (17, 32, 33, 63, 64, 65, 96, 97, 130):
+    for tokens in (17, 32, 33, 48, 49, 63, 64, 65, 96, 97, 112, 113, 130):
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
         got = cpu_kernels.multiply_many(*layout.tensors(), x, rows).double()
         expected = F.linear(x.double(), exact)
@@ -190,16 +190,18 @@ def test_many_token_kernel_agrees_output_by_output(isa, threads, dtype, rows, co
         assert torch.all(got[:, rows // 2] == 0)
 
 
-def test_many_token_blocks_are_wide_but_the_last_narrow_when_that_holds_the_rest():
+def test_many_token_blocks_are_wide_but_the_last_the_narrowest_that_holds_the_rest():
     blocks = cpu_kernels.many_blocks
-    assert blocks(20, 64, 32) == [(0, 20, 32)]
-    assert blocks(32, 64, 32) == [(0, 32, 32)]
-    assert blocks(33, 64, 32) == [(0, 33, 64)]
-    assert blocks(128, 64, 32) == [(0, 128, 64)]
-    assert blocks(129, 64, 32) == [(0, 128, 64), (128, 129, 32)]
-    assert blocks(160, 64, 32) == [(0, 128, 64), (128, 160, 32)]
-    assert blocks(161, 64, 32) == [(0, 161, 64)]
-    assert cpu_kernels._native().many_blocks() == (64, 32)
+    assert blocks(20, 64, 32, 48) == [(0, 20, 32)]
+    assert blocks(32, 64, 32, 48) == [(0, 32, 32)]
+    assert blocks(33, 64, 32, 48) == [(0, 33, 48)]
+    assert blocks(48, 64, 32, 48) == [(0, 48, 48)]
+    assert blocks(49, 64, 32, 48) == [(0, 49, 64)]
+    assert blocks(128, 64, 32, 48) == [(0, 128, 64)]
+    assert blocks(129, 64, 32, 48) == [(0, 128, 64), (128, 129, 32)]
+    assert blocks(170, 64, 32, 48) == [(0, 128, 64), (128, 170, 48)]
+    assert blocks(177, 64, 32, 48) == [(0, 177, 64)]
+    assert cpu_kernels._native().many_blocks() == (64, 32, 48)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])

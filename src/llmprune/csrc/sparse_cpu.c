@@ -196,15 +196,16 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
 }
 
 /* Many tokens (matmul_many): the caller packs the inputs in blocks of MANY_TOKENS tokens, the last one
- * MANY_TAIL_TOKENS wide when that holds all the tokens left (a prompt's tail then costs a narrow block, not
- * a wide one's padding), float32 [blocks][row_bytes * 8][block tokens] (column j of a block holds input j
+ * MANY_SHORT_TAIL or MANY_LONG_TAIL wide, the narrowest that holds all the tokens left, if one does (a
+ * prompt's tail then costs a narrower block, not a wide one's padding), float32 [blocks][row_bytes * 8][block tokens] (column j of a block holds input j
  * of its tokens side by side; tokens past the last and inputs past cols are zero), so that each kept
  * weight W[r, j] multiplies one contiguous column into row r's sums for the block: an outer product per
  * kept weight, whose work is the kept weights' alone where a dense matmul's is every weight's. The rows go
  * in panels of MANY_PANEL_ROWS, whose sums stay in L1 while every row of the panel reads the block's
  * inputs for one mask word (16 KiB at 64 tokens). */
 #define MANY_TOKENS 64
-#define MANY_TAIL_TOKENS 32
+#define MANY_SHORT_TAIL 32
+#define MANY_LONG_TAIL 48
 #define MANY_PANEL_ROWS 32
 
 /* The sums of a panel of rows (job->block floats each) for one block of tokens, into y (tokens past
@@ -215,21 +216,26 @@ static void store_many(const Job *job, const float *sums, int64_t r0, int64_t n,
         for (int64_t i = 0; i < n; i++) job->y[(t0 + t) * job->rows + r0 + i] = sums[i * block + t];
 }
 
-/* Rows begin .. end of matmul_many: the wide blocks through `wide`, a narrow last one through `tail`, each
- * given a job of its own tokens (job->block set). */
-static void many_parts(const Job *job, int64_t begin, int64_t end, RowsFn wide, RowsFn tail) {
+/* Rows begin .. end of matmul_many: the wide blocks through `wide`, a narrower last one through
+ * `short_tail` or `long_tail`, each given a job of its own tokens (job->block set). */
+static void many_parts(const Job *job, int64_t begin, int64_t end, RowsFn wide, RowsFn short_tail,
+                       RowsFn long_tail) {
     const int64_t rest = job->tokens % MANY_TOKENS;
-    const int64_t wide_tokens = rest && rest <= MANY_TAIL_TOKENS ? job->tokens - rest : job->tokens;
+    const int64_t tail = !rest                      ? 0
+                         : rest <= MANY_SHORT_TAIL ? MANY_SHORT_TAIL
+                         : rest <= MANY_LONG_TAIL  ? MANY_LONG_TAIL
+                                                   : 0;
+    const int64_t wide_tokens = tail ? job->tokens - rest : job->tokens;
     Job part = *job;
     part.tokens = wide_tokens;
     part.block = MANY_TOKENS;
     if (wide_tokens) wide(&part, begin, end);
-    if (wide_tokens == job->tokens) return;
+    if (!tail) return;
     part.x = job->x + wide_tokens * 8 * job->row_bytes;
     part.y = job->y + wide_tokens * job->rows;
     part.tokens = rest;
-    part.block = MANY_TAIL_TOKENS;
-    tail(&part, begin, end);
+    part.block = tail;
+    (tail == MANY_SHORT_TAIL ? short_tail : long_tail)(&part, begin, end);
 }
 
 static void many_portable_blocks(const Job *job, int64_t begin, int64_t end) {
@@ -258,7 +264,7 @@ static void many_portable_blocks(const Job *job, int64_t begin, int64_t end) {
 }
 
 static void many_portable(const Job *job, int64_t begin, int64_t end) {
-    many_parts(job, begin, end, many_portable_blocks, many_portable_blocks);
+    many_parts(job, begin, end, many_portable_blocks, many_portable_blocks, many_portable_blocks);
 }
 
 /* The bitmask and the per-row non-zero counts of a dense matrix (zero: +0.0 or -0.0). */
@@ -379,17 +385,21 @@ static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64
                                        sums, k);                                                            \
     }
 
-/* many_NAME: matmul_many's wide blocks and narrow last one, float32 and bfloat16 values. */
+/* many_NAME: matmul_many's wide blocks and narrower last ones, float32 and bfloat16 values. */
+#define DEFINE_MANY_DTYPE(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT)                             \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT, MANY_TOKENS, wide)            \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT, MANY_SHORT_TAIL, short)       \
+    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT, MANY_LONG_TAIL, long)
 #define DEFINE_MANY(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU)                                      \
-    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_F32, MANY_TOKENS, wide)     \
-    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_F32, MANY_TAIL_TOKENS, tail) \
-    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_BF16, MANY_TOKENS, wide)    \
-    DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_BF16, MANY_TAIL_TOKENS, tail) \
+    DEFINE_MANY_DTYPE(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_F32)                         \
+    DEFINE_MANY_DTYPE(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DTYPE_BF16)                        \
     ISA static void many_##NAME(const Job *job, int64_t begin, int64_t end) {                               \
         if (job->dtype == DTYPE_F32)                                                                        \
-            many_parts(job, begin, end, many_##NAME##_DTYPE_F32_wide, many_##NAME##_DTYPE_F32_tail);        \
+            many_parts(job, begin, end, many_##NAME##_DTYPE_F32_wide, many_##NAME##_DTYPE_F32_short,        \
+                       many_##NAME##_DTYPE_F32_long);                                                       \
         else                                                                                                \
-            many_parts(job, begin, end, many_##NAME##_DTYPE_BF16_wide, many_##NAME##_DTYPE_BF16_tail);      \
+            many_parts(job, begin, end, many_##NAME##_DTYPE_BF16_wide, many_##NAME##_DTYPE_BF16_short,      \
+                       many_##NAME##_DTYPE_BF16_long);                                                      \
     }
 
 /* ---------------------------------------------------------------- AVX2 + FMA -------------------------- */
@@ -1052,7 +1062,7 @@ static PyObject *py_gather(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 static PyObject *py_many_blocks(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("(ii)", MANY_TOKENS, MANY_TAIL_TOKENS);
+    return Py_BuildValue("(iii)", MANY_TOKENS, MANY_SHORT_TAIL, MANY_LONG_TAIL);
 }
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
@@ -1113,7 +1123,7 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
      "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
-    {"many_blocks", py_many_blocks, METH_NOARGS, "tokens per packed block of matmul_many: (wide, narrow last)"},
+    {"many_blocks", py_many_blocks, METH_NOARGS, "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
     {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},

@@ -226,16 +226,18 @@ def multiply_many(
     return _multiply_many_with(native, values, mask, offsets, x, rows)
 
 
-def many_blocks(tokens: int, wide: int, narrow: int) -> list[tuple[int, int, int]]:
+def many_blocks(tokens: int, wide: int, *tails: int) -> list[tuple[int, int, int]]:
     """How ``multiply_many`` packs this many tokens: ``(first, last, tokens per block)`` for the blocks of
-    ``wide`` tokens, then for one last block of ``narrow`` when that holds all the tokens left (a short
-    prompt, or a prompt's tail, then pays a narrow block rather than a wide one's padding)."""
+    ``wide`` tokens, then for one last block of the narrowest of ``tails`` (ascending) that holds all the
+    tokens left, if one does (a short prompt, or a prompt's tail, then pays a narrower block rather than a
+    wide one's padding)."""
     rest = tokens % wide
-    if not 0 < rest <= narrow:
+    tail = next((width for width in tails if rest <= width), None) if rest else None
+    if tail is None:
         return [(0, tokens, wide)]
     if tokens == rest:
-        return [(0, tokens, narrow)]
-    return [(0, tokens - rest, wide), (tokens - rest, tokens, narrow)]
+        return [(0, tokens, tail)]
+    return [(0, tokens - rest, wide), (tokens - rest, tokens, tail)]
 
 
 def _multiply_many_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
@@ -359,7 +361,7 @@ def _check_selected(module) -> None:
             multiply_with(module, *from_dense(dense.to(dtype)).tensors(), inputs, dense.shape[0])
             for dtype in VALUE_DTYPES
             for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x[:30]),
-                                          (_multiply_many_with, x))
+                                          (_multiply_many_with, x[:40]), (_multiply_many_with, x))
         ]
     module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):

@@ -204,6 +204,15 @@ def test_many_token_blocks_are_wide_but_the_last_the_narrowest_that_holds_the_re
     assert cpu_kernels._native().many_blocks() == (64, 32, 48)
 
 
+@pytest.mark.parametrize("tokens,tail", [(40, 32), (64, 32), (20, 16), (70, 64)])
+def test_the_kernel_refuses_a_last_block_that_cannot_hold_the_rest(tokens, tail):
+    layout = cpu_kernels.from_dense(sparse_weight(8, 64, 0.5))
+    packed, out = torch.zeros(2 * 64 * 64), torch.empty(tokens, 8)
+    with pytest.raises(ValueError, match=f"^no last block of {tail} tokens for {tokens} tokens$"):
+        cpu_kernels._native().matmul_many(*cpu_kernels._pointers(layout), packed.data_ptr(),
+                                          out.data_ptr(), 8, 64, tokens, tail, 0, 1)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])
 def test_many_token_kernel_on_large_strided_and_bfloat16_inputs(isa, threads, sparsity):
     weight = sparse_weight(1031, 777, sparsity, seed=4)

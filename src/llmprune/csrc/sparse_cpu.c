@@ -50,6 +50,7 @@ typedef struct {
     int64_t *counts_out;
     void *values_out;
     int64_t block;  /* matmul_many: tokens per packed block of inputs */
+    int64_t tail;   /* matmul_many: tokens of the narrower last block, 0 if none (the caller's choice) */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -196,13 +197,13 @@ static void dense_portable(const Job *job, int64_t begin, int64_t end) {
 }
 
 /* Many tokens (matmul_many): the caller packs the inputs in blocks of MANY_TOKENS tokens, the last one
- * MANY_SHORT_TAIL or MANY_LONG_TAIL wide, the narrowest that holds all the tokens left, if one does (a
- * prompt's tail then costs a narrower block, not a wide one's padding), float32 [blocks][row_bytes * 8][block tokens] (column j of a block holds input j
- * of its tokens side by side; tokens past the last and inputs past cols are zero), so that each kept
- * weight W[r, j] multiplies one contiguous column into row r's sums for the block: an outer product per
- * kept weight, whose work is the kept weights' alone where a dense matmul's is every weight's. The rows go
- * in panels of MANY_PANEL_ROWS, whose sums stay in L1 while every row of the panel reads the block's
- * inputs for one mask word (16 KiB at 64 tokens). */
+ * job->tail wide if it says so (MANY_SHORT_TAIL or MANY_LONG_TAIL, holding all the tokens left: a prompt's
+ * tail then costs a narrower block, not a wide one's padding), float32 [blocks][row_bytes * 8][block
+ * tokens] (column j of a block holds input j of its tokens side by side; tokens past the last and inputs
+ * past cols are zero), so that each kept weight W[r, j] multiplies one contiguous column into row r's sums
+ * for the block: an outer product per kept weight, whose work is the kept weights' alone where a dense
+ * matmul's is every weight's. The rows go in panels of MANY_PANEL_ROWS, whose sums stay in L1 while every
+ * row of the panel reads the block's inputs for one mask word (16 KiB at 64 tokens). */
 #define MANY_TOKENS 64
 #define MANY_SHORT_TAIL 32
 #define MANY_LONG_TAIL 48
@@ -216,15 +217,11 @@ static void store_many(const Job *job, const float *sums, int64_t r0, int64_t n,
         for (int64_t i = 0; i < n; i++) job->y[(t0 + t) * job->rows + r0 + i] = sums[i * block + t];
 }
 
-/* Rows begin .. end of matmul_many: the wide blocks through `wide`, a narrower last one through
- * `short_tail` or `long_tail`, each given a job of its own tokens (job->block set). */
+/* Rows begin .. end of matmul_many: the wide blocks through `wide`, the narrower last one (job->tail)
+ * through `short_tail` or `long_tail`, each given a job of its own tokens (job->block set). */
 static void many_parts(const Job *job, int64_t begin, int64_t end, RowsFn wide, RowsFn short_tail,
                        RowsFn long_tail) {
-    const int64_t rest = job->tokens % MANY_TOKENS;
-    const int64_t tail = !rest                      ? 0
-                         : rest <= MANY_SHORT_TAIL ? MANY_SHORT_TAIL
-                         : rest <= MANY_LONG_TAIL  ? MANY_LONG_TAIL
-                                                   : 0;
+    const int64_t tail = job->tail, rest = job->tokens % MANY_TOKENS;
     const int64_t wide_tokens = tail ? job->tokens - rest : job->tokens;
     Job part = *job;
     part.tokens = wide_tokens;
@@ -324,19 +321,19 @@ static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64
 }
 
 /* Many tokens (see many_portable), in vectors of LANES floats (ISA: the function attribute of an
- * instruction set, NAME its name in the functions'): one kept weight, broadcast, against its column of
- * the block in V = BLOCK / LANES vectors. The next word's block of inputs is prefetched into L1 meanwhile, an equal share by each
- * row of the panel. Groups of MANY_GROUP_ROWS rows (two panels, whose sums fill 16 KiB of L1 at
- * 64 tokens) walk the words in chunks of MANY_CHUNK_WORDS, both panels through one chunk before the next,
- * so that the second reads the chunk's inputs (MANY_CHUNK_WORDS x 16 KiB) from L2: each panel through all
- * the words on its own read the whole block of inputs from L3 again, and the widest weights lost to dense
- * (docs/benchmarks.md, where the group and chunk sizes were chosen). */
+ * instruction set, NAME its name in the functions'): one kept weight, broadcast, against its column of the
+ * block in V = BLOCK / LANES vectors. The next word's block of inputs is prefetched into L1 meanwhile, an
+ * equal share by each row of the panel. Groups of MANY_GROUP_ROWS rows (two panels, whose sums fill 16 KiB
+ * of L1 at 64 tokens) walk the words in chunks of MANY_CHUNK_WORDS, both panels through one chunk before
+ * the next, so that the second reads the chunk's inputs (MANY_CHUNK_WORDS x 16 KiB) from L2: each panel
+ * through all the words on its own read the whole block of inputs from L3 again, and the widest weights
+ * lost to dense (docs/benchmarks.md, where the group and chunk sizes were chosen). */
 #define MANY_CHUNK_WORDS 32
 #define MANY_GROUP_ROWS (2 * MANY_PANEL_ROWS)
 
 #define DEFINE_MANY_BLOCKS(NAME, ISA, VEC, LANES, SET1, LOADU, FMADD, STOREU, DT, BLOCK_TOKENS, PART)       \
-    ISA static void many_group_##NAME##_##DT##_##PART(const Job *job, int64_t begin, int64_t end, float *sums, \
-                                                 int64_t *k) {                                              \
+    ISA static void many_group_##NAME##_##DT##_##PART(const Job *job, int64_t begin, int64_t end,          \
+                                                      float *sums, int64_t *k) {                            \
         enum { BLOCK = BLOCK_TOKENS, V = BLOCK / (LANES), SHARE = 64 * BLOCK * 4 / MANY_PANEL_ROWS };       \
         const int64_t words = job->row_bytes / 8, stride = 8 * job->row_bytes * BLOCK;                      \
         const int64_t rows = end - begin;                                                                   \
@@ -353,7 +350,8 @@ static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64
                         for (int64_t i = r0; i < r1; i++) {                                                 \
                             if (word + 1 < w1) {                                                            \
                                 const char *next = (const char *)(inputs + 64 * BLOCK) + (i - r0) * SHARE;  \
-                                for (int line = 0; line < SHARE; line += 64) __builtin_prefetch(next + line); \
+                                for (int line = 0; line < SHARE; line += 64)                                \
+                                    __builtin_prefetch(next + line);                                        \
                             }                                                                               \
                             uint64_t w = load_word(job->mask + (begin + i) * job->row_bytes + 8 * word);    \
                             if (!w) continue;                                                               \
@@ -380,9 +378,10 @@ static void dense_row_tail(const Job *job, void *row, const uint8_t *mask, int64
     ISA static void many_##NAME##_##DT##_##PART(const Job *job, int64_t begin, int64_t end) {               \
         float sums[MANY_GROUP_ROWS * (BLOCK_TOKENS)];                                                       \
         int64_t k[MANY_GROUP_ROWS];                                                                         \
-        for (int64_t g0 = begin; g0 < end; g0 += MANY_GROUP_ROWS)                                           \
-            many_group_##NAME##_##DT##_##PART(job, g0, end - g0 < MANY_GROUP_ROWS ? end : g0 + MANY_GROUP_ROWS, \
-                                       sums, k);                                                            \
+        for (int64_t g0 = begin; g0 < end; g0 += MANY_GROUP_ROWS) {                                         \
+            const int64_t g1 = end - g0 < MANY_GROUP_ROWS ? end : g0 + MANY_GROUP_ROWS;                     \
+            many_group_##NAME##_##DT##_##PART(job, g0, g1, sums, k);                                        \
+        }                                                                                                   \
     }
 
 /* many_NAME: matmul_many's wide blocks and narrower last ones, float32 and bfloat16 values. */
@@ -998,16 +997,22 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-/* matmul_many(values, mask, offsets, packed_x, y, rows, cols, tokens, dtype, threads) */
+/* matmul_many(values, mask, offsets, packed_x, y, rows, cols, tokens, tail, dtype, threads) */
 static PyObject *py_matmul_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long a[10];
-    if (parse(args, nargs, 10, a) || check_dtype(a[8])) return NULL;
+    long long a[11];
+    if (parse(args, nargs, 11, a) || check_dtype(a[9])) return NULL;
+    const long long rest = a[7] % MANY_TOKENS, tail = a[8];
+    if (tail && ((tail != MANY_SHORT_TAIL && tail != MANY_LONG_TAIL) || !rest || rest > tail)) {
+        PyErr_Format(PyExc_ValueError, "no last block of %lld tokens for %lld tokens", tail, a[7]);
+        return NULL;
+    }
     Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
                (const float *)(intptr_t)a[3], 0, (float *)(intptr_t)a[4], NULL, a[5], a[6], a[7],
-               8 * ((a[6] + 63) / 64), (int)a[8]};
+               8 * ((a[6] + 63) / 64), (int)a[9]};
+    job.tail = tail;
     const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
     Py_BEGIN_ALLOW_THREADS
-    run_rows(many_fn(), &job, (int)a[9], nnz * job.tokens);
+    run_rows(many_fn(), &job, (int)a[10], nnz * job.tokens);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1123,7 +1128,8 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
      "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
-    {"many_blocks", py_many_blocks, METH_NOARGS, "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
+    {"many_blocks", py_many_blocks, METH_NOARGS,
+     "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},
     {"mask_of", (PyCFunction)(void (*)(void))py_mask_of, METH_FASTCALL, "bitmask and row counts of a matrix"},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, "kept values of a matrix, row by row"},

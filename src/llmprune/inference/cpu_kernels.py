@@ -243,8 +243,9 @@ def many_blocks(tokens: int, wide: int, *tails: int) -> list[tuple[int, int, int
 def _multiply_many_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
     tokens, cols = x.shape
     width = 8 * mask.shape[1]
+    wide, *tails = native.many_blocks()
     parts = [(first, last, block, -(-(last - first) // block)) for first, last, block in
-             many_blocks(tokens, *native.many_blocks())]
+             many_blocks(tokens, wide, *tails)]
     packed = torch.zeros(sum(blocks * block for *_, block, blocks in parts) * width)
     start = 0
     for first, last, block, blocks in parts:
@@ -255,9 +256,11 @@ def _multiply_many_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
         by_token[: whole // block, :, :cols].copy_(x[first : first + whole].reshape(-1, block, cols))
         if whole < last - first:
             by_token[-1, : last - first - whole, :cols].copy_(x[first + whole : last])
+    tail = parts[-1][2] if parts[-1][2] != wide else 0  # the kernel reads the layout from it
     out = torch.empty(tokens, rows)
     native.matmul_many(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), packed.data_ptr(),
-                       out.data_ptr(), rows, cols, tokens, _CODES[values.dtype], torch.get_num_threads())
+                       out.data_ptr(), rows, cols, tokens, tail, _CODES[values.dtype],
+                       torch.get_num_threads())
     return out
 
 

@@ -286,6 +286,7 @@ def test_prefill_runs_the_many_token_kernel_where_its_limits_say(isa, monkeypatc
     table = {} if limits is None else {(cpu_kernels.isa(), dtype): limits}
     monkeypatch.setattr(sparse_linear, "MANY_TOKENS_LIMITS", table)
     monkeypatch.setattr(sparse_linear, "torch_bfloat16_on_amx", lambda: amx)
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: False)
     calls = []
     many = sparse_linear.multiply_many
     monkeypatch.setattr(sparse_linear, "multiply_many", lambda *a: calls.append(a[3].shape) or many(*a))
@@ -320,6 +321,7 @@ def test_the_path_for_each_token_count(monkeypatch, kernel_isa, dtype, many):
     """The sparse kernel up to SPARSE_TOKENS tokens, then the many-token kernel where it runs; else float32
     with AVX-512 keeps the sparse kernel up to AVX512_SPARSE_TOKENS, and the rest expands."""
     monkeypatch.setattr(sparse_linear, "isa", lambda: kernel_isa)
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: False)
     module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
     monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: many)
     wide = kernel_isa == "avx512" and dtype is torch.float32
@@ -505,3 +507,90 @@ def test_the_openmp_spin_note_follows_backend_threads_and_the_wait_policy(monkey
         torch.set_num_threads(before)
         monkeypatch.delenv(cpu_kernels.THREADS_VARIABLE, raising=False)
         cpu_kernels.reset_isa()
+
+
+AMX = pytest.mark.skipif(not native.amx_supported(), reason="no AMX tiles for this process on this CPU or OS")
+
+
+def bfloat16_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the AMX kernel computes: bfloat16 weights and inputs, exact products, summed (here in float64)."""
+    return F.linear(x.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double())
+
+
+@AMX
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 13), (37, 70), (64, 64), (65, 33), (129, 200), (300, 576)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_amx_kernel_equals_f_linear_on_bfloat16_for_every_thread_count(threads, rows, cols, sparsity):
+    weight = sparse_weight(rows, cols, sparsity, seed=rows + cols).to(torch.bfloat16)
+    weight[rows // 2] = 0  # a row with no kept weight
+    layout = cpu_kernels.from_dense(weight)
+    for tokens in (1, 4, 15, 16, 17, 33, 100):
+        x = torch.randn(tokens, cols).to(torch.bfloat16)
+        got = cpu_kernels.multiply_amx(*layout.tensors(), x, rows)
+        assert got.dtype is torch.float32 and got.shape == (tokens, rows)
+        assert relative_error(got.double(), bfloat16_reference(weight, x)) <= 1e-5, tokens
+
+
+@AMX
+def test_amx_kernel_each_output_on_strided_and_float32_inputs():
+    weight = sparse_weight(97, 130, 0.6, seed=3).to(torch.bfloat16)
+    layout = cpu_kernels.from_dense(weight)
+    wider = torch.randn(40, 150).to(torch.bfloat16)
+    for x in (wider[:, :130], wider[:, 10:140].float(), torch.randn(130, 40).to(torch.bfloat16).T):
+        got = cpu_kernels.multiply_amx(*layout.tensors(), x, 97).double()
+        expected = bfloat16_reference(weight, x)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@AMX
+def test_torchs_own_bfloat16_matmul_is_unchanged_after_the_amx_kernel():
+    """The kernel restores the tile configuration it found (oneDNN keeps its own on the thread)."""
+    weight = sparse_weight(256, 512, 0.5, seed=4).to(torch.bfloat16)
+    x = torch.randn(64, 512).to(torch.bfloat16)
+    before = F.linear(x, weight)
+    cpu_kernels.multiply_amx(*cpu_kernels.from_dense(weight).tensors(), x, 256)
+    assert torch.equal(F.linear(x, weight), before)
+
+
+def test_the_amx_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    cpu_kernels.reset_isa()
+    assert cpu_kernels.amx_available() is (cpu_kernels.isa() == "avx512" and native.amx_supported())
+    monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")
+    assert cpu_kernels.amx_available() is False
+    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE)
+    for forced in ("avx2", "portable"):
+        if forced in SUPPORTED:
+            monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, forced)
+            cpu_kernels.reset_isa()
+            assert cpu_kernels.amx_available() is False
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    cpu_kernels.reset_isa()
+
+
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+def test_bfloat16_weights_take_the_amx_kernel_for_its_token_counts(monkeypatch, dtype):
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: True)
+    monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: False)
+    module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
+    low, high = sparse_linear.AMX_TOKENS
+    for tokens in (1, low - 1, low, SPARSE_TOKENS + 1, high, high + 1):
+        amx = dtype is torch.bfloat16 and low <= tokens <= high
+        assert (module.path(tokens) == sparse_linear.AMX_KERNEL) is amx, tokens
+
+
+@AMX
+def test_a_bfloat16_sparse_linear_on_amx_matches_linear(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    cpu_kernels.reset_isa()
+    linear = torch.nn.Linear(200, 150).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(150, 200, 0.5, seed=8))
+    module = SparseLinear.from_dense(linear.weight, linear.bias)
+    for tokens in (1, 4, 40, 256, 300):
+        x = torch.randn(2, tokens, 200).to(torch.bfloat16)
+        with torch.no_grad():
+            got, expected = module(x), linear(x)
+        assert got.dtype is torch.bfloat16 and got.shape == expected.shape
+        assert relative_error(got.double(), expected.double()) <= 1e-2  # bfloat16 outputs
+    assert module.path(40) == sparse_linear.AMX_KERNEL

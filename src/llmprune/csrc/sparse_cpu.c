@@ -26,6 +26,15 @@
 #include <immintrin.h>
 #endif
 
+/* AMX tiles need the kernel's permission (arch_prctl) and GCC 11 / Clang 13 intrinsics. */
+#if defined(LLMPRUNE_X86) && defined(__x86_64__) && defined(__linux__) && !defined(LLMPRUNE_EMULATE_AVX512) && \
+    ((defined(__clang__) && __clang_major__ >= 13) || (!defined(__clang__) && __GNUC__ >= 11))
+#define LLMPRUNE_AMX 1
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if !defined(_WIN32)
 #define LLMPRUNE_THREADS 1
 #include <dlfcn.h>
@@ -51,6 +60,7 @@ typedef struct {
     void *values_out;
     int64_t block;  /* matmul_many: tokens per packed block of inputs */
     int64_t tail;   /* matmul_many: tokens of the narrower last block, 0 if none (the caller's choice) */
+    const uint16_t *tiles_x; /* matmul_amx: the bfloat16 inputs packed as AMX tiles (see pack_amx) */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -761,6 +771,178 @@ AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
 }
 #endif /* LLMPRUNE_X86 */
 
+/* ---------------------------------------------------------------- AMX (bfloat16) ---------------------- */
+
+#ifdef LLMPRUNE_AMX
+/* bfloat16 weights against bfloat16 inputs on Intel's AMX tiles (TDPBF16PS: a 16 x 32 tile of weights
+ * times a 32 x 16 tile of inputs into a 16 x 16 tile of float32 sums). The dense matmul on these tiles is
+ * bound by the tiles' arithmetic from a few tens of tokens on, which reads every weight; here each panel of
+ * AMX_PANEL_ROWS rows (32 for wide weights) is expanded once from its kept values (vpexpandw, 32 weights a mask word half) into
+ * tile order in a per-thread buffer that stays in L2, then multiplied against every token, so memory
+ * carries the compressed weight only. Inputs: pack_amx. Sums: 2 x 2 tiles (32 rows x 32 tokens) a step. */
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi2,popcnt")))
+#define AMX_PANEL_ROWS 64
+#define AMX_PANEL_BYTES (512 << 10) /* wide weights expand 32 rows at a time: the panel and inputs share L2 */
+#define AMX_ARCH_REQ_XCOMP_PERM 0x1023
+#define AMX_XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_state = -1; /* -1 not asked yet, 0 unusable, 1 usable */
+
+/* AMX-BF16 and AMX-TILE in CPUID, the tile state enabled by the OS (XCR0 bits 17-18), and this process
+ * allowed to use it (Linux asks each process to request the tile data state once). */
+static int amx_usable(void) {
+    if (amx_state >= 0) return amx_state;
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    int ok = a >= 7;
+    if (ok) {
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+        ok = (d >> 22 & 1) && (d >> 24 & 1) && (b >> 16 & 1) && (c >> 6 & 1) && (c >> 27 & 1); /* + AVX-512F,
+                                                                                      VBMI2, OSXSAVE */
+    }
+    if (ok) {
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        ok = (lo & 0x60000) == 0x60000 && (lo & 0xe6) == 0xe6; /* tiles, and the AVX-512 state */
+    }
+    if (ok) ok = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
+    amx_state = ok;
+    return ok;
+}
+
+/* Tile order of inputs: for token tile i (16 tokens) and chunk c (32 inputs), 1 KiB at (i * chunks + c) *
+ * 512: pair p (inputs 32 c + 2 p, + 1) of token t at [p][t][2] (the VNNI layout TDPBF16PS reads). Tokens
+ * past `tokens` and inputs past `cols` are zero. */
+static void pack_amx(const uint16_t *x, int64_t stride, int64_t tokens, int64_t cols, uint16_t *out) {
+    const int64_t chunks = (cols + 31) / 32, tiles = (tokens + 15) / 16;
+    for (int64_t i = 0; i < tiles; i++)
+        for (int64_t c = 0; c < chunks; c++) {
+            uint32_t *tile = (uint32_t *)(out + (i * chunks + c) * 512);
+            const int full = 32 * c + 32 <= cols;
+            for (int64_t t = 0; t < 16; t++) {
+                const int64_t token = 16 * i + t;
+                const uint16_t *row = x + token * stride + 32 * c;
+                for (int64_t p = 0; p < 16; p++) {
+                    uint32_t pair = 0;
+                    if (token < tokens && full) {
+                        memcpy(&pair, row + 2 * p, 4);
+                    } else if (token < tokens) {
+                        const int64_t j = 32 * c + 2 * p;
+                        pair = (j < cols ? row[2 * p] : 0) | (uint32_t)(j + 1 < cols ? row[2 * p + 1] : 0) << 16;
+                    }
+                    tile[p * 16 + t] = pair;
+                }
+            }
+        }
+}
+
+/* A growing per-thread buffer for one expanded panel (threads of the pool or of torch's team live on). */
+static _Thread_local uint16_t *amx_panel;
+static _Thread_local size_t amx_panel_bytes;
+
+static uint16_t *amx_panel_for(size_t bytes) {
+    if (bytes > amx_panel_bytes) {
+        free(amx_panel);
+        amx_panel = aligned_alloc(64, bytes);
+        amx_panel_bytes = amx_panel ? bytes : 0;
+    }
+    return amx_panel;
+}
+
+/* Rows r0 .. r0 + n of the weight in tile order, 16 rows a tile, rows past n zero: the 32 weights of
+ * chunk c of row 16 a + b at ((a * chunks + c) * 16 + b) * 32. */
+AMX static void expand_panel_amx(const Job *job, int64_t r0, int64_t n, int64_t padded, uint16_t *panel) {
+    const int64_t chunks = (job->cols + 31) / 32;
+    const uint16_t *values = job->values;
+    for (int64_t i = 0; i < padded; i++) {
+        uint16_t *out = panel + ((i / 16) * chunks * 16 + i % 16) * 32;
+        if (i >= n) {
+            for (int64_t c = 0; c < chunks; c++) memset(out + c * 512, 0, 64);
+            continue;
+        }
+        const uint16_t *v = values + job->offsets[r0 + i];
+        const uint8_t *mask = job->mask + (r0 + i) * job->row_bytes;
+        for (int64_t c = 0; c < chunks; c += 2) {
+            const uint64_t w = load_word(mask + 4 * c);
+            prefetch_ahead(v, mask + 4 * c); /* the weight streams from memory: as the one-token kernel */
+            prefetch_far(v);
+            _mm512_storeu_si512(out + c * 512, _mm512_maskz_expandloadu_epi16((uint32_t)w, v));
+            v += popcount64(w & 0xffffffffu);
+            if (c + 1 < chunks) _mm512_storeu_si512(out + (c + 1) * 512, _mm512_maskz_expandloadu_epi16(w >> 32, v));
+            v += popcount64(w >> 32);
+        }
+    }
+}
+
+/* One 16 x 16 tile of sums (rows r, tokens t) into y [tokens, rows], clipped to the real rows and tokens. */
+static void store_sums_amx(const Job *job, const float *sums, int64_t r, int64_t end, int64_t t) {
+    for (int64_t a = 0; a < 16 && r + a < end; a++)
+        for (int64_t b = 0; b < 16 && t + b < job->tokens; b++) job->y[(t + b) * job->rows + r + a] = sums[16 * a + b];
+}
+
+AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
+    const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
+    const int64_t panel_rows = chunks * 64 * AMX_PANEL_ROWS > AMX_PANEL_BYTES ? 32 : AMX_PANEL_ROWS;
+    uint16_t *panel = amx_panel_for((size_t)AMX_PANEL_ROWS * chunks * 64);
+    if (!panel) return; /* the caller allocated as much on its own thread: workers' memory as short is rare */
+    TileConfig saved, config = {1, 0, {0}, {0}, {0}};
+    _tile_storeconfig(&saved); /* oneDNN may keep its own configuration on this thread */
+    for (int i = 0; i < 8; i++) {
+        config.colsb[i] = 64;
+        config.rows[i] = 16;
+    }
+    _tile_loadconfig(&config);
+    float sums[4][256];
+    for (int64_t r0 = begin; r0 < end; r0 += panel_rows) {
+        const int64_t n = end - r0 < panel_rows ? end - r0 : panel_rows, padded = (n + 31) / 32 * 32;
+        expand_panel_amx(job, r0, n, padded, panel);
+        for (int64_t a = 0; a < padded; a += 32) {
+            const uint16_t *w0 = panel + a * chunks * 32, *w1 = w0 + chunks * 512;
+            for (int64_t i = 0; i < tiles; i += 2) {
+                const int two = i + 1 < tiles;
+                const uint16_t *x0 = job->tiles_x + i * chunks * 512, *x1 = x0 + chunks * 512;
+                _tile_zero(4);
+                _tile_zero(5);
+                _tile_zero(6);
+                _tile_zero(7);
+                for (int64_t c = 0; c < chunks; c++) {
+                    _tile_loadd(0, w0 + c * 512, 64);
+                    _tile_loadd(2, x0 + c * 512, 64);
+                    _tile_loadd(1, w1 + c * 512, 64);
+                    _tile_dpbf16ps(4, 0, 2);
+                    _tile_dpbf16ps(5, 1, 2);
+                    if (two) {
+                        _tile_loadd(3, x1 + c * 512, 64);
+                        _tile_dpbf16ps(6, 0, 3);
+                        _tile_dpbf16ps(7, 1, 3);
+                    }
+                }
+                _tile_stored(4, sums[0], 64);
+                _tile_stored(5, sums[1], 64);
+                store_sums_amx(job, sums[0], r0 + a, end, 16 * i);
+                store_sums_amx(job, sums[1], r0 + a + 16, end, 16 * i);
+                if (two) {
+                    _tile_stored(6, sums[2], 64);
+                    _tile_stored(7, sums[3], 64);
+                    store_sums_amx(job, sums[2], r0 + a, end, 16 * i + 16);
+                    store_sums_amx(job, sums[3], r0 + a + 16, end, 16 * i + 16);
+                }
+            }
+        }
+    }
+    if (saved.palette)
+        _tile_loadconfig(&saved);
+    else
+        _tile_release();
+}
+#endif /* LLMPRUNE_AMX */
+
 /* ---------------------------------------------------------------- dispatch ---------------------------- */
 
 static int selected = ISA_PORTABLE;
@@ -1017,6 +1199,46 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* matmul_amx(values, mask, offsets, x, x_stride, packed, y, rows, cols, tokens, threads): bfloat16 values
+ * and bfloat16 x (row stride x_stride), packed a scratch of amx_packed_size(tokens, cols) uint16. */
+static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[11];
+    if (parse(args, nargs, 11, a)) return NULL;
+#ifdef LLMPRUNE_AMX
+    if (!amx_usable()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU or system does not let this process use AMX tiles");
+        return NULL;
+    }
+    if (!amx_panel_for((size_t)AMX_PANEL_ROWS * ((a[8] + 31) / 32) * 64)) return PyErr_NoMemory();
+    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
+               NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
+    job.tiles_x = (const uint16_t *)(intptr_t)a[5];
+    const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
+    Py_BEGIN_ALLOW_THREADS
+    pack_amx((const uint16_t *)(intptr_t)a[3], a[4], job.tokens, job.cols, (uint16_t *)job.tiles_x);
+    run_rows(matmul_amx_rows, &job, (int)a[10], nnz * job.tokens);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AMX kernel");
+    return NULL;
+#endif
+}
+
+static PyObject *py_amx_supported(PyObject *self, PyObject *unused) {
+#ifdef LLMPRUNE_AMX
+    return PyBool_FromLong(amx_usable());
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *py_amx_packed_size(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[2];
+    if (parse(args, nargs, 2, a)) return NULL;
+    return PyLong_FromLongLong((a[0] + 15) / 16 * 16 * ((a[1] + 31) / 32 * 32));
+}
+
 /* to_dense(values, mask, offsets, out, rows, cols, dtype, threads) */
 static PyObject *py_to_dense(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[8];
@@ -1128,6 +1350,11 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
      "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
+    {"matmul_amx", (PyCFunction)(void (*)(void))py_matmul_amx, METH_FASTCALL,
+     "y = x @ W.T for bfloat16 weights and inputs on AMX tiles"},
+    {"amx_supported", py_amx_supported, METH_NOARGS, "whether this process can run matmul_amx"},
+    {"amx_packed_size", (PyCFunction)(void (*)(void))py_amx_packed_size, METH_FASTCALL,
+     "uint16 entries of matmul_amx's packed inputs for (tokens, cols)"},
     {"many_blocks", py_many_blocks, METH_NOARGS,
      "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},

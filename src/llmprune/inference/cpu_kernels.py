@@ -17,6 +17,8 @@ the module's own. Memory traffic per weight falls from 4 bytes (float32) to
 ``4 * density + 1/8``: decoding a few tokens, which reads every weight once per token, speeds up by as much.
 For many tokens (prefill), ``multiply_many`` multiplies each kept weight into a block of tokens at once, so
 its work is the kept weights' alone (vector kernels with AVX-512 and AVX2; the portable C one serves checks).
+On CPUs with AMX, ``multiply_amx`` multiplies bfloat16 weights on the tiles, expanding a panel of rows at a
+time into the cache (``LLMPRUNE_CPU_AMX=0`` turns it off; it runs only where the AVX-512 path does).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ISA_VARIABLE = "LLMPRUNE_CPU_KERNEL"
 ISAS = ("avx512", "avx2", "portable")
 THREADS_VARIABLE = "LLMPRUNE_CPU_THREADS"
 THREAD_BACKENDS = ("openmp", "pool")
+AMX_VARIABLE = "LLMPRUNE_CPU_AMX"
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
 REINSTALL = "pip install --force-reinstall --no-deps -e ."
 
@@ -215,6 +218,35 @@ def torch_bfloat16_on_amx() -> bool:
     return bool(supported is not None and supported())
 
 
+def amx_available() -> bool:
+    """Whether ``multiply_amx`` runs here: the compiled module has the AMX kernel, the CPU and the OS let
+    this process use the tiles, the AVX-512 path is the one selected, and ``LLMPRUNE_CPU_AMX`` is not 0."""
+    native = _native()
+    if native is None or os.environ.get(AMX_VARIABLE, "").strip() == "0":
+        return False
+    return native.selected() == "avx512" and native.amx_supported()
+
+
+def multiply_amx(
+    values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``multiply`` for bfloat16 values on AMX tiles (``amx_available`` must hold), the inputs rounded to
+    bfloat16 (what a bfloat16 model's are); float32 ``[tokens, rows]``."""
+    return _multiply_amx_with(_native(), values, mask, offsets, x, rows)
+
+
+def _multiply_amx_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
+    x = x.to(torch.bfloat16)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tokens, cols = x.shape
+    packed = torch.empty(native.amx_packed_size(tokens, cols), dtype=torch.bfloat16)
+    out = torch.empty(tokens, rows)
+    native.matmul_amx(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), x.data_ptr(), x.stride(0),
+                      packed.data_ptr(), out.data_ptr(), rows, cols, tokens, torch.get_num_threads())
+    return out
+
+
 def multiply_many(
     values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
 ) -> torch.Tensor:
@@ -367,6 +399,13 @@ def _check_selected(module) -> None:
                                           (_multiply_many_with, x[:40]), (_multiply_many_with, x))
         ]
     module.select(chosen)
+    if chosen == "avx512" and module.amx_supported():
+        weight = from_dense(dense.to(torch.bfloat16)).tensors()
+        for inputs in (x[:5].bfloat16(), x.bfloat16()):
+            results[chosen].append(_multiply_amx_with(module, *weight, inputs, dense.shape[0]))
+            module.select("portable")
+            results["portable"].append(_multiply_with(module, *weight, inputs, dense.shape[0]))
+            module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):
         error = float((got - expected).norm() / expected.norm())
         if not error <= 1e-5:

@@ -8,7 +8,8 @@ scratch buffer shared by all layers and run torch's dense matmul. A float32 weig
 rows at a time, small enough to stay in the CPU's last-level cache while torch multiplies it (measured
 faster than the dense layer itself, which reads its weight from memory), but never fewer rows than make
 an efficient matmul: each panel re-reads all the inputs, and panels of wide weights (many inputs) cut to
-the byte size alone are too thin and lose.
+the byte size alone are too thin and lose. bfloat16 weights on a CPU with AMX run ``AMX_TOKENS`` tokens on
+the AMX kernel (``cpu_kernels.multiply_amx``), which expands a panel of rows at a time into the cache.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from torch import nn
 from llmprune.inference.cpu_kernels import (
     BitmaskWeight,
     Bound,
+    amx_available,
     bind,
     from_dense,
     isa,
     multiply,
+    multiply_amx,
     multiply_bound,
     multiply_many,
     row_block,
@@ -57,7 +60,12 @@ PANEL_BYTES = 4 << 20
 than ``PANEL_MIN_ROWS`` rows."""
 PANEL_MIN_ROWS = 256
 """The fewest rows in a panel: each panel re-reads all the inputs, so thin ones cost more than they save."""
+AMX_TOKENS = (5, 128)
+"""bfloat16 weights on a CPU with AMX (``amx_available``) run this many tokens (inclusive) on the AMX kernel:
+at 4 tokens the sparse kernel was as fast, at 256 the AMX kernel fell to expanding's speed, well below torch's
+AMX matmul on the dense weight (docs/benchmarks.md)."""
 SPARSE_KERNEL, MANY_TOKENS_KERNEL, EXPAND = "sparse kernel", "many-token kernel", "expand + dense"
+AMX_KERNEL = "AMX kernel"
 """``SparseLinear.path``: what multiplies a call's tokens."""
 BREAK_EVEN_SPARSITY = 0.3
 """Below this sparsity a layer gains too little from the kernels and stays dense."""
@@ -133,7 +141,8 @@ class SparseLinear(nn.Module):
         if path == EXPAND:
             y = self._expanded(flat)
         else:
-            kernel = multiply if path == SPARSE_KERNEL else multiply_many
+            kernels = {SPARSE_KERNEL: multiply, MANY_TOKENS_KERNEL: multiply_many, AMX_KERNEL: multiply_amx}
+            kernel = kernels[path]
             y = kernel(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
                 y += self.bias
@@ -151,8 +160,11 @@ class SparseLinear(nn.Module):
         return bound
 
     def path(self, tokens: int) -> str:
-        """What multiplies this many tokens in one call: ``SPARSE_KERNEL``, ``MANY_TOKENS_KERNEL`` or
-        ``EXPAND`` (torch's matmul on the expanded weight)."""
+        """What multiplies this many tokens in one call: ``SPARSE_KERNEL``, ``MANY_TOKENS_KERNEL``,
+        ``AMX_KERNEL`` or ``EXPAND`` (torch's matmul on the expanded weight)."""
+        low, high = AMX_TOKENS
+        if self.values.dtype is torch.bfloat16 and low <= tokens <= high and amx_available():
+            return AMX_KERNEL
         if tokens <= SPARSE_TOKENS:
             return SPARSE_KERNEL
         if self.uses_many_tokens_kernel():

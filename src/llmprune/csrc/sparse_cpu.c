@@ -9,6 +9,7 @@
  *   matmul:   y[t, r] = sum_j W[r, j] x[t, j]   (float32 accumulation, y float32 [tokens, rows])
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
  *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of tokens
+ *   matmul_amx: matmul of bfloat16 weights and inputs on AMX tiles, where the CPU and OS allow them
  *
  * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
  * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
@@ -61,6 +62,7 @@ typedef struct {
     int64_t block;  /* matmul_many: tokens per packed block of inputs */
     int64_t tail;   /* matmul_many: tokens of the narrower last block, 0 if none (the caller's choice) */
     const uint16_t *tiles_x; /* matmul_amx: the bfloat16 inputs packed as AMX tiles (see pack_amx) */
+    int *failed;             /* matmul_amx: set by a thread that could not allocate its panel */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -802,13 +804,18 @@ static int amx_usable(void) {
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
     int ok = a >= 7;
     if (ok) {
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+        ok = c >> 27 & 1; /* OSXSAVE: xgetbv may run */
+    }
+    if (ok) {
         __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-        ok = (d >> 22 & 1) && (d >> 24 & 1) && (b >> 16 & 1) && (c >> 6 & 1) && (c >> 27 & 1); /* + AVX-512F,
-                                                                                      VBMI2, OSXSAVE */
+        /* AMX-BF16, AMX-TILE; AVX-512 F, BW and VBMI2 (the expansion) */
+        ok = (d >> 22 & 1) && (d >> 24 & 1) && (b >> 16 & 1) && (b >> 30 & 1) && (c >> 6 & 1);
     }
     if (ok) {
         unsigned lo, hi;
         __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        (void)hi;
         ok = (lo & 0x60000) == 0x60000 && (lo & 0xe6) == 0xe6; /* tiles, and the AVX-512 state */
     }
     if (ok) ok = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
@@ -890,7 +897,10 @@ AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
     const int64_t panel_rows = chunks * 64 * AMX_PANEL_ROWS > AMX_PANEL_BYTES ? 32 : AMX_PANEL_ROWS;
     uint16_t *panel = amx_panel_for((size_t)AMX_PANEL_ROWS * chunks * 64);
-    if (!panel) return; /* the caller allocated as much on its own thread: workers' memory as short is rare */
+    if (!panel) {
+        *job->failed = 1;
+        return;
+    }
     TileConfig saved, config = {1, 0, {0}, {0}, {0}};
     _tile_storeconfig(&saved); /* oneDNN may keep its own configuration on this thread */
     for (int i = 0; i < 8; i++) {
@@ -1212,12 +1222,15 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t
     if (!amx_panel_for((size_t)AMX_PANEL_ROWS * ((a[8] + 31) / 32) * 64)) return PyErr_NoMemory();
     Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
                NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
+    int failed = 0;
     job.tiles_x = (const uint16_t *)(intptr_t)a[5];
+    job.failed = &failed;
     const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
     Py_BEGIN_ALLOW_THREADS
     pack_amx((const uint16_t *)(intptr_t)a[3], a[4], job.tokens, job.cols, (uint16_t *)job.tiles_x);
     run_rows(matmul_amx_rows, &job, (int)a[10], nnz * job.tokens);
     Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AMX kernel");

@@ -554,6 +554,7 @@ def test_torchs_own_bfloat16_matmul_is_unchanged_after_the_amx_kernel():
 
 def test_the_amx_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE, raising=False)
     cpu_kernels.reset_isa()
     assert cpu_kernels.amx_available() is (cpu_kernels.isa() == "avx512" and native.amx_supported())
     monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")
@@ -582,6 +583,7 @@ def test_bfloat16_weights_take_the_amx_kernel_for_its_token_counts(monkeypatch, 
 @AMX
 def test_a_bfloat16_sparse_linear_on_amx_matches_linear(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE, raising=False)
     cpu_kernels.reset_isa()
     linear = torch.nn.Linear(200, 150).to(torch.bfloat16)
     with torch.no_grad():

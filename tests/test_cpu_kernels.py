@@ -580,6 +580,22 @@ def test_bfloat16_weights_take_the_amx_kernel_for_its_token_counts(monkeypatch, 
         assert (module.path(tokens) == sparse_linear.AMX_KERNEL) is amx, tokens
 
 
+@pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_probe_token_counts_reach_every_path_once(monkeypatch, dtype, amx):
+    """What the swap's check runs: with AMX, bfloat16 layers reach the sparse kernel, the AMX kernel and
+    expanding; otherwise the sparse kernel and the prefill path, at the counts the check always used."""
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: amx)
+    module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
+    probes = module.probe_tokens()
+    paths = [module.path(tokens) for tokens in probes]
+    assert len(set(paths)) == len(paths)
+    if amx and dtype is torch.bfloat16:
+        assert set(paths) == {sparse_linear.SPARSE_KERNEL, sparse_linear.AMX_KERNEL, sparse_linear.EXPAND}
+    else:
+        assert probes == (SPARSE_TOKENS, sparse_linear.AVX512_SPARSE_TOKENS + 1)
+
+
 @AMX
 def test_a_bfloat16_sparse_linear_on_amx_matches_linear(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)

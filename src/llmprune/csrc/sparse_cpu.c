@@ -853,7 +853,13 @@ static void pack_amx(const uint16_t *x, int64_t stride, int64_t tokens, int64_t 
 static _Thread_local uint16_t *amx_panel;
 static _Thread_local size_t amx_panel_bytes;
 
-static uint16_t *amx_panel_for(size_t bytes) {
+/* Rows expanded at a time for a weight of this many 32-input chunks: AMX_PANEL_ROWS, or 32 for wide ones. */
+static int64_t amx_panel_rows(int64_t chunks) {
+    return chunks * 64 * AMX_PANEL_ROWS > AMX_PANEL_BYTES ? 32 : AMX_PANEL_ROWS;
+}
+
+static uint16_t *amx_panel_for(int64_t chunks) {
+    const size_t bytes = (size_t)amx_panel_rows(chunks) * chunks * 64;
     if (bytes > amx_panel_bytes) {
         free(amx_panel);
         amx_panel = aligned_alloc(64, bytes);
@@ -895,8 +901,8 @@ static void store_sums_amx(const Job *job, const float *sums, int64_t r, int64_t
 
 AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
-    const int64_t panel_rows = chunks * 64 * AMX_PANEL_ROWS > AMX_PANEL_BYTES ? 32 : AMX_PANEL_ROWS;
-    uint16_t *panel = amx_panel_for((size_t)AMX_PANEL_ROWS * chunks * 64);
+    const int64_t panel_rows = amx_panel_rows(chunks);
+    uint16_t *panel = amx_panel_for(chunks);
     if (!panel) {
         *job->failed = 1;
         return;
@@ -1219,7 +1225,6 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_RuntimeError, "this CPU or system does not let this process use AMX tiles");
         return NULL;
     }
-    if (!amx_panel_for((size_t)AMX_PANEL_ROWS * ((a[8] + 31) / 32) * 64)) return PyErr_NoMemory();
     Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
                NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
     int failed = 0;

@@ -389,6 +389,9 @@ def _check_selected(module) -> None:
     dense = torch.randn(67, 200, generator=generator)
     dense[torch.rand(67, 200, generator=generator) < 0.6] = 0
     x = torch.randn(70, 200, generator=generator)
+    amx = chosen == "avx512" and module.amx_supported()
+    amx_weight = from_dense(dense.to(torch.bfloat16)).tensors() if amx else ()
+    amx_inputs = (x[:5].bfloat16(), x.bfloat16()) if amx else ()
     results = {}
     for name in (chosen, "portable"):
         module.select(name)
@@ -397,15 +400,11 @@ def _check_selected(module) -> None:
             for dtype in VALUE_DTYPES
             for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x[:30]),
                                           (_multiply_many_with, x[:40]), (_multiply_many_with, x))
+        ] + [  # the AMX kernel against the portable sparse kernel on the same bfloat16 inputs
+            (_multiply_amx_with if name == chosen else _multiply_with)(module, *amx_weight, inputs, 67)
+            for inputs in amx_inputs
         ]
     module.select(chosen)
-    if chosen == "avx512" and module.amx_supported():
-        weight = from_dense(dense.to(torch.bfloat16)).tensors()
-        for inputs in (x[:5].bfloat16(), x.bfloat16()):
-            results[chosen].append(_multiply_amx_with(module, *weight, inputs, dense.shape[0]))
-            module.select("portable")
-            results["portable"].append(_multiply_with(module, *weight, inputs, dense.shape[0]))
-            module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):
         error = float((got - expected).norm() / expected.norm())
         if not error <= 1e-5:

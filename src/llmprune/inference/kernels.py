@@ -34,7 +34,7 @@ from llmprune.inference.cuda_kernels import (
     ineligibility,
     semi_structured,
 )
-from llmprune.inference.sparse_linear import AVX512_SPARSE_TOKENS, SPARSE_TOKENS, SparseLinear, too_dense
+from llmprune.inference.sparse_linear import SparseLinear, too_dense
 from llmprune.models.packing import dtype_name
 
 BACKENDS = (*CUDA_BACKENDS, "cpu")
@@ -319,8 +319,7 @@ def _swap_cpu(
         except (RuntimeError, ValueError) as exc:
             report.skipped.append(_refused(choice, f"the kernel refused it: {str(exc).splitlines()[0]}"))
             continue
-        # Both paths: the sparse kernel (decoding) and the prefill one (many-token kernel or expanded weight).
-        tokens = (SPARSE_TOKENS, AVX512_SPARSE_TOKENS + 1)
+        tokens = sparse.probe_tokens()  # every path it takes: decoding's kernel, prefill's, AMX's
         problem = _mismatch(sparse, weight, bias, CPU_TOLERANCE[weight.dtype], tokens) if verify else None
         if problem:
             report.skipped.append(_refused(choice, problem))

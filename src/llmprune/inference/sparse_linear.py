@@ -173,6 +173,15 @@ class SparseLinear(nn.Module):
             return SPARSE_KERNEL
         return EXPAND
 
+    def probe_tokens(self) -> tuple[int, ...]:
+        """One token count for each path this layer takes (``path``), the first of a few around the limits
+        between them: what a check of the layer against its dense weight runs to cover every kernel."""
+        low, high = AMX_TOKENS
+        probes: dict[str, int] = {}
+        for tokens in (SPARSE_TOKENS, AVX512_SPARSE_TOKENS + 1, low - 1, high + 1):
+            probes.setdefault(self.path(tokens), tokens)
+        return tuple(probes.values())
+
     def uses_many_tokens_kernel(self) -> bool:
         """Whether more than ``SPARSE_TOKENS`` tokens run the many-token kernel rather than expand (see
         ``MANY_TOKENS_LIMITS``)."""

@@ -4,7 +4,8 @@ Each case is a random ``[out, in]`` weight pruned by magnitude (unstructured per
 with ``cpu_kernels.from_dense`` into a ``SparseLinear``. Dense ``F.linear(x, W)`` (torch's own kernels,
 the same dtype and thread count) and the ``SparseLinear`` forward (``SparseLinear.path``: the sparse kernel
 up to ``SPARSE_TOKENS`` tokens; above it the many-token kernel or expand + dense matmul; bfloat16 on AMX
-CPUs the AMX kernel for ``AMX_TOKENS``) are
+CPUs the AMX kernel for ``AMX_TOKENS``, on AVX-512 BF16 ones the AVX-512 BF16 kernel for
+``DPBF16_TOKENS``) are
 timed alternately in this one process (dense, sparse, dense, sparse, ...) after a warm-up; each sample
 runs enough calls to last ``--sample-ms``; the figures are medians and the speedup is median dense over
 median sparse. Each call reads the next of several copies of its weight (``--cold-mb``), so that no cache
@@ -74,7 +75,7 @@ VARIANTS = [
     ),
     Variant("70 % f32", 0.7, "unstructured", torch.float32, {1: 2.6}),
     Variant("2:4 f32", 0.5, "2:4", torch.float32, {1: 1.6}),
-    # bfloat16 beyond one token: no target; on AMX CPUs the AMX kernel's range (AMX_TOKENS) and past it
+    # bfloat16 beyond one token: no target; the AMX or AVX-512 BF16 kernel's range (AMX_TOKENS, DPBF16_TOKENS)
     Variant("50 % bf16", 0.5, "unstructured", torch.bfloat16, {1: 1.5}, (1, 4, 8, 16, 64, 128, 512)),
 ]
 SWEEP_SHAPE = (4096, 4096)
@@ -130,8 +131,9 @@ def machine_info() -> dict:
         "native_problem": cpu_kernels.native_problem(),
         "torch_parallel": next((line for line in parallel if line.startswith("ATen parallel backend")), ""),
         "torch_isa_caps": {name: os.environ[name] for name in TORCH_ISA_CAPS if os.environ.get(name)},
-        "torch_bfloat16_on_amx": cpu_kernels.torch_bfloat16_on_amx(),
+        "torch_bfloat16_isa": cpu_kernels.torch_bfloat16_isa(),
         "amx_kernel": cpu_kernels.amx_available(),
+        "dpbf16_kernel": cpu_kernels.dpbf16_available(),
         **library_versions(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -152,8 +154,10 @@ def print_machine(info: dict) -> None:
     if caps:
         capped = ", ".join(f"{name}={value}" for name, value in caps.items())
         print(f"- torch's dense kernels capped by {capped} (standing in for a CPU without what is above)")
-    print(f"- torch's bfloat16 matmul on AMX: {'yes' if info.get('torch_bfloat16_on_amx') else 'no'}")
+    bfloat16_isa = info.get("torch_bfloat16_isa") or "float32 FMAs (no bfloat16 dot products)"
+    print(f"- torch's bfloat16 matmul on: {bfloat16_isa}")
     print(f"- llmprune's AMX kernel (bfloat16): {'yes' if info.get('amx_kernel') else 'no'}")
+    print(f"- llmprune's AVX-512 BF16 kernel: {'yes' if info.get('dpbf16_kernel') else 'no'}")
     print(
         f"- llmprune {info['llmprune']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"Python {info['python']}"

@@ -135,11 +135,12 @@ def test_a_large_layer_splits_over_threads_and_agrees(isa, threads):
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("rows", [3, 5, 6, 7, 13, 63, 66, 67])
 @pytest.mark.parametrize("tokens", [1, 3, 7, 9])
-def test_each_output_agrees_row_by_row_and_token_by_token(isa, threads, dtype, rows, tokens):
-    """The kernels walk several rows side by side (one token) or tiles of rows and tokens (more), and the
-    rows and tokens left over one by one: each output on its own within float32 rounding of its own sum
-    (a row or token skipped, doubled or swapped fails)."""
-    weight = sparse_weight(rows, 300, 0.7, seed=rows).to(dtype)
+@pytest.mark.parametrize("sparsity", [0.1, 0.7])
+def test_each_output_agrees_row_by_row_and_token_by_token(isa, threads, dtype, rows, tokens, sparsity):
+    """The kernels walk several rows side by side (one token; with the lean or the full prefetches, by
+    density) or tiles of rows and tokens (more), and the rows and tokens left over one by one: each output
+    on its own within float32 rounding of its own sum (a row or token skipped, doubled or swapped fails)."""
+    weight = sparse_weight(rows, 300, sparsity, seed=rows).to(dtype)
     weight[rows - 1] = 0
     layout = cpu_kernels.from_dense(weight)
     x = torch.randn(tokens, 300, generator=torch.Generator().manual_seed(tokens))
@@ -281,12 +282,13 @@ def test_the_bound_weight_follows_copies_and_replaced_buffers(isa):
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
 @pytest.mark.parametrize("limits", [(0, 0.6), (1 << 40, 0.6), (0, 0.4), None])
-@pytest.mark.parametrize("amx", [False, True])
-def test_prefill_runs_the_many_token_kernel_where_its_limits_say(isa, monkeypatch, limits, amx, dtype):
+@pytest.mark.parametrize("torch_bf16", [None, "avx512_bf16", "amx"])
+def test_prefill_runs_the_many_token_kernel_where_its_limits_say(isa, monkeypatch, limits, torch_bf16, dtype):
     table = {} if limits is None else {(cpu_kernels.isa(), dtype): limits}
     monkeypatch.setattr(sparse_linear, "MANY_TOKENS_LIMITS", table)
-    monkeypatch.setattr(sparse_linear, "torch_bfloat16_on_amx", lambda: amx)
+    monkeypatch.setattr(sparse_linear, "torch_bfloat16_isa", lambda: torch_bf16)
     monkeypatch.setattr(sparse_linear, "amx_available", lambda: False)
+    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: False)
     calls = []
     many = sparse_linear.multiply_many
     monkeypatch.setattr(sparse_linear, "multiply_many", lambda *a: calls.append(a[3].shape) or many(*a))
@@ -300,18 +302,30 @@ def test_prefill_runs_the_many_token_kernel_where_its_limits_say(isa, monkeypatc
         with torch.no_grad():
             assert relative_error(module(x).double(), linear(x).double()) <= tolerance
     assert 0.4 < module.weight_layout.density < 0.6  # within (0, 0.6) only
-    runs = limits == (0, 0.6) and not (amx and dtype is torch.bfloat16)
+    runs = limits == (0, 0.6) and not (torch_bf16 and dtype is torch.bfloat16)
     assert calls == ([(SPARSE_TOKENS + 1, 130), (100, 130)] if runs else [])
 
 
-def test_torch_bfloat16_on_amx_follows_the_cpu_and_onednn_cap(monkeypatch):
-    supported = bool(torch.cpu._is_amx_tile_supported())
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    assert cpu_kernels.torch_bfloat16_on_amx() is supported
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert cpu_kernels.torch_bfloat16_on_amx() is False
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
-    assert cpu_kernels.torch_bfloat16_on_amx() is supported
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("avx512_bf16", [False, True])
+def test_torch_bfloat16_isa_follows_the_cpu_and_onednn_cap(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    best = "amx" if amx else "avx512_bf16" if avx512_bf16 else None
+    for cap, expected in (
+        (None, best),
+        ("ALL", best),
+        ("avx512_core_amx", best),
+        ("AVX512_CORE_BF16", "avx512_bf16" if avx512_bf16 else None),
+        ("AVX10_1_512", "avx512_bf16" if avx512_bf16 else None),
+        ("AVX512_CORE_VNNI", None),
+        ("AVX2", None),
+    ):
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu_kernels.torch_bfloat16_isa() == expected, cap
 
 
 @pytest.mark.parametrize("kernel_isa", ["avx512", "avx2"])
@@ -322,6 +336,7 @@ def test_the_path_for_each_token_count(monkeypatch, kernel_isa, dtype, many):
     with AVX-512 keeps the sparse kernel up to AVX512_SPARSE_TOKENS, and the rest expands."""
     monkeypatch.setattr(sparse_linear, "isa", lambda: kernel_isa)
     monkeypatch.setattr(sparse_linear, "amx_available", lambda: False)
+    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: False)
     module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
     monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: many)
     wide = kernel_isa == "avx512" and dtype is torch.float32
@@ -510,34 +525,45 @@ def test_the_openmp_spin_note_follows_backend_threads_and_the_wait_policy(monkey
 
 
 AMX = pytest.mark.skipif(not native.amx_supported(), reason="no AMX tiles for this process on this CPU or OS")
+DPBF16 = pytest.mark.skipif(not native.dpbf16_supported(), reason="no AVX-512 BF16 on this CPU")
+PANEL_KERNELS = {  # the bfloat16 panel kernels: multiply, availability, the variable that turns it off, path
+    "amx": (cpu_kernels.multiply_amx, "amx_available", cpu_kernels.AMX_VARIABLE, sparse_linear.AMX_KERNEL),
+    "dpbf16": (cpu_kernels.multiply_dpbf16, "dpbf16_available", cpu_kernels.DPBF16_VARIABLE,
+               sparse_linear.DPBF16_KERNEL),
+}
+EACH_PANEL_KERNEL = pytest.mark.parametrize("panels", [pytest.param("amx", marks=AMX),
+                                                       pytest.param("dpbf16", marks=DPBF16)])
 
 
 def bfloat16_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What the AMX kernel computes: bfloat16 weights and inputs, exact products, summed (here in float64)."""
+    """What the panel kernels compute: bfloat16 weights and inputs, exact products, summed (in float64)."""
     return F.linear(x.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double())
 
 
-@AMX
+@EACH_PANEL_KERNEL
 @pytest.mark.parametrize("rows,cols", [(1, 1), (7, 13), (37, 70), (64, 64), (65, 33), (129, 200), (300, 576)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
-def test_amx_kernel_equals_f_linear_on_bfloat16_for_every_thread_count(threads, rows, cols, sparsity):
+def test_panel_kernel_equals_f_linear_on_bfloat16_for_every_thread_count(threads, panels, rows, cols,
+                                                                         sparsity):
+    multiply = PANEL_KERNELS[panels][0]
     weight = sparse_weight(rows, cols, sparsity, seed=rows + cols).to(torch.bfloat16)
     weight[rows // 2] = 0  # a row with no kept weight
     layout = cpu_kernels.from_dense(weight)
     for tokens in (1, 4, 15, 16, 17, 33, 100):
         x = torch.randn(tokens, cols).to(torch.bfloat16)
-        got = cpu_kernels.multiply_amx(*layout.tensors(), x, rows)
+        got = multiply(*layout.tensors(), x, rows)
         assert got.dtype is torch.float32 and got.shape == (tokens, rows)
         assert relative_error(got.double(), bfloat16_reference(weight, x)) <= 1e-5, tokens
 
 
-@AMX
-def test_amx_kernel_each_output_on_strided_and_float32_inputs():
+@EACH_PANEL_KERNEL
+def test_panel_kernel_each_output_on_strided_and_float32_inputs(panels):
+    multiply = PANEL_KERNELS[panels][0]
     weight = sparse_weight(97, 130, 0.6, seed=3).to(torch.bfloat16)
     layout = cpu_kernels.from_dense(weight)
     wider = torch.randn(40, 150).to(torch.bfloat16)
     for x in (wider[:, :130], wider[:, 10:140].float(), torch.randn(130, 40).to(torch.bfloat16).T):
-        got = cpu_kernels.multiply_amx(*layout.tensors(), x, 97).double()
+        got = multiply(*layout.tensors(), x, 97).double()
         expected = bfloat16_reference(weight, x)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
@@ -552,54 +578,74 @@ def test_torchs_own_bfloat16_matmul_is_unchanged_after_the_amx_kernel():
     assert torch.equal(F.linear(x, weight), before)
 
 
-def test_the_amx_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch):
+@pytest.mark.parametrize("panels", list(PANEL_KERNELS))
+def test_a_panel_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch, panels):
+    _, available_name, variable, _ = PANEL_KERNELS[panels]
+    available = getattr(cpu_kernels, available_name)
+    supported = getattr(native, {"amx": "amx_supported", "dpbf16": "dpbf16_supported"}[panels])
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
-    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE, raising=False)
+    monkeypatch.delenv(variable, raising=False)
     cpu_kernels.reset_isa()
-    assert cpu_kernels.amx_available() is (cpu_kernels.isa() == "avx512" and native.amx_supported())
-    monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")
-    assert cpu_kernels.amx_available() is False
-    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE)
+    assert available() is (cpu_kernels.isa() == "avx512" and supported())
+    monkeypatch.setenv(variable, "0")
+    assert available() is False
+    monkeypatch.delenv(variable)
     for forced in ("avx2", "portable"):
         if forced in SUPPORTED:
             monkeypatch.setenv(cpu_kernels.ISA_VARIABLE, forced)
             cpu_kernels.reset_isa()
-            assert cpu_kernels.amx_available() is False
+            assert available() is False
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
     cpu_kernels.reset_isa()
 
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
-def test_bfloat16_weights_take_the_amx_kernel_for_its_token_counts(monkeypatch, dtype):
-    monkeypatch.setattr(sparse_linear, "amx_available", lambda: True)
+@pytest.mark.parametrize("amx,dpbf16", [(True, False), (False, True), (True, True)])
+def test_bfloat16_weights_take_a_panel_kernel_for_its_token_counts(monkeypatch, dtype, amx, dpbf16):
+    """AMX where it runs, for AMX_TOKENS; else AVX-512 BF16, for DPBF16_TOKENS; else the other paths."""
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: amx)
+    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: dpbf16)
     monkeypatch.setattr(SparseLinear, "uses_many_tokens_kernel", lambda self: False)
     module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
-    low, high = sparse_linear.AMX_TOKENS
-    for tokens in (1, low - 1, low, SPARSE_TOKENS + 1, high, high + 1):
-        amx = dtype is torch.bfloat16 and low <= tokens <= high
-        assert (module.path(tokens) == sparse_linear.AMX_KERNEL) is amx, tokens
+    limits = sorted({*sparse_linear.AMX_TOKENS, *sparse_linear.DPBF16_TOKENS})
+    for tokens in (1, SPARSE_TOKENS + 1, *(limit + step for limit in limits for step in (-1, 0, 1))):
+        expected = None
+        if dtype is torch.bfloat16:
+            low, high = sparse_linear.AMX_TOKENS if amx else sparse_linear.DPBF16_TOKENS
+            if low <= tokens <= high:
+                expected = sparse_linear.AMX_KERNEL if amx else sparse_linear.DPBF16_KERNEL
+        path = module.path(tokens)
+        if expected is None:
+            assert path not in (sparse_linear.AMX_KERNEL, sparse_linear.DPBF16_KERNEL), tokens
+        else:
+            assert path == expected, tokens
 
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
-@pytest.mark.parametrize("amx", [False, True])
-def test_the_probe_token_counts_reach_every_path_once(monkeypatch, dtype, amx):
-    """What the swap's check runs: with AMX, bfloat16 layers reach the sparse kernel, the AMX kernel and
-    expanding; otherwise the sparse kernel and the prefill path, at the counts the check always used."""
-    monkeypatch.setattr(sparse_linear, "amx_available", lambda: amx)
+@pytest.mark.parametrize("panels", [None, "amx", "dpbf16"])
+def test_the_probe_token_counts_reach_every_path_once(monkeypatch, dtype, panels):
+    """What the swap's check runs: with a panel kernel, bfloat16 layers reach the sparse kernel, the panel
+    kernel and expanding; otherwise the sparse kernel and the prefill path, at the counts the check always
+    used."""
+    monkeypatch.setattr(sparse_linear, "amx_available", lambda: panels == "amx")
+    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: panels == "dpbf16")
     module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
     probes = module.probe_tokens()
     paths = [module.path(tokens) for tokens in probes]
     assert len(set(paths)) == len(paths)
-    if amx and dtype is torch.bfloat16:
-        assert set(paths) == {sparse_linear.SPARSE_KERNEL, sparse_linear.AMX_KERNEL, sparse_linear.EXPAND}
+    if panels and dtype is torch.bfloat16:
+        assert set(paths) == {sparse_linear.SPARSE_KERNEL, PANEL_KERNELS[panels][3], sparse_linear.EXPAND}
     else:
         assert probes == (SPARSE_TOKENS, sparse_linear.AVX512_SPARSE_TOKENS + 1)
 
 
-@AMX
-def test_a_bfloat16_sparse_linear_on_amx_matches_linear(monkeypatch):
+@EACH_PANEL_KERNEL
+def test_a_bfloat16_sparse_linear_on_a_panel_kernel_matches_linear(monkeypatch, panels):
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
-    monkeypatch.delenv(cpu_kernels.AMX_VARIABLE, raising=False)
+    for _, _, variable, _ in PANEL_KERNELS.values():
+        monkeypatch.delenv(variable, raising=False)
+    if panels == "dpbf16":
+        monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")  # AMX, where the CPU has it, would come first
     cpu_kernels.reset_isa()
     linear = torch.nn.Linear(200, 150).to(torch.bfloat16)
     with torch.no_grad():
@@ -611,4 +657,4 @@ def test_a_bfloat16_sparse_linear_on_amx_matches_linear(monkeypatch):
             got, expected = module(x), linear(x)
         assert got.dtype is torch.bfloat16 and got.shape == expected.shape
         assert relative_error(got.double(), expected.double()) <= 1e-2  # bfloat16 outputs
-    assert module.path(40) == sparse_linear.AMX_KERNEL
+    assert module.path(40) == PANEL_KERNELS[panels][3]

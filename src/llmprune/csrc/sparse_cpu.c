@@ -10,8 +10,9 @@
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
  *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of tokens
  *   matmul_amx: matmul of bfloat16 weights and inputs on AMX tiles, where the CPU and OS allow them
+ *   matmul_dpbf16: the same with AVX-512 BF16's vdpbf16ps, for CPUs with it and without AMX
  *
- * One code path per instruction set (AVX-512F expand, AVX2 + FMA permute, portable C), chosen at run
+ * One code path per instruction set (AVX-512 F + BW expand, AVX2 + FMA permute, portable C), chosen at run
  * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
  * libraries, not linked) or else a small pthread pool of our own.
  * The caller pads each input row to row_bytes * 8 readable floats, so vector loads never leave x.
@@ -27,13 +28,17 @@
 #include <immintrin.h>
 #endif
 
-/* AMX tiles need the kernel's permission (arch_prctl) and GCC 11 / Clang 13 intrinsics. */
-#if defined(LLMPRUNE_X86) && defined(__x86_64__) && defined(__linux__) && !defined(LLMPRUNE_EMULATE_AVX512) && \
+/* The bfloat16 panel kernels (AMX tiles, AVX-512 BF16) need GCC 11 / Clang 13 intrinsics; AMX tiles also
+ * the kernel's permission (arch_prctl, Linux). */
+#if defined(LLMPRUNE_X86) && defined(__x86_64__) && !defined(LLMPRUNE_EMULATE_AVX512) && \
     ((defined(__clang__) && __clang_major__ >= 13) || (!defined(__clang__) && __GNUC__ >= 11))
-#define LLMPRUNE_AMX 1
+#define LLMPRUNE_BF16_PANELS 1
 #include <stdlib.h>
+#if defined(__linux__)
+#define LLMPRUNE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 #endif
 
 #if !defined(_WIN32)
@@ -61,8 +66,8 @@ typedef struct {
     void *values_out;
     int64_t block;  /* matmul_many: tokens per packed block of inputs */
     int64_t tail;   /* matmul_many: tokens of the narrower last block, 0 if none (the caller's choice) */
-    const uint16_t *tiles_x; /* matmul_amx: the bfloat16 inputs packed as AMX tiles (see pack_amx) */
-    int *failed;             /* matmul_amx: set by a thread that could not allocate its panel */
+    const uint16_t *tiles_x; /* matmul_amx / _dpbf16: the bfloat16 inputs packed in pairs (see pack_pairs) */
+    int *failed;             /* matmul_amx / _dpbf16: set by a thread that could not allocate its panel */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -156,12 +161,13 @@ static inline void prefetch_ahead(const void *values_at, const uint8_t *mask_at)
 #define PREFETCH_FAR_BYTES 8192
 #endif
 
-static inline void prefetch_far(const void *values_at) {
+static inline void prefetch_far(const void *values_at, int lines) {
 #if defined(__GNUC__)
     const uintptr_t ahead = (uintptr_t)values_at + PREFETCH_FAR_BYTES;
-    for (int line = 0; line < PREFETCH_LINES; line++) __builtin_prefetch((const void *)(ahead + 64 * line), 0, 1);
+    for (int line = 0; line < lines; line++) __builtin_prefetch((const void *)(ahead + 64 * line), 0, 1);
 #else
     (void)values_at;
+    (void)lines;
 #endif
 }
 
@@ -549,14 +555,17 @@ AVX2 static void dense_avx2(const Job *job, int64_t begin, int64_t end) {
 
 DEFINE_MANY(avx2, AVX2, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps)
 
-/* ---------------------------------------------------------------- AVX-512F ---------------------------- */
+/* ---------------------------------------------------------------- AVX-512 F + BW ----------------------- */
 
 #ifdef LLMPRUNE_EMULATE_AVX512
 /* A test build only: the intrinsics below as plain C, so that this path's logic runs on any x86 CPU. */
 #include "avx512_emulated.h"
 #define AVX512
 #else
-#define AVX512 __attribute__((target("avx512f,popcnt")))
+/* BW for its 64-bit mask registers: the compiler then shifts each mask word's 16-bit chunks within them
+ * (kshiftrq) instead of in general registers with a kmovw each, which ran the one-token loop 4-10 % faster
+ * on AMD Zen 4 (docs/benchmarks.md). Every AVX-512 CPU but the Xeon Phi has BW. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,popcnt")))
 #endif
 
 AVX512 static inline __m512 load16_avx512(const void *values, int64_t k, int dtype) {
@@ -618,13 +627,16 @@ DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
 
 /* One token against ROW_STREAMS rows at once, rows r, r + stride, r + 2 * stride, ...: that many value
  * streams from distant parts of the weight keep more of memory's bandwidth busy than one row after the
- * other, and each input vector is loaded once for all of them. With the far prefetch into L2, two lines
- * per word into L1 (STREAM_PREFETCH_LINES) were enough, and leave more of L1 to the inputs. */
+ * other, and each input vector is loaded once for all of them. Per mask word and stream the loop asks
+ * for NEAR lines into L1 and FAR lines far ahead into L2: 2 and 3 where a word's values fill about two
+ * cache lines or more, 1 and 2 for sparser rows (below LEAN_PREFETCH_BYTES of values per word), where
+ * the loop is bound by its instructions and the prefetches of lines already asked for only cost
+ * (measured on AMD Zen 4: 70 % float32 4-7 % faster, 50 % slower with the lean ones; docs/benchmarks.md). */
 #define ROW_STREAMS 6
-#define STREAM_PREFETCH_LINES 2
+#define LEAN_PREFETCH_BYTES 96.0
 
-#define DEFINE_STREAMS_AVX512(DT)                                                                          \
-    AVX512 static void streams_avx512_##DT(const Job *job, int64_t r, int64_t stride) {                    \
+#define DEFINE_STREAMS_AVX512(DT, NEAR, FAR, SUFFIX)                                                      \
+    AVX512 static void streams_avx512_##DT##SUFFIX(const Job *job, int64_t r, int64_t stride) {            \
         __m512 acc[ROW_STREAMS][2];                                                                         \
         const uint8_t *mask[ROW_STREAMS];                                                                   \
         int64_t k[ROW_STREAMS];                                                                             \
@@ -640,8 +652,8 @@ DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
             _Pragma("GCC unroll 8") for (int s = 0; s < ROW_STREAMS; s++) {                                 \
                 w[s] = load_word(mask[s] + 8 * word);                                                       \
                 prefetch_lines_ahead((const char *)values + k[s] * VALUE_BYTES(DT), mask[s] + 8 * word,     \
-                                     STREAM_PREFETCH_LINES);                                                \
-                prefetch_far((const char *)values + k[s] * VALUE_BYTES(DT));                                \
+                                     NEAR);                                                                 \
+                prefetch_far((const char *)values + k[s] * VALUE_BYTES(DT), FAR);                           \
             }                                                                                               \
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                           \
                 const __m512 x = _mm512_loadu_ps(job->x + 64 * word + 16 * c);                              \
@@ -656,8 +668,10 @@ DEFINE_ROW_AVX512(8, 1, DTYPE_BF16)
             job->y[r + s * stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));             \
     }
 
-DEFINE_STREAMS_AVX512(DTYPE_F32)
-DEFINE_STREAMS_AVX512(DTYPE_BF16)
+DEFINE_STREAMS_AVX512(DTYPE_F32, 2, 3, _full)
+DEFINE_STREAMS_AVX512(DTYPE_BF16, 2, 3, _full)
+DEFINE_STREAMS_AVX512(DTYPE_F32, 1, 2, _lean)
+DEFINE_STREAMS_AVX512(DTYPE_BF16, 1, 2, _lean)
 
 /* More than one token: TILE_ROWS neighbouring rows against TB tokens at once, a register tile of
  * TILE_ROWS x TB accumulators. Each input vector loaded serves TILE_ROWS rows and each expanded weight
@@ -722,12 +736,18 @@ DEFINE_TILE_AVX512(1, DTYPE_BF16)
         TOKEN_BLOCKS(avx512, DT, tiled)                                                                     \
     }
 
-/* Rows begin .. end - 1 against one token: ROW_STREAMS equal blocks walked side by side, then the rows
+/* Rows begin .. end - 1 against one token: ROW_STREAMS equal blocks walked side by side (with the lean
+ * prefetches where these rows' values average under LEAN_PREFETCH_BYTES per mask word), then the rows
  * left over one by one. */
 #define ONE_TOKEN_STREAMS(DT)                                                                               \
     {                                                                                                       \
         const int64_t stride = (end - begin) / ROW_STREAMS;                                                 \
-        for (int64_t r = begin; r < begin + stride; r++) streams_avx512_##DT(job, r, stride);               \
+        const double kept = (double)(job->offsets[end] - job->offsets[begin]);                              \
+        const double word_bytes = kept * VALUE_BYTES(DT) * 64 / ((double)(end - begin) * job->cols);        \
+        if (word_bytes < LEAN_PREFETCH_BYTES)                                                               \
+            for (int64_t r = begin; r < begin + stride; r++) streams_avx512_##DT##_lean(job, r, stride);    \
+        else                                                                                                \
+            for (int64_t r = begin; r < begin + stride; r++) streams_avx512_##DT##_full(job, r, stride);    \
         for (int64_t r = begin + ROW_STREAMS * stride; r < end; r++) row_avx512_1_##DT(job, r, 0);          \
     }
 
@@ -773,60 +793,43 @@ AVX512 static void dense_avx512(const Job *job, int64_t begin, int64_t end) {
 }
 #endif /* LLMPRUNE_X86 */
 
-/* ---------------------------------------------------------------- AMX (bfloat16) ---------------------- */
+/* ---------------------------------------------------------------- bfloat16 panels -------------------- */
 
-#ifdef LLMPRUNE_AMX
-/* bfloat16 weights against bfloat16 inputs on Intel's AMX tiles (TDPBF16PS: a 16 x 32 tile of weights
- * times a 32 x 16 tile of inputs into a 16 x 16 tile of float32 sums). The dense matmul on these tiles is
- * bound by the tiles' arithmetic from a few tens of tokens on, which reads every weight; here each panel of
- * AMX_PANEL_ROWS rows (32 for wide weights) is expanded once from its kept values (vpexpandw, 32 weights a mask word half) into
- * tile order in a per-thread buffer that stays in L2, then multiplied against every token, so memory
- * carries the compressed weight only. Inputs: pack_amx. Sums: 2 x 2 tiles (32 rows x 32 tokens) a step. */
-#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi2,popcnt")))
-#define AMX_PANEL_ROWS 64
-#define AMX_PANEL_BYTES (512 << 10) /* wide weights expand 32 rows at a time: the panel and inputs share L2 */
-#define AMX_ARCH_REQ_XCOMP_PERM 0x1023
-#define AMX_XFEATURE_XTILEDATA 18
+#ifdef LLMPRUNE_BF16_PANELS
+/* bfloat16 weights against bfloat16 inputs for 5 to a few hundred tokens, on the CPU's bfloat16 dot products:
+ * Intel's AMX tiles or AVX-512 BF16's vdpbf16ps. The dense matmul on them is bound by their arithmetic
+ * from a few tokens on, which reads every weight; here each panel of BF16_PANEL_ROWS rows (32 for wide
+ * weights) is expanded once from its kept values (vpexpandw, 32 weights a mask word half) into tile order
+ * in a per-thread buffer that stays in L2, then multiplied against every token, so memory carries the
+ * compressed weight only. Inputs: pack_pairs. */
+#define PANELS __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt")))
+#define BF16_PANEL_ROWS 64
+#define BF16_PANEL_BYTES (512 << 10) /* wide weights expand 32 rows at a time: the panel and inputs share L2 */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
-
-static int amx_state = -1; /* -1 not asked yet, 0 unusable, 1 usable */
-
-/* AMX-BF16 and AMX-TILE in CPUID, the tile state enabled by the OS (XCR0 bits 17-18), and this process
- * allowed to use it (Linux asks each process to request the tile data state once). */
-static int amx_usable(void) {
-    if (amx_state >= 0) return amx_state;
-    unsigned a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
-    int ok = a >= 7;
-    if (ok) {
-        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
-        ok = c >> 27 & 1; /* OSXSAVE: xgetbv may run */
-    }
-    if (ok) {
-        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-        /* AMX-BF16, AMX-TILE; AVX-512 F, BW and VBMI2 (the expansion) */
-        ok = (d >> 22 & 1) && (d >> 24 & 1) && (b >> 16 & 1) && (b >> 30 & 1) && (c >> 6 & 1);
-    }
-    if (ok) {
-        unsigned lo, hi;
-        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-        (void)hi;
-        ok = (lo & 0x60000) == 0x60000 && (lo & 0xe6) == 0xe6; /* tiles, and the AVX-512 state */
-    }
-    if (ok) ok = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
-    amx_state = ok;
-    return ok;
+static void cpuid(unsigned leaf, unsigned sub, unsigned regs[4]) {
+    __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3]) : "a"(leaf), "c"(sub));
 }
 
-/* Tile order of inputs: for token tile i (16 tokens) and chunk c (32 inputs), 1 KiB at (i * chunks + c) *
+/* AVX-512 F, BW and VBMI2 (the expansion) in CPUID and their register state enabled by the OS; regs7 gets
+ * leaf 7 (subleaf 0) for the caller's own checks. */
+static int panels_cpu(unsigned regs7[4]) {
+    unsigned r[4];
+    cpuid(0, 0, r);
+    if (r[0] < 7) return 0;
+    cpuid(1, 0, r);
+    if (!(r[2] >> 27 & 1)) return 0; /* OSXSAVE: xgetbv may run */
+    cpuid(7, 0, regs7);
+    if (!((regs7[1] >> 16 & 1) && (regs7[1] >> 30 & 1) && (regs7[2] >> 6 & 1))) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo & 0xe6) == 0xe6;
+}
+
+/* Tile order of inputs (what TDPBF16PS and vdpbf16ps read): for token tile i (16 tokens) and chunk c (32 inputs), 1 KiB at (i * chunks + c) *
  * 512: pair p (inputs 32 c + 2 p, + 1) of token t at [p][t][2] (the VNNI layout TDPBF16PS reads). Tokens
  * past `tokens` and inputs past `cols` are zero. */
-static void pack_amx(const uint16_t *x, int64_t stride, int64_t tokens, int64_t cols, uint16_t *out) {
+static void pack_pairs(const uint16_t *x, int64_t stride, int64_t tokens, int64_t cols, uint16_t *out) {
     const int64_t chunks = (cols + 31) / 32, tiles = (tokens + 15) / 16;
     for (int64_t i = 0; i < tiles; i++)
         for (int64_t c = 0; c < chunks; c++) {
@@ -850,27 +853,27 @@ static void pack_amx(const uint16_t *x, int64_t stride, int64_t tokens, int64_t 
 }
 
 /* A growing per-thread buffer for one expanded panel (threads of the pool or of torch's team live on). */
-static _Thread_local uint16_t *amx_panel;
-static _Thread_local size_t amx_panel_bytes;
+static _Thread_local uint16_t *bf16_panel;
+static _Thread_local size_t bf16_panel_bytes;
 
-/* Rows expanded at a time for a weight of this many 32-input chunks: AMX_PANEL_ROWS, or 32 for wide ones. */
-static int64_t amx_panel_rows(int64_t chunks) {
-    return chunks * 64 * AMX_PANEL_ROWS > AMX_PANEL_BYTES ? 32 : AMX_PANEL_ROWS;
+/* Rows expanded at a time for a weight of this many 32-input chunks: BF16_PANEL_ROWS, or 32 for wide ones. */
+static int64_t bf16_panel_rows(int64_t chunks) {
+    return chunks * 64 * BF16_PANEL_ROWS > BF16_PANEL_BYTES ? 32 : BF16_PANEL_ROWS;
 }
 
-static uint16_t *amx_panel_for(int64_t chunks) {
-    const size_t bytes = (size_t)amx_panel_rows(chunks) * chunks * 64;
-    if (bytes > amx_panel_bytes) {
-        free(amx_panel);
-        amx_panel = aligned_alloc(64, bytes);
-        amx_panel_bytes = amx_panel ? bytes : 0;
+static uint16_t *bf16_panel_for(int64_t chunks) {
+    const size_t bytes = (size_t)bf16_panel_rows(chunks) * chunks * 64;
+    if (bytes > bf16_panel_bytes) {
+        free(bf16_panel);
+        bf16_panel = aligned_alloc(64, bytes);
+        bf16_panel_bytes = bf16_panel ? bytes : 0;
     }
-    return amx_panel;
+    return bf16_panel;
 }
 
 /* Rows r0 .. r0 + n of the weight in tile order, 16 rows a tile, rows past n zero: the 32 weights of
  * chunk c of row 16 a + b at ((a * chunks + c) * 16 + b) * 32. */
-AMX static void expand_panel_amx(const Job *job, int64_t r0, int64_t n, int64_t padded, uint16_t *panel) {
+PANELS static void expand_panel(const Job *job, int64_t r0, int64_t n, int64_t padded, uint16_t *panel) {
     const int64_t chunks = (job->cols + 31) / 32;
     const uint16_t *values = job->values;
     for (int64_t i = 0; i < padded; i++) {
@@ -884,7 +887,7 @@ AMX static void expand_panel_amx(const Job *job, int64_t r0, int64_t n, int64_t 
         for (int64_t c = 0; c < chunks; c += 2) {
             const uint64_t w = load_word(mask + 4 * c);
             prefetch_ahead(v, mask + 4 * c); /* the weight streams from memory: as the one-token kernel */
-            prefetch_far(v);
+            prefetch_far(v, PREFETCH_LINES);
             _mm512_storeu_si512(out + c * 512, _mm512_maskz_expandloadu_epi16((uint32_t)w, v));
             v += popcount64(w & 0xffffffffu);
             if (c + 1 < chunks) _mm512_storeu_si512(out + (c + 1) * 512, _mm512_maskz_expandloadu_epi16(w >> 32, v));
@@ -894,15 +897,47 @@ AMX static void expand_panel_amx(const Job *job, int64_t r0, int64_t n, int64_t 
 }
 
 /* One 16 x 16 tile of sums (rows r, tokens t) into y [tokens, rows], clipped to the real rows and tokens. */
-static void store_sums_amx(const Job *job, const float *sums, int64_t r, int64_t end, int64_t t) {
+static void store_sums(const Job *job, const float *sums, int64_t r, int64_t end, int64_t t) {
     for (int64_t a = 0; a < 16 && r + a < end; a++)
         for (int64_t b = 0; b < 16 && t + b < job->tokens; b++) job->y[(t + b) * job->rows + r + a] = sums[16 * a + b];
 }
 
+#ifdef LLMPRUNE_AMX
+/* On AMX tiles (TDPBF16PS: a 16 x 32 tile of weights times a 32 x 16 tile of inputs into a 16 x 16 tile of
+ * float32 sums), 2 x 2 tiles of sums (32 rows x 32 tokens) a step. */
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi2,popcnt")))
+#define AMX_ARCH_REQ_XCOMP_PERM 0x1023
+#define AMX_XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_state = -1; /* -1 not asked yet, 0 unusable, 1 usable */
+
+/* AMX-BF16 and AMX-TILE in CPUID, the tile state enabled by the OS (XCR0 bits 17-18), and this process
+ * allowed to use it (Linux asks each process to request the tile data state once). */
+static int amx_usable(void) {
+    if (amx_state >= 0) return amx_state;
+    unsigned r[4];
+    int ok = panels_cpu(r) && (r[3] >> 22 & 1) && (r[3] >> 24 & 1); /* AMX-BF16, AMX-TILE */
+    if (ok) {
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        (void)hi;
+        ok = (lo & 0x60000) == 0x60000; /* the tile state */
+    }
+    if (ok) ok = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
+    amx_state = ok;
+    return ok;
+}
+
 AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
-    const int64_t panel_rows = amx_panel_rows(chunks);
-    uint16_t *panel = amx_panel_for(chunks);
+    const int64_t panel_rows = bf16_panel_rows(chunks);
+    uint16_t *panel = bf16_panel_for(chunks);
     if (!panel) {
         *job->failed = 1;
         return;
@@ -917,7 +952,7 @@ AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
     float sums[4][256];
     for (int64_t r0 = begin; r0 < end; r0 += panel_rows) {
         const int64_t n = end - r0 < panel_rows ? end - r0 : panel_rows, padded = (n + 31) / 32 * 32;
-        expand_panel_amx(job, r0, n, padded, panel);
+        expand_panel(job, r0, n, padded, panel);
         for (int64_t a = 0; a < padded; a += 32) {
             const uint16_t *w0 = panel + a * chunks * 32, *w1 = w0 + chunks * 512;
             for (int64_t i = 0; i < tiles; i += 2) {
@@ -941,13 +976,13 @@ AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
                 }
                 _tile_stored(4, sums[0], 64);
                 _tile_stored(5, sums[1], 64);
-                store_sums_amx(job, sums[0], r0 + a, end, 16 * i);
-                store_sums_amx(job, sums[1], r0 + a + 16, end, 16 * i);
+                store_sums(job, sums[0], r0 + a, end, 16 * i);
+                store_sums(job, sums[1], r0 + a + 16, end, 16 * i);
                 if (two) {
                     _tile_stored(6, sums[2], 64);
                     _tile_stored(7, sums[3], 64);
-                    store_sums_amx(job, sums[2], r0 + a, end, 16 * i + 16);
-                    store_sums_amx(job, sums[3], r0 + a + 16, end, 16 * i + 16);
+                    store_sums(job, sums[2], r0 + a, end, 16 * i + 16);
+                    store_sums(job, sums[3], r0 + a + 16, end, 16 * i + 16);
                 }
             }
         }
@@ -958,6 +993,65 @@ AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
         _tile_release();
 }
 #endif /* LLMPRUNE_AMX */
+
+/* With AVX-512 BF16 (vdpbf16ps: 16 float32 sums, each plus the products of two bfloat16 pairs): one row's
+ * pair of weights broadcast against a pair of inputs for 16 tokens (a tile row of pack_pairs), the 16 rows
+ * of a panel tile against one token tile a step (16 accumulators), token tiles in the outer loop so that
+ * each is read from memory once per panel. */
+#define DPBF16 __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16,popcnt")))
+
+static int dpbf16_state = -1; /* -1 not asked yet, 0 unusable, 1 usable */
+
+static int dpbf16_usable(void) {
+    if (dpbf16_state >= 0) return dpbf16_state;
+    unsigned r7[4], r[4];
+    int ok = panels_cpu(r7);
+    if (ok) {
+        cpuid(7, 1, r);
+        ok = r[0] >> 5 & 1; /* AVX512_BF16 */
+    }
+    dpbf16_state = ok;
+    return ok;
+}
+
+/* Rows of panel tile w (16 rows x chunks x 32 weights) against token tile x: sums[16 * row + token]. */
+DPBF16 static void dpbf16_tile(const uint16_t *w, const uint16_t *x, int64_t chunks, float *sums) {
+    __m512 acc[16];
+    _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        const uint16_t *wc = w + c * 512, *xc = x + c * 512;
+        _Pragma("GCC unroll 16") for (int p = 0; p < 16; p++) {
+            const __m512bh inputs = (__m512bh)_mm512_loadu_si512(xc + p * 32);
+            _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) {
+                uint32_t pair;
+                memcpy(&pair, wc + r * 32 + 2 * p, 4);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), inputs);
+            }
+        }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) _mm512_storeu_ps(sums + 16 * r, acc[r]);
+}
+
+DPBF16 static void matmul_dpbf16_rows(const Job *job, int64_t begin, int64_t end) {
+    const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
+    const int64_t panel_rows = bf16_panel_rows(chunks);
+    uint16_t *panel = bf16_panel_for(chunks);
+    if (!panel) {
+        *job->failed = 1;
+        return;
+    }
+    float sums[256];
+    for (int64_t r0 = begin; r0 < end; r0 += panel_rows) {
+        const int64_t n = end - r0 < panel_rows ? end - r0 : panel_rows, padded = (n + 15) / 16 * 16;
+        expand_panel(job, r0, n, padded, panel);
+        for (int64_t i = 0; i < tiles; i++)
+            for (int64_t a = 0; a < padded; a += 16) {
+                dpbf16_tile(panel + a * chunks * 32, job->tiles_x + i * chunks * 512, chunks, sums);
+                store_sums(job, sums, r0 + a, end, 16 * i);
+            }
+    }
+}
+#endif /* LLMPRUNE_BF16_PANELS */
 
 /* ---------------------------------------------------------------- dispatch ---------------------------- */
 
@@ -972,7 +1066,8 @@ static int isa_supported(int isa) {
 #ifdef LLMPRUNE_EMULATE_AVX512
     if (isa == ISA_AVX512) return 1;
 #endif
-    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+    if (isa == ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("popcnt");
 #endif
     return 0;
 }
@@ -1215,8 +1310,26 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+#ifdef LLMPRUNE_BF16_PANELS
+/* A bfloat16 panel kernel on parsed arguments (see py_matmul_amx): inputs packed, then rows over threads. */
+static PyObject *run_panels(const long long *a, RowsFn rows_fn) {
+    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
+               NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
+    int failed = 0;
+    job.tiles_x = (const uint16_t *)(intptr_t)a[5];
+    job.failed = &failed;
+    const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
+    Py_BEGIN_ALLOW_THREADS
+    pack_pairs((const uint16_t *)(intptr_t)a[3], a[4], job.tokens, job.cols, (uint16_t *)job.tiles_x);
+    run_rows(rows_fn, &job, (int)a[10], nnz * job.tokens);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#endif
+
 /* matmul_amx(values, mask, offsets, x, x_stride, packed, y, rows, cols, tokens, threads): bfloat16 values
- * and bfloat16 x (row stride x_stride), packed a scratch of amx_packed_size(tokens, cols) uint16. */
+ * and bfloat16 x (row stride x_stride), packed a scratch of bf16_packed_size(tokens, cols) uint16. */
 static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[11];
     if (parse(args, nargs, 11, a)) return NULL;
@@ -1225,20 +1338,25 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_RuntimeError, "this CPU or system does not let this process use AMX tiles");
         return NULL;
     }
-    Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
-               NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
-    int failed = 0;
-    job.tiles_x = (const uint16_t *)(intptr_t)a[5];
-    job.failed = &failed;
-    const int64_t nnz = job.rows ? job.offsets[job.rows] : 0;
-    Py_BEGIN_ALLOW_THREADS
-    pack_amx((const uint16_t *)(intptr_t)a[3], a[4], job.tokens, job.cols, (uint16_t *)job.tiles_x);
-    run_rows(matmul_amx_rows, &job, (int)a[10], nnz * job.tokens);
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return run_panels(a, matmul_amx_rows);
 #else
     PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AMX kernel");
+    return NULL;
+#endif
+}
+
+/* matmul_dpbf16(...): matmul_amx's arguments, on AVX-512 BF16. */
+static PyObject *py_matmul_dpbf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[11];
+    if (parse(args, nargs, 11, a)) return NULL;
+#ifdef LLMPRUNE_BF16_PANELS
+    if (!dpbf16_usable()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU or system has no AVX-512 BF16 for this process");
+        return NULL;
+    }
+    return run_panels(a, matmul_dpbf16_rows);
+#else
+    PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AVX-512 BF16 kernel");
     return NULL;
 #endif
 }
@@ -1251,7 +1369,15 @@ static PyObject *py_amx_supported(PyObject *self, PyObject *unused) {
 #endif
 }
 
-static PyObject *py_amx_packed_size(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *py_dpbf16_supported(PyObject *self, PyObject *unused) {
+#ifdef LLMPRUNE_BF16_PANELS
+    return PyBool_FromLong(dpbf16_usable());
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *py_bf16_packed_size(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[2];
     if (parse(args, nargs, 2, a)) return NULL;
     return PyLong_FromLongLong((a[0] + 15) / 16 * 16 * ((a[1] + 31) / 32 * 32));
@@ -1370,9 +1496,12 @@ static PyMethodDef methods[] = {
      "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
     {"matmul_amx", (PyCFunction)(void (*)(void))py_matmul_amx, METH_FASTCALL,
      "y = x @ W.T for bfloat16 weights and inputs on AMX tiles"},
+    {"matmul_dpbf16", (PyCFunction)(void (*)(void))py_matmul_dpbf16, METH_FASTCALL,
+     "matmul_amx on AVX-512 BF16 (vdpbf16ps)"},
     {"amx_supported", py_amx_supported, METH_NOARGS, "whether this process can run matmul_amx"},
-    {"amx_packed_size", (PyCFunction)(void (*)(void))py_amx_packed_size, METH_FASTCALL,
-     "uint16 entries of matmul_amx's packed inputs for (tokens, cols)"},
+    {"dpbf16_supported", py_dpbf16_supported, METH_NOARGS, "whether this process can run matmul_dpbf16"},
+    {"bf16_packed_size", (PyCFunction)(void (*)(void))py_bf16_packed_size, METH_FASTCALL,
+     "uint16 entries of matmul_amx's and matmul_dpbf16's packed inputs for (tokens, cols)"},
     {"many_blocks", py_many_blocks, METH_NOARGS,
      "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},

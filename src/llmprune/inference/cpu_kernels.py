@@ -18,7 +18,9 @@ the module's own. Memory traffic per weight falls from 4 bytes (float32) to
 For many tokens (prefill), ``multiply_many`` multiplies each kept weight into a block of tokens at once, so
 its work is the kept weights' alone (vector kernels with AVX-512 and AVX2; the portable C one serves checks).
 On CPUs with AMX, ``multiply_amx`` multiplies bfloat16 weights on the tiles, expanding a panel of rows at a
-time into the cache (``LLMPRUNE_CPU_AMX=0`` turns it off; it runs only where the AVX-512 path does).
+time into the cache (``LLMPRUNE_CPU_AMX=0`` turns it off; it runs only where the AVX-512 path does);
+``multiply_dpbf16`` does the same with AVX-512 BF16's ``vdpbf16ps`` (AMD Zen 4 and later, Intel from Cooper
+Lake; ``LLMPRUNE_CPU_DPBF16=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ISAS = ("avx512", "avx2", "portable")
 THREADS_VARIABLE = "LLMPRUNE_CPU_THREADS"
 THREAD_BACKENDS = ("openmp", "pool")
 AMX_VARIABLE = "LLMPRUNE_CPU_AMX"
+DPBF16_VARIABLE = "LLMPRUNE_CPU_DPBF16"
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
 REINSTALL = "pip install --force-reinstall --no-deps -e ."
 
@@ -208,23 +211,40 @@ def multiply_bound(bound: Bound, x: torch.Tensor, out: torch.Tensor) -> None:
                    x.numel() // bound.cols, bound.code, torch.get_num_threads())
 
 
-def torch_bfloat16_on_amx() -> bool:
-    """Whether torch's bfloat16 matmul runs on AMX here (oneDNN uses the tiles where the CPU has them,
-    unless ``ONEDNN_MAX_CPU_ISA`` caps it below)."""
+def torch_bfloat16_isa() -> str | None:
+    """The bfloat16 dot-product instructions torch's bfloat16 matmul runs on here (oneDNN): ``"amx"``
+    (tiles), ``"avx512_bf16"`` (``vdpbf16ps``), or None where it has neither and converts to float32, as
+    the CPU reports them and unless ``ONEDNN_MAX_CPU_ISA`` caps them away."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap and cap != "ALL" and "AMX" not in cap:
-        return False
-    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent, assume no AMX
-    return bool(supported is not None and supported())
+    uncapped = not cap or cap in ("ALL", "DEFAULT")
+    # private probes of torch's: where one is absent, assume the CPU lacks what it checks
+    for name, probe, cap_names in (
+        ("amx", "_is_amx_tile_supported", ("AMX",)),
+        ("avx512_bf16", "_is_avx512_bf16_supported", ("AMX", "BF16", "FP16", "AVX10")),
+    ):
+        supported = getattr(torch.cpu, probe, None)
+        if supported is not None and supported() and (uncapped or any(part in cap for part in cap_names)):
+            return name
+    return None
 
 
 def amx_available() -> bool:
     """Whether ``multiply_amx`` runs here: the compiled module has the AMX kernel, the CPU and the OS let
     this process use the tiles, the AVX-512 path is the one selected, and ``LLMPRUNE_CPU_AMX`` is not 0."""
+    return _panels_available(AMX_VARIABLE, "amx_supported")
+
+
+def dpbf16_available() -> bool:
+    """Whether ``multiply_dpbf16`` runs here: as ``amx_available`` for AVX-512 BF16 and
+    ``LLMPRUNE_CPU_DPBF16``."""
+    return _panels_available(DPBF16_VARIABLE, "dpbf16_supported")
+
+
+def _panels_available(variable: str, supported: str) -> bool:
     native = _native()
-    if native is None or os.environ.get(AMX_VARIABLE, "").strip() == "0":
+    if native is None or os.environ.get(variable, "").strip() == "0":
         return False
-    return native.selected() == "avx512" and native.amx_supported()
+    return native.selected() == "avx512" and getattr(native, supported)()
 
 
 def multiply_amx(
@@ -232,18 +252,26 @@ def multiply_amx(
 ) -> torch.Tensor:
     """``multiply`` for bfloat16 values on AMX tiles (``amx_available`` must hold), the inputs rounded to
     bfloat16 (what a bfloat16 model's are); float32 ``[tokens, rows]``."""
-    return _multiply_amx_with(_native(), values, mask, offsets, x, rows)
+    return _multiply_panels_with(_native(), "matmul_amx", values, mask, offsets, x, rows)
 
 
-def _multiply_amx_with(native, values, mask, offsets, x, rows) -> torch.Tensor:
+def multiply_dpbf16(
+    values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``multiply_amx`` on AVX-512 BF16 (``dpbf16_available`` must hold)."""
+    return _multiply_panels_with(_native(), "matmul_dpbf16", values, mask, offsets, x, rows)
+
+
+def _multiply_panels_with(native, kernel: str, values, mask, offsets, x, rows) -> torch.Tensor:
+    """A bfloat16 panel kernel of the compiled module: ``kernel`` is ``matmul_amx`` or ``matmul_dpbf16``."""
     x = x.to(torch.bfloat16)
     if x.stride(1) != 1:
         x = x.contiguous()
     tokens, cols = x.shape
-    packed = torch.empty(native.amx_packed_size(tokens, cols), dtype=torch.bfloat16)
+    packed = torch.empty(native.bf16_packed_size(tokens, cols), dtype=torch.bfloat16)
     out = torch.empty(tokens, rows)
-    native.matmul_amx(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), x.data_ptr(), x.stride(0),
-                      packed.data_ptr(), out.data_ptr(), rows, cols, tokens, torch.get_num_threads())
+    getattr(native, kernel)(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), x.data_ptr(), x.stride(0),
+                            packed.data_ptr(), out.data_ptr(), rows, cols, tokens, torch.get_num_threads())
     return out
 
 
@@ -389,9 +417,10 @@ def _check_selected(module) -> None:
     dense = torch.randn(67, 200, generator=generator)
     dense[torch.rand(67, 200, generator=generator) < 0.6] = 0
     x = torch.randn(70, 200, generator=generator)
-    amx = chosen == "avx512" and module.amx_supported()
-    amx_weight = from_dense(dense.to(torch.bfloat16)).tensors() if amx else ()
-    amx_inputs = (x[:5].bfloat16(), x.bfloat16()) if amx else ()
+    panel_kernels = [kernel for kernel, supported in (("matmul_amx", "amx_supported"),
+                                                      ("matmul_dpbf16", "dpbf16_supported"))
+                     if chosen == "avx512" and getattr(module, supported)()]
+    bf16_weight = from_dense(dense.to(torch.bfloat16)).tensors()
     results = {}
     for name in (chosen, "portable"):
         module.select(name)
@@ -400,9 +429,11 @@ def _check_selected(module) -> None:
             for dtype in VALUE_DTYPES
             for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x[:30]),
                                           (_multiply_many_with, x[:40]), (_multiply_many_with, x))
-        ] + [  # the AMX kernel against the portable sparse kernel on the same bfloat16 inputs
-            (_multiply_amx_with if name == chosen else _multiply_with)(module, *amx_weight, inputs, 67)
-            for inputs in amx_inputs
+        ] + [  # the bfloat16 panel kernels against the portable sparse kernel on the same bfloat16 inputs
+            _multiply_panels_with(module, kernel, *bf16_weight, inputs, 67) if name == chosen
+            else _multiply_with(module, *bf16_weight, inputs, 67)
+            for kernel in panel_kernels
+            for inputs in (x[:5].bfloat16(), x.bfloat16())
         ]
     module.select(chosen)
     for got, expected in zip(results[chosen], results["portable"], strict=True):

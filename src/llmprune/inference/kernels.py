@@ -319,7 +319,7 @@ def _swap_cpu(
         except (RuntimeError, ValueError) as exc:
             report.skipped.append(_refused(choice, f"the kernel refused it: {str(exc).splitlines()[0]}"))
             continue
-        tokens = sparse.probe_tokens()  # every path it takes: decoding's kernel, prefill's, AMX's
+        tokens = sparse.probe_tokens()  # every path it takes: decoding's kernel, prefill's, bfloat16 panels'
         problem = _mismatch(sparse, weight, bias, CPU_TOLERANCE[weight.dtype], tokens) if verify else None
         if problem:
             report.skipped.append(_refused(choice, problem))

@@ -9,7 +9,9 @@ rows at a time, small enough to stay in the CPU's last-level cache while torch m
 faster than the dense layer itself, which reads its weight from memory), but never fewer rows than make
 an efficient matmul: each panel re-reads all the inputs, and panels of wide weights (many inputs) cut to
 the byte size alone are too thin and lose. bfloat16 weights on a CPU with AMX run ``AMX_TOKENS`` tokens on
-the AMX kernel (``cpu_kernels.multiply_amx``), which expands a panel of rows at a time into the cache.
+the AMX kernel (``cpu_kernels.multiply_amx``), which expands a panel of rows at a time into the cache; on a
+CPU with AVX-512 BF16 and no AMX, ``DPBF16_TOKENS`` tokens run the same on ``vdpbf16ps``
+(``cpu_kernels.multiply_dpbf16``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from llmprune.inference.cpu_kernels import (
     Bound,
     amx_available,
     bind,
+    dpbf16_available,
     from_dense,
     isa,
     multiply,
     multiply_amx,
     multiply_bound,
+    multiply_dpbf16,
     multiply_many,
     row_block,
     to_dense,
-    torch_bfloat16_on_amx,
+    torch_bfloat16_isa,
 )
 from llmprune.models.packing import dtype_name
 
@@ -54,7 +58,8 @@ by the kernels' instruction set and the values' dtype: those of at least this ma
 this density (as measured against expanding, docs/benchmarks.md). With AVX-512, smaller float32 weights
 stay in the cache, where torch's matmul on them was faster, and at 30 % sparsity expanding was ahead
 (the kernel's work grows with the kept weights, the expanded matmul's does not). bfloat16 weights expand
-where torch's bfloat16 matmul runs on AMX (``torch_bfloat16_on_amx``), far faster than the kernel."""
+wherever torch's bfloat16 matmul runs on bfloat16 dot products (``torch_bfloat16_isa``: AMX, or AVX-512
+BF16 as on AMD Zen 4), which do twice the work per instruction of the kernel's float32 FMAs."""
 PANEL_BYTES = 4 << 20
 """The size of one expanded panel of rows in prefill (see the module docstring), unless that is fewer
 than ``PANEL_MIN_ROWS`` rows."""
@@ -64,8 +69,12 @@ AMX_TOKENS = (5, 128)
 """bfloat16 weights on a CPU with AMX (``amx_available``) run this many tokens (inclusive) on the AMX kernel:
 at 4 tokens the sparse kernel was as fast, at 256 the AMX kernel fell to expanding's speed, well below torch's
 AMX matmul on the dense weight (docs/benchmarks.md)."""
+DPBF16_TOKENS = (8, 192)
+"""bfloat16 weights on a CPU with AVX-512 BF16 but no AMX (``dpbf16_available``) run this many tokens on the
+AVX-512 BF16 kernel: measured on AMD Zen 4, the sparse kernel was ahead up to 6 tokens, expanding at 512
+(docs/benchmarks.md)."""
 SPARSE_KERNEL, MANY_TOKENS_KERNEL, EXPAND = "sparse kernel", "many-token kernel", "expand + dense"
-AMX_KERNEL = "AMX kernel"
+AMX_KERNEL, DPBF16_KERNEL = "AMX kernel", "AVX-512 BF16 kernel"
 """``SparseLinear.path``: what multiplies a call's tokens."""
 BREAK_EVEN_SPARSITY = 0.3
 """Below this sparsity a layer gains too little from the kernels and stays dense."""
@@ -141,7 +150,8 @@ class SparseLinear(nn.Module):
         if path == EXPAND:
             y = self._expanded(flat)
         else:
-            kernels = {SPARSE_KERNEL: multiply, MANY_TOKENS_KERNEL: multiply_many, AMX_KERNEL: multiply_amx}
+            kernels = {SPARSE_KERNEL: multiply, MANY_TOKENS_KERNEL: multiply_many, AMX_KERNEL: multiply_amx,
+                       DPBF16_KERNEL: multiply_dpbf16}
             kernel = kernels[path]
             y = kernel(self.values, self.mask, self.offsets, flat, self.out_features)
             if self.bias is not None:
@@ -161,10 +171,14 @@ class SparseLinear(nn.Module):
 
     def path(self, tokens: int) -> str:
         """What multiplies this many tokens in one call: ``SPARSE_KERNEL``, ``MANY_TOKENS_KERNEL``,
-        ``AMX_KERNEL`` or ``EXPAND`` (torch's matmul on the expanded weight)."""
-        low, high = AMX_TOKENS
-        if self.values.dtype is torch.bfloat16 and low <= tokens <= high and amx_available():
-            return AMX_KERNEL
+        ``AMX_KERNEL``, ``DPBF16_KERNEL`` or ``EXPAND`` (torch's matmul on the expanded weight)."""
+        if self.values.dtype is torch.bfloat16:
+            low, high = AMX_TOKENS
+            if low <= tokens <= high and amx_available():
+                return AMX_KERNEL
+            low, high = DPBF16_TOKENS
+            if low <= tokens <= high and not amx_available() and dpbf16_available():
+                return DPBF16_KERNEL
         if tokens <= SPARSE_TOKENS:
             return SPARSE_KERNEL
         if self.uses_many_tokens_kernel():
@@ -176,9 +190,10 @@ class SparseLinear(nn.Module):
     def probe_tokens(self) -> tuple[int, ...]:
         """One token count for each path this layer takes (``path``), the first of a few around the limits
         between them: what a check of the layer against its dense weight runs to cover every kernel."""
-        low, high = AMX_TOKENS
+        counts = (SPARSE_TOKENS, AVX512_SPARSE_TOKENS + 1, AMX_TOKENS[0] - 1, AMX_TOKENS[1] + 1,
+                  DPBF16_TOKENS[0] - 1, DPBF16_TOKENS[1] + 1)
         probes: dict[str, int] = {}
-        for tokens in (SPARSE_TOKENS, AVX512_SPARSE_TOKENS + 1, low - 1, high + 1):
+        for tokens in counts:
             probes.setdefault(self.path(tokens), tokens)
         return tuple(probes.values())
 
@@ -188,7 +203,7 @@ class SparseLinear(nn.Module):
         limits = MANY_TOKENS_LIMITS.get((isa(), self.values.dtype))
         if limits is None or self.in_features * self.out_features < limits[0]:
             return False
-        if self.values.dtype is torch.bfloat16 and torch_bfloat16_on_amx():
+        if self.values.dtype is torch.bfloat16 and torch_bfloat16_isa() is not None:
             return False
         return self.weight_layout.density <= limits[1]
 

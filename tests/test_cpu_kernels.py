@@ -524,8 +524,9 @@ def test_the_openmp_spin_note_follows_backend_threads_and_the_wait_policy(monkey
         cpu_kernels.reset_isa()
 
 
-AMX = pytest.mark.skipif(not native.amx_supported(), reason="no AMX tiles for this process on this CPU or OS")
-DPBF16 = pytest.mark.skipif(not native.dpbf16_supported(), reason="no AVX-512 BF16 on this CPU")
+AMX = pytest.mark.skipif("amx" not in native.panel_engines(),
+                         reason="no AMX tiles for this process on this CPU or OS")
+DPBF16 = pytest.mark.skipif("avx512_bf16" not in native.panel_engines(), reason="no AVX-512 BF16 on this CPU")
 PANEL_KERNELS = {  # the bfloat16 panel kernels: multiply, availability, the variable that turns it off, path
     "amx": (cpu_kernels.multiply_amx, "amx_available", cpu_kernels.AMX_VARIABLE, sparse_linear.AMX_KERNEL),
     "dpbf16": (cpu_kernels.multiply_dpbf16, "dpbf16_available", cpu_kernels.DPBF16_VARIABLE,
@@ -582,11 +583,11 @@ def test_torchs_own_bfloat16_matmul_is_unchanged_after_the_amx_kernel():
 def test_a_panel_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch, panels):
     _, available_name, variable, _ = PANEL_KERNELS[panels]
     available = getattr(cpu_kernels, available_name)
-    supported = getattr(native, {"amx": "amx_supported", "dpbf16": "dpbf16_supported"}[panels])
+    engine = {"amx": "amx", "dpbf16": "avx512_bf16"}[panels]
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
     monkeypatch.delenv(variable, raising=False)
     cpu_kernels.reset_isa()
-    assert available() is (cpu_kernels.isa() == "avx512" and supported())
+    assert available() is (cpu_kernels.isa() == "avx512" and engine in native.panel_engines())
     monkeypatch.setenv(variable, "0")
     assert available() is False
     monkeypatch.delenv(variable)

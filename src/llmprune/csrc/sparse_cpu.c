@@ -9,8 +9,8 @@
  *   matmul:   y[t, r] = sum_j W[r, j] x[t, j]   (float32 accumulation, y float32 [tokens, rows])
  *   to_dense: the dense [rows, cols] matrix in the values' dtype
  *   matmul_many: matmul for many tokens (prefill), from inputs packed in blocks of tokens
- *   matmul_amx: matmul of bfloat16 weights and inputs on AMX tiles, where the CPU and OS allow them
- *   matmul_dpbf16: the same with AVX-512 BF16's vdpbf16ps, for CPUs with it and without AMX
+ *   matmul_panels: matmul of bfloat16 weights and inputs on AMX tiles, or with AVX-512 BF16's vdpbf16ps,
+ *                  where the CPU and OS allow them
  *
  * One code path per instruction set (AVX-512 F + BW expand, AVX2 + FMA permute, portable C), chosen at run
  * time; threads over output rows, on the OpenMP team PyTorch already runs (found among the loaded
@@ -66,8 +66,8 @@ typedef struct {
     void *values_out;
     int64_t block;  /* matmul_many: tokens per packed block of inputs */
     int64_t tail;   /* matmul_many: tokens of the narrower last block, 0 if none (the caller's choice) */
-    const uint16_t *tiles_x; /* matmul_amx / _dpbf16: the bfloat16 inputs packed in pairs (see pack_pairs) */
-    int *failed;             /* matmul_amx / _dpbf16: set by a thread that could not allocate its panel */
+    const uint16_t *tiles_x; /* matmul_panels: the bfloat16 inputs packed in pairs (see pack_pairs) */
+    int *failed;             /* matmul_panels: set by a thread that could not allocate its panel */
 } Job;
 
 typedef void (*RowsFn)(const Job *job, int64_t begin, int64_t end);
@@ -1311,7 +1311,7 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *const *args, Py_ssize_
 }
 
 #ifdef LLMPRUNE_BF16_PANELS
-/* A bfloat16 panel kernel on parsed arguments (see py_matmul_amx): inputs packed, then rows over threads. */
+/* A bfloat16 panel kernel on parsed arguments (see py_matmul_panels): inputs packed, then rows over threads. */
 static PyObject *run_panels(const long long *a, RowsFn rows_fn) {
     Job job = {(const void *)(intptr_t)a[0], (const uint8_t *)(intptr_t)a[1], (const int64_t *)(intptr_t)a[2],
                NULL, 0, (float *)(intptr_t)a[6], NULL, a[7], a[8], a[9], 8 * ((a[8] + 63) / 64), DTYPE_BF16};
@@ -1328,52 +1328,40 @@ static PyObject *run_panels(const long long *a, RowsFn rows_fn) {
 }
 #endif
 
-/* matmul_amx(values, mask, offsets, x, x_stride, packed, y, rows, cols, tokens, threads): bfloat16 values
- * and bfloat16 x (row stride x_stride), packed a scratch of bf16_packed_size(tokens, cols) uint16. */
-static PyObject *py_matmul_amx(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long a[11];
-    if (parse(args, nargs, 11, a)) return NULL;
-#ifdef LLMPRUNE_AMX
-    if (!amx_usable()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU or system does not let this process use AMX tiles");
-        return NULL;
-    }
-    return run_panels(a, matmul_amx_rows);
-#else
-    PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AMX kernel");
-    return NULL;
-#endif
-}
+enum { PANELS_AMX = 0, PANELS_DPBF16 = 1 };
 
-/* matmul_dpbf16(...): matmul_amx's arguments, on AVX-512 BF16. */
-static PyObject *py_matmul_dpbf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long a[11];
-    if (parse(args, nargs, 11, a)) return NULL;
+/* matmul_panels(engine, values, mask, offsets, x, x_stride, packed, y, rows, cols, tokens, threads): bfloat16
+ * values and bfloat16 x (row stride x_stride) on engine PANELS_AMX or PANELS_DPBF16, packed a scratch of
+ * bf16_packed_size(tokens, cols) uint16. */
+static PyObject *py_matmul_panels(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[12];
+    if (parse(args, nargs, 12, a)) return NULL;
 #ifdef LLMPRUNE_BF16_PANELS
-    if (!dpbf16_usable()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU or system has no AVX-512 BF16 for this process");
-        return NULL;
-    }
-    return run_panels(a, matmul_dpbf16_rows);
-#else
-    PyErr_SetString(PyExc_RuntimeError, "llmprune was built without the AVX-512 BF16 kernel");
-    return NULL;
-#endif
-}
-
-static PyObject *py_amx_supported(PyObject *self, PyObject *unused) {
+    if (a[0] == PANELS_DPBF16 && dpbf16_usable()) return run_panels(a + 1, matmul_dpbf16_rows);
 #ifdef LLMPRUNE_AMX
-    return PyBool_FromLong(amx_usable());
-#else
-    Py_RETURN_FALSE;
+    if (a[0] == PANELS_AMX && amx_usable()) return run_panels(a + 1, matmul_amx_rows);
 #endif
+#endif
+    PyErr_Format(PyExc_RuntimeError, "the bfloat16 panel kernel on %s does not run in this build, on this CPU or system",
+                 a[0] == PANELS_AMX ? "AMX tiles" : a[0] == PANELS_DPBF16 ? "AVX-512 BF16" : "an unknown engine");
+    return NULL;
 }
 
-static PyObject *py_dpbf16_supported(PyObject *self, PyObject *unused) {
+/* The engines of matmul_panels this process can run, by name. */
+static PyObject *py_panel_engines(PyObject *self, PyObject *unused) {
+    PyObject *names = PyList_New(0);
+    if (!names) return NULL;
 #ifdef LLMPRUNE_BF16_PANELS
-    return PyBool_FromLong(dpbf16_usable());
+#ifdef LLMPRUNE_AMX
+    if (amx_usable() && PyList_Append(names, PyUnicode_FromString("amx"))) goto failed;
+#endif
+    if (dpbf16_usable() && PyList_Append(names, PyUnicode_FromString("avx512_bf16"))) goto failed;
+    return names;
+failed:
+    Py_DECREF(names);
+    return NULL;
 #else
-    Py_RETURN_FALSE;
+    return names;
 #endif
 }
 
@@ -1494,14 +1482,11 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x @ W.T for a bitmask weight"},
     {"matmul_many", (PyCFunction)(void (*)(void))py_matmul_many, METH_FASTCALL,
      "y = x @ W.T for many tokens, x packed in blocks (see many_blocks)"},
-    {"matmul_amx", (PyCFunction)(void (*)(void))py_matmul_amx, METH_FASTCALL,
-     "y = x @ W.T for bfloat16 weights and inputs on AMX tiles"},
-    {"matmul_dpbf16", (PyCFunction)(void (*)(void))py_matmul_dpbf16, METH_FASTCALL,
-     "matmul_amx on AVX-512 BF16 (vdpbf16ps)"},
-    {"amx_supported", py_amx_supported, METH_NOARGS, "whether this process can run matmul_amx"},
-    {"dpbf16_supported", py_dpbf16_supported, METH_NOARGS, "whether this process can run matmul_dpbf16"},
+    {"matmul_panels", (PyCFunction)(void (*)(void))py_matmul_panels, METH_FASTCALL,
+     "y = x @ W.T for bfloat16 weights and inputs on AMX tiles (engine 0) or AVX-512 BF16 (1)"},
+    {"panel_engines", py_panel_engines, METH_NOARGS, "the engines of matmul_panels this process can run"},
     {"bf16_packed_size", (PyCFunction)(void (*)(void))py_bf16_packed_size, METH_FASTCALL,
-     "uint16 entries of matmul_amx's and matmul_dpbf16's packed inputs for (tokens, cols)"},
+     "uint16 entries of matmul_panels' packed inputs for (tokens, cols)"},
     {"many_blocks", py_many_blocks, METH_NOARGS,
      "tokens per packed block of matmul_many: (wide, then the last one's widths)"},
     {"to_dense", (PyCFunction)(void (*)(void))py_to_dense, METH_FASTCALL, "expand a bitmask weight"},

@@ -25,6 +25,7 @@ Lake; ``LLMPRUNE_CPU_DPBF16=0`` turns it off).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -231,20 +232,26 @@ def torch_bfloat16_isa() -> str | None:
 def amx_available() -> bool:
     """Whether ``multiply_amx`` runs here: the compiled module has the AMX kernel, the CPU and the OS let
     this process use the tiles, the AVX-512 path is the one selected, and ``LLMPRUNE_CPU_AMX`` is not 0."""
-    return _panels_available(AMX_VARIABLE, "amx_supported")
+    return _panels_available(AMX_VARIABLE, "amx")
 
 
 def dpbf16_available() -> bool:
     """Whether ``multiply_dpbf16`` runs here: as ``amx_available`` for AVX-512 BF16 and
     ``LLMPRUNE_CPU_DPBF16``."""
-    return _panels_available(DPBF16_VARIABLE, "dpbf16_supported")
+    return _panels_available(DPBF16_VARIABLE, "avx512_bf16")
 
 
-def _panels_available(variable: str, supported: str) -> bool:
+def _panels_available(variable: str, engine: str) -> bool:
     native = _native()
     if native is None or os.environ.get(variable, "").strip() == "0":
         return False
-    return native.selected() == "avx512" and getattr(native, supported)()
+    return native.selected() == "avx512" and engine in _panel_engines(native)
+
+
+@functools.cache
+def _panel_engines(native) -> tuple[str, ...]:
+    """What the CPU and OS let this process run of ``PANEL_ENGINES`` (asked once: ``path`` asks per call)."""
+    return tuple(native.panel_engines())
 
 
 def multiply_amx(
@@ -252,26 +259,31 @@ def multiply_amx(
 ) -> torch.Tensor:
     """``multiply`` for bfloat16 values on AMX tiles (``amx_available`` must hold), the inputs rounded to
     bfloat16 (what a bfloat16 model's are); float32 ``[tokens, rows]``."""
-    return _multiply_panels_with(_native(), "matmul_amx", values, mask, offsets, x, rows)
+    return _multiply_panels_with(_native(), "amx", values, mask, offsets, x, rows)
 
 
 def multiply_dpbf16(
     values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor, rows: int
 ) -> torch.Tensor:
     """``multiply_amx`` on AVX-512 BF16 (``dpbf16_available`` must hold)."""
-    return _multiply_panels_with(_native(), "matmul_dpbf16", values, mask, offsets, x, rows)
+    return _multiply_panels_with(_native(), "avx512_bf16", values, mask, offsets, x, rows)
 
 
-def _multiply_panels_with(native, kernel: str, values, mask, offsets, x, rows) -> torch.Tensor:
-    """A bfloat16 panel kernel of the compiled module: ``kernel`` is ``matmul_amx`` or ``matmul_dpbf16``."""
+PANEL_ENGINES = ("amx", "avx512_bf16")
+"""The engines of the compiled module's bfloat16 panel kernel (``matmul_panels``), by its codes."""
+
+
+def _multiply_panels_with(native, engine: str, values, mask, offsets, x, rows) -> torch.Tensor:
+    """The compiled bfloat16 panel kernel on ``engine`` (one of ``PANEL_ENGINES``)."""
     x = x.to(torch.bfloat16)
     if x.stride(1) != 1:
         x = x.contiguous()
     tokens, cols = x.shape
     packed = torch.empty(native.bf16_packed_size(tokens, cols), dtype=torch.bfloat16)
     out = torch.empty(tokens, rows)
-    getattr(native, kernel)(values.data_ptr(), mask.data_ptr(), offsets.data_ptr(), x.data_ptr(), x.stride(0),
-                            packed.data_ptr(), out.data_ptr(), rows, cols, tokens, torch.get_num_threads())
+    native.matmul_panels(PANEL_ENGINES.index(engine), values.data_ptr(), mask.data_ptr(), offsets.data_ptr(),
+                         x.data_ptr(), x.stride(0), packed.data_ptr(), out.data_ptr(), rows, cols, tokens,
+                         torch.get_num_threads())
     return out
 
 
@@ -417,9 +429,7 @@ def _check_selected(module) -> None:
     dense = torch.randn(67, 200, generator=generator)
     dense[torch.rand(67, 200, generator=generator) < 0.6] = 0
     x = torch.randn(70, 200, generator=generator)
-    panel_kernels = [kernel for kernel, supported in (("matmul_amx", "amx_supported"),
-                                                      ("matmul_dpbf16", "dpbf16_supported"))
-                     if chosen == "avx512" and getattr(module, supported)()]
+    engines = module.panel_engines() if chosen == "avx512" else []
     bf16_weight = from_dense(dense.to(torch.bfloat16)).tensors()
     results = {}
     for name in (chosen, "portable"):
@@ -430,9 +440,9 @@ def _check_selected(module) -> None:
             for multiply_with, inputs in ((_multiply_with, x[:11]), (_multiply_many_with, x[:30]),
                                           (_multiply_many_with, x[:40]), (_multiply_many_with, x))
         ] + [  # the bfloat16 panel kernels against the portable sparse kernel on the same bfloat16 inputs
-            _multiply_panels_with(module, kernel, *bf16_weight, inputs, 67) if name == chosen
+            _multiply_panels_with(module, engine, *bf16_weight, inputs, 67) if name == chosen
             else _multiply_with(module, *bf16_weight, inputs, 67)
-            for kernel in panel_kernels
+            for engine in engines
             for inputs in (x[:5].bfloat16(), x.bfloat16())
         ]
     module.select(chosen)

@@ -550,7 +550,7 @@ def test_panel_kernel_equals_f_linear_on_bfloat16_for_every_thread_count(threads
     weight = sparse_weight(rows, cols, sparsity, seed=rows + cols).to(torch.bfloat16)
     weight[rows // 2] = 0  # a row with no kept weight
     layout = cpu_kernels.from_dense(weight)
-    for tokens in (1, 4, 15, 16, 17, 33, 100):
+    for tokens in (1, 4, 8, 9, 15, 16, 17, 24, 25, 33, 100):  # last token tiles of 1-8 (half) and 9-16
         x = torch.randn(tokens, cols).to(torch.bfloat16)
         got = multiply(*layout.tensors(), x, rows)
         assert got.dtype is torch.float32 and got.shape == (tokens, rows)

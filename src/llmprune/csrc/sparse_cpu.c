@@ -998,14 +998,14 @@ AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
  * pair of weights broadcast against a pair of inputs for 16 tokens (a tile row of pack_pairs), the 16 rows
  * of a panel tile against one token tile a step (16 accumulators), token tiles in the outer loop so that
  * each is read from memory once per panel. */
-#define DPBF16 __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16,popcnt")))
+#define DPBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt")))
 
 static int dpbf16_state = -1; /* -1 not asked yet, 0 unusable, 1 usable */
 
 static int dpbf16_usable(void) {
     if (dpbf16_state >= 0) return dpbf16_state;
     unsigned r7[4], r[4];
-    int ok = panels_cpu(r7);
+    int ok = panels_cpu(r7) && (r7[1] >> 31 & 1); /* and AVX-512 VL (the half tiles) */
     if (ok) {
         cpuid(7, 1, r);
         ok = r[0] >> 5 & 1; /* AVX512_BF16 */
@@ -1014,23 +1014,33 @@ static int dpbf16_usable(void) {
     return ok;
 }
 
-/* Rows of panel tile w (16 rows x chunks x 32 weights) against token tile x: sums[16 * row + token]. */
-DPBF16 static void dpbf16_tile(const uint16_t *w, const uint16_t *x, int64_t chunks, float *sums) {
-    __m512 acc[16];
-    _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; c++) {
-        const uint16_t *wc = w + c * 512, *xc = x + c * 512;
-        _Pragma("GCC unroll 16") for (int p = 0; p < 16; p++) {
-            const __m512bh inputs = (__m512bh)_mm512_loadu_si512(xc + p * 32);
-            _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) {
-                uint32_t pair;
-                memcpy(&pair, wc + r * 32 + 2 * p, 4);
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), inputs);
-            }
-        }
+/* Rows of panel tile w (16 rows x chunks x 32 weights) against token tile x: sums[16 * row + token]. VEC,
+ * LOADU, DP, STOREU: 512-bit vectors for the tile's 16 tokens, or 256-bit ones for its first 8 (the first
+ * half of each tile row of pack_pairs), where no more are left: half the work for a last tile of 1-8. */
+DPBF16 static inline __m256i loadu_256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+#define DEFINE_DPBF16_TILE(NAME, VEC, HALF, SETZERO, LOADU, SET1, DP, STOREU)                                 \
+    DPBF16 static void NAME(const uint16_t *w, const uint16_t *x, int64_t chunks, float *sums) {            \
+        VEC acc[16];                                                                                        \
+        _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) acc[r] = SETZERO();                          \
+        for (int64_t c = 0; c < chunks; c++) {                                                              \
+            const uint16_t *wc = w + c * 512, *xc = x + c * 512;                                            \
+            _Pragma("GCC unroll 16") for (int p = 0; p < 16; p++) {                                         \
+                const HALF inputs = (HALF)LOADU((const void *)(xc + p * 32));                               \
+                _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) {                                     \
+                    uint32_t pair;                                                                          \
+                    memcpy(&pair, wc + r * 32 + 2 * p, 4);                                                  \
+                    acc[r] = DP(acc[r], (HALF)SET1((int)pair), inputs);                                     \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) STOREU(sums + 16 * r, acc[r]);               \
     }
-    _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) _mm512_storeu_ps(sums + 16 * r, acc[r]);
-}
+
+DEFINE_DPBF16_TILE(dpbf16_tile, __m512, __m512bh, _mm512_setzero_ps, _mm512_loadu_si512, _mm512_set1_epi32,
+                   _mm512_dpbf16_ps, _mm512_storeu_ps)
+DEFINE_DPBF16_TILE(dpbf16_half_tile, __m256, __m256bh, _mm256_setzero_ps, loadu_256,
+                   _mm256_set1_epi32, _mm256_dpbf16_ps, _mm256_storeu_ps)
 
 DPBF16 static void matmul_dpbf16_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
@@ -1046,7 +1056,11 @@ DPBF16 static void matmul_dpbf16_rows(const Job *job, int64_t begin, int64_t end
         expand_panel(job, r0, n, padded, panel);
         for (int64_t i = 0; i < tiles; i++)
             for (int64_t a = 0; a < padded; a += 16) {
-                dpbf16_tile(panel + a * chunks * 32, job->tiles_x + i * chunks * 512, chunks, sums);
+                const uint16_t *w = panel + a * chunks * 32, *x = job->tiles_x + i * chunks * 512;
+                if (16 * i + 8 >= job->tokens)
+                    dpbf16_half_tile(w, x, chunks, sums);
+                else
+                    dpbf16_tile(w, x, chunks, sums);
                 store_sums(job, sums, r0 + a, end, 16 * i);
             }
     }

@@ -69,9 +69,9 @@ AMX_TOKENS = (5, 128)
 """bfloat16 weights on a CPU with AMX (``amx_available``) run this many tokens (inclusive) on the AMX kernel:
 at 4 tokens the sparse kernel was as fast, at 256 the AMX kernel fell to expanding's speed, well below torch's
 AMX matmul on the dense weight (docs/benchmarks.md)."""
-DPBF16_TOKENS = (8, 192)
+DPBF16_TOKENS = (5, 192)
 """bfloat16 weights on a CPU with AVX-512 BF16 but no AMX (``dpbf16_available``) run this many tokens on the
-AVX-512 BF16 kernel: measured on AMD Zen 4, the sparse kernel was ahead up to 6 tokens, expanding at 512
+AVX-512 BF16 kernel: measured on AMD Zen 4, the sparse kernel was ahead at 4 tokens, expanding at 512
 (docs/benchmarks.md)."""
 SPARSE_KERNEL, MANY_TOKENS_KERNEL, EXPAND = "sparse kernel", "many-token kernel", "expand + dense"
 AMX_KERNEL, DPBF16_KERNEL = "AMX kernel", "AVX-512 BF16 kernel"

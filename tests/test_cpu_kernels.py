@@ -527,13 +527,13 @@ def test_the_openmp_spin_note_follows_backend_threads_and_the_wait_policy(monkey
 AMX = pytest.mark.skipif("amx" not in native.panel_engines(),
                          reason="no AMX tiles for this process on this CPU or OS")
 DPBF16 = pytest.mark.skipif("avx512_bf16" not in native.panel_engines(), reason="no AVX-512 BF16 on this CPU")
-PANEL_KERNELS = {  # the bfloat16 panel kernels: multiply, availability, the variable that turns it off, path
+PANEL_KERNELS = {  # by engine: multiply, availability, the variable that turns it off, path
     "amx": (cpu_kernels.multiply_amx, "amx_available", cpu_kernels.AMX_VARIABLE, sparse_linear.AMX_KERNEL),
-    "dpbf16": (cpu_kernels.multiply_dpbf16, "dpbf16_available", cpu_kernels.DPBF16_VARIABLE,
-               sparse_linear.DPBF16_KERNEL),
+    "avx512_bf16": (cpu_kernels.multiply_dpbf16, "dpbf16_available", cpu_kernels.DPBF16_VARIABLE,
+                    sparse_linear.DPBF16_KERNEL),
 }
 EACH_PANEL_KERNEL = pytest.mark.parametrize("panels", [pytest.param("amx", marks=AMX),
-                                                       pytest.param("dpbf16", marks=DPBF16)])
+                                                       pytest.param("avx512_bf16", marks=DPBF16)])
 
 
 def bfloat16_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -583,11 +583,10 @@ def test_torchs_own_bfloat16_matmul_is_unchanged_after_the_amx_kernel():
 def test_a_panel_kernel_runs_only_on_the_avx512_path_and_can_be_turned_off(monkeypatch, panels):
     _, available_name, variable, _ = PANEL_KERNELS[panels]
     available = getattr(cpu_kernels, available_name)
-    engine = {"amx": "amx", "dpbf16": "avx512_bf16"}[panels]
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
     monkeypatch.delenv(variable, raising=False)
     cpu_kernels.reset_isa()
-    assert available() is (cpu_kernels.isa() == "avx512" and engine in native.panel_engines())
+    assert available() is (cpu_kernels.isa() == "avx512" and panels in native.panel_engines())
     monkeypatch.setenv(variable, "0")
     assert available() is False
     monkeypatch.delenv(variable)
@@ -623,13 +622,13 @@ def test_bfloat16_weights_take_a_panel_kernel_for_its_token_counts(monkeypatch, 
 
 
 @pytest.mark.parametrize("dtype", cpu_kernels.VALUE_DTYPES)
-@pytest.mark.parametrize("panels", [None, "amx", "dpbf16"])
+@pytest.mark.parametrize("panels", [None, "amx", "avx512_bf16"])
 def test_the_probe_token_counts_reach_every_path_once(monkeypatch, dtype, panels):
     """What the swap's check runs: with a panel kernel, bfloat16 layers reach the sparse kernel, the panel
     kernel and expanding; otherwise the sparse kernel and the prefill path, at the counts the check always
     used."""
     monkeypatch.setattr(sparse_linear, "amx_available", lambda: panels == "amx")
-    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: panels == "dpbf16")
+    monkeypatch.setattr(sparse_linear, "dpbf16_available", lambda: panels == "avx512_bf16")
     module = SparseLinear.from_dense(sparse_weight(40, 96, 0.5).to(dtype))
     probes = module.probe_tokens()
     paths = [module.path(tokens) for tokens in probes]
@@ -645,7 +644,7 @@ def test_a_bfloat16_sparse_linear_on_a_panel_kernel_matches_linear(monkeypatch, 
     monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
     for _, _, variable, _ in PANEL_KERNELS.values():
         monkeypatch.delenv(variable, raising=False)
-    if panels == "dpbf16":
+    if panels == "avx512_bf16":
         monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")  # AMX, where the CPU has it, would come first
     cpu_kernels.reset_isa()
     linear = torch.nn.Linear(200, 150).to(torch.bfloat16)

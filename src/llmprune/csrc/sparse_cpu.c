@@ -861,13 +861,16 @@ static int64_t bf16_panel_rows(int64_t chunks) {
     return chunks * 64 * BF16_PANEL_ROWS > BF16_PANEL_BYTES ? 32 : BF16_PANEL_ROWS;
 }
 
-static uint16_t *bf16_panel_for(int64_t chunks) {
+/* This thread's panel buffer for a weight of this many chunks, or NULL with the job's failed flag set (the
+ * call then raises MemoryError rather than leave rows unwritten). */
+static uint16_t *bf16_panel_for(const Job *job, int64_t chunks) {
     const size_t bytes = (size_t)bf16_panel_rows(chunks) * chunks * 64;
     if (bytes > bf16_panel_bytes) {
         free(bf16_panel);
         bf16_panel = aligned_alloc(64, bytes);
         bf16_panel_bytes = bf16_panel ? bytes : 0;
     }
+    if (!bf16_panel) *job->failed = 1;
     return bf16_panel;
 }
 
@@ -937,11 +940,8 @@ static int amx_usable(void) {
 AMX static void matmul_amx_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
     const int64_t panel_rows = bf16_panel_rows(chunks);
-    uint16_t *panel = bf16_panel_for(chunks);
-    if (!panel) {
-        *job->failed = 1;
-        return;
-    }
+    uint16_t *panel = bf16_panel_for(job, chunks);
+    if (!panel) return;
     TileConfig saved, config = {1, 0, {0}, {0}, {0}};
     _tile_storeconfig(&saved); /* oneDNN may keep its own configuration on this thread */
     for (int i = 0; i < 8; i++) {
@@ -1045,11 +1045,8 @@ DEFINE_DPBF16_TILE(dpbf16_half_tile, __m256, __m256bh, _mm256_setzero_ps, loadu_
 DPBF16 static void matmul_dpbf16_rows(const Job *job, int64_t begin, int64_t end) {
     const int64_t chunks = (job->cols + 31) / 32, tiles = (job->tokens + 15) / 16;
     const int64_t panel_rows = bf16_panel_rows(chunks);
-    uint16_t *panel = bf16_panel_for(chunks);
-    if (!panel) {
-        *job->failed = 1;
-        return;
-    }
+    uint16_t *panel = bf16_panel_for(job, chunks);
+    if (!panel) return;
     float sums[256];
     for (int64_t r0 = begin; r0 < end; r0 += panel_rows) {
         const int64_t n = end - r0 < panel_rows ? end - r0 : panel_rows, padded = (n + 15) / 16 * 16;
@@ -1361,15 +1358,24 @@ static PyObject *py_matmul_panels(PyObject *self, PyObject *const *args, Py_ssiz
     return NULL;
 }
 
+/* Appends a new string to list (PyList_Append takes a reference of its own); -1 with an exception set. */
+static int append_name(PyObject *list, const char *name) {
+    PyObject *item = PyUnicode_FromString(name);
+    if (!item) return -1;
+    const int failed = PyList_Append(list, item);
+    Py_DECREF(item);
+    return failed;
+}
+
 /* The engines of matmul_panels this process can run, by name. */
 static PyObject *py_panel_engines(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
     if (!names) return NULL;
 #ifdef LLMPRUNE_BF16_PANELS
 #ifdef LLMPRUNE_AMX
-    if (amx_usable() && PyList_Append(names, PyUnicode_FromString("amx"))) goto failed;
+    if (amx_usable() && append_name(names, "amx")) goto failed;
 #endif
-    if (dpbf16_usable() && PyList_Append(names, PyUnicode_FromString("avx512_bf16"))) goto failed;
+    if (dpbf16_usable() && append_name(names, "avx512_bf16")) goto failed;
     return names;
 failed:
     Py_DECREF(names);

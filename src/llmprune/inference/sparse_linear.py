@@ -172,13 +172,11 @@ class SparseLinear(nn.Module):
     def path(self, tokens: int) -> str:
         """What multiplies this many tokens in one call: ``SPARSE_KERNEL``, ``MANY_TOKENS_KERNEL``,
         ``AMX_KERNEL``, ``DPBF16_KERNEL`` or ``EXPAND`` (torch's matmul on the expanded weight)."""
-        if self.values.dtype is torch.bfloat16:
-            low, high = AMX_TOKENS
-            if low <= tokens <= high and amx_available():
-                return AMX_KERNEL
-            low, high = DPBF16_TOKENS
-            if low <= tokens <= high and not amx_available() and dpbf16_available():
-                return DPBF16_KERNEL
+        if self.values.dtype is torch.bfloat16:  # a panel kernel: AMX where it runs, else AVX-512 BF16
+            panels = (AMX_KERNEL, AMX_TOKENS) if amx_available() else (
+                (DPBF16_KERNEL, DPBF16_TOKENS) if dpbf16_available() else None)
+            if panels is not None and panels[1][0] <= tokens <= panels[1][1]:
+                return panels[0]
         if tokens <= SPARSE_TOKENS:
             return SPARSE_KERNEL
         if self.uses_many_tokens_kernel():
